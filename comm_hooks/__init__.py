@@ -1,0 +1,1 @@
+"""Adapters from gradq's compressors to communication engines (DDP, MPI, Horovod)."""

@@ -1,0 +1,347 @@
+// Native CPU kernels of gradq: bit packing and fused gradient-compression steps.
+//
+// Every function reproduces its pure-PyTorch reference in gradq/_reference.py bit for bit (the tests
+// check this); docs/kernels.md writes down the arithmetic. Arguments are validated in Python
+// (gradq/kernels.py): here inputs are 1-D, contiguous, on the CPU and of the documented dtypes.
+//
+// Work is split with at::parallel_for over whole blocks or groups of 8 elements. Random numbers come
+// from Philox4x32-10 keyed by (seed) with the element index as counter, so results do not depend on
+// the thread count. Built with -ffp-contract=off: no fused multiply-add may change a rounding.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+constexpr int64_t kGroup = 8;            // elements per packing group: 8 codes of k bits = k bytes
+constexpr int64_t kGrain = 1 << 14;      // groups per parallel task for the element-wise kernels
+
+// ---------------------------------------------------------------------------------------------
+// Philox4x32-10 (Salmon et al., SC'11).
+
+struct Philox {
+  uint32_t k0, k1;
+  uint32_t c2, c3;  // high half of the counter: the stream offset
+
+  Philox(uint64_t seed, uint64_t offset)
+      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)),
+        c2(static_cast<uint32_t>(offset)), c3(static_cast<uint32_t>(offset >> 32)) {}
+
+  // Four 32-bit words for counter j (the 4 elements 4j .. 4j+3).
+  inline void words(uint64_t j, uint32_t out[4]) const {
+    uint32_t x0 = static_cast<uint32_t>(j), x1 = static_cast<uint32_t>(j >> 32), x2 = c2, x3 = c3;
+    uint32_t key0 = k0, key1 = k1;
+    for (int r = 0; r < 10; ++r) {
+      if (r) {
+        key0 += 0x9E3779B9u;
+        key1 += 0xBB67AE85u;
+      }
+      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * x0;
+      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * x2;
+      const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+      const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+      x0 = hi1 ^ x1 ^ key0;
+      x1 = lo1;
+      x2 = hi0 ^ x3 ^ key1;
+      x3 = lo0;
+    }
+    out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
+  }
+
+  // Uniforms in [0, 1) on a 2^-24 grid for the 8 elements starting at i (i a multiple of 4).
+  inline void uniforms8(int64_t i, float u[8]) const {
+    uint32_t w[8];
+    words(static_cast<uint64_t>(i) / 4, w);
+    words(static_cast<uint64_t>(i) / 4 + 1, w + 4);
+    for (int l = 0; l < 8; ++l) u[l] = static_cast<float>(w[l] >> 8) * 0x1p-24f;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Packing: a group of 8 codes of k bits is k little-endian bytes; code j sits at bits [jk, jk+k).
+
+inline uint64_t load_le(const uint8_t* p, int64_t nbytes) {
+  uint64_t v = 0;
+  for (int64_t b = 0; b < nbytes; ++b) v |= static_cast<uint64_t>(p[b]) << (8 * b);
+  return v;
+}
+
+inline void store_le(uint8_t* p, uint64_t v, int64_t nbytes) {
+  for (int64_t b = 0; b < nbytes; ++b) p[b] = static_cast<uint8_t>(v >> (8 * b));
+}
+
+// Pack `count` (<= 8) codes into ceil(count*k/8) bytes at out.
+inline void pack_group(const uint8_t* codes, int64_t count, int k, uint8_t* out) {
+  const uint64_t mask = (1u << k) - 1;
+  uint64_t acc = 0;
+  for (int64_t j = 0; j < count; ++j) acc |= (codes[j] & mask) << (j * k);
+  store_le(out, acc, (count * k + 7) / 8);
+}
+
+inline void unpack_group(const uint8_t* in, int64_t count, int k, uint8_t* codes) {
+  const uint64_t mask = (1u << k) - 1;
+  const uint64_t acc = load_le(in, (count * k + 7) / 8);
+  for (int64_t j = 0; j < count; ++j) codes[j] = static_cast<uint8_t>((acc >> (j * k)) & mask);
+}
+
+int64_t packed_nbytes(int64_t n, int64_t k) { return (n * k + 7) / 8; }
+
+// Calls fn(begin, end) over [0, n) in ranges whose boundaries are multiples of 8.
+template <typename Fn>
+void for_groups(int64_t n, Fn fn) {
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  at::parallel_for(0, groups, kGrain, [&](int64_t g0, int64_t g1) {
+    fn(g0 * kGroup, std::min(g1 * kGroup, n));
+  });
+}
+
+torch::Tensor pack_bits(const torch::Tensor& codes, int64_t k) {
+  const int64_t n = codes.numel();
+  auto out = torch::empty({packed_nbytes(n, k)}, codes.options().dtype(torch::kUInt8));
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for_groups(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += kGroup)
+      pack_group(c + i, std::min(kGroup, e - i), static_cast<int>(k), o + (i / kGroup) * k);
+  });
+  return out;
+}
+
+torch::Tensor unpack_bits(const torch::Tensor& packed, int64_t k, int64_t n) {
+  auto out = torch::empty({n}, packed.options().dtype(torch::kUInt8));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for_groups(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; i += kGroup)
+      unpack_group(p + (i / kGroup) * k, std::min(kGroup, e - i), static_cast<int>(k), o + i);
+  });
+  return out;
+}
+
+torch::Tensor philox_uniform(int64_t n, uint64_t seed, uint64_t offset) {
+  auto out = torch::empty({n}, torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  const Philox rng(seed, offset);
+  for_groups(n, [&](int64_t b, int64_t e) {
+    float u[8];
+    for (int64_t i = b; i < e; i += kGroup) {
+      rng.uniforms8(i, u);
+      std::memcpy(o + i, u, sizeof(float) * std::min(kGroup, e - i));
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocked reductions in the reference's fixed order: position p of a block feeds lane p % 8, each
+// lane accumulates sequentially in double, and the lanes are then added in order 0..7.
+
+template <typename Term>
+inline double lane_sum(int64_t len, Term term) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+  for (; p + 8 <= len; p += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += term(p + l);
+  for (int l = 0; p + l < len; ++l) acc[l] += term(p + l);
+  double total = acc[0];
+  for (int l = 1; l < 8; ++l) total += acc[l];
+  return total;
+}
+
+inline bool all_finite(const float* x, int64_t n) {
+  uint32_t worst = 0;  // non-finite iff the exponent field is all ones
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    const uint32_t e = bits & 0x7F800000u;
+    worst = e > worst ? e : worst;
+  }
+  return worst != 0x7F800000u;
+}
+
+template <typename Fn>
+void for_blocks(int64_t n, int64_t block, Fn fn) {
+  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, (kGrain * kGroup) / block);
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b, b * block, std::min(block, n - b * block));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1-bit sign with error feedback.
+
+std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual_opt,
+                                         int64_t block) {
+  const int64_t n = x.numel();
+  const int64_t nblocks = (n + block - 1) / block;
+  auto packed = torch::empty({packed_nbytes(n, 1)}, x.options().dtype(torch::kUInt8));
+  auto scales = torch::empty({nblocks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* rp = residual_opt.has_value() ? residual_opt->data_ptr<float>() : nullptr;
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  const bool update = rp != nullptr && all_finite(xp, n);
+
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    const float* xb = xp + start;
+    float* rb = rp ? rp + start : nullptr;
+    uint8_t* pb = pp + start / 8;
+    // Pass 1: m = x + r, sign bits, lane sums of |m|.
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t p = 0;
+    for (; p + 8 <= len; p += 8) {
+      uint32_t byte = 0;
+      for (int l = 0; l < 8; ++l) {
+        const float m = rb ? xb[p + l] + rb[p + l] : xb[p + l];
+        byte |= static_cast<uint32_t>(m < 0.0f) << l;
+        acc[l] += static_cast<double>(std::fabs(m));
+      }
+      pb[p / 8] = static_cast<uint8_t>(byte);
+    }
+    if (p < len) {
+      uint32_t byte = 0;
+      for (int l = 0; p + l < len; ++l) {
+        const float m = rb ? xb[p + l] + rb[p + l] : xb[p + l];
+        byte |= static_cast<uint32_t>(m < 0.0f) << l;
+        acc[l] += static_cast<double>(std::fabs(m));
+      }
+      pb[p / 8] = static_cast<uint8_t>(byte);
+    }
+    double total = acc[0];
+    for (int l = 1; l < 8; ++l) total += acc[l];
+    const float s = static_cast<float>(total / static_cast<double>(len));
+    sp[b] = s;
+    // Pass 2 (block still in cache): r = m - (±s), only for finite steps.
+    if (update && std::isfinite(s)) {
+      for (int64_t q = 0; q < len; ++q) {
+        const float m = xb[q] + rb[q];
+        rb[q] = m < 0.0f ? m + s : m - s;
+      }
+    }
+  });
+  return {packed, scales};
+}
+
+torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t block, int64_t n) {
+  auto out = torch::empty({n}, scales.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    const float s = sp[b];
+    const uint8_t* pb = pp + start / 8;
+    float* ob = o + start;
+    for (int64_t q = 0; q < len; ++q) ob[q] = ((pb[q >> 3] >> (q & 7)) & 1) ? -s : s;
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic sign-magnitude codes (TernGrad, QSGD).
+
+inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
+  if (l2) {
+    const double sumsq = lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
+    return static_cast<float>(std::sqrt(sumsq));
+  }
+  float mx = 0.0f;
+  bool nan = false;
+  for (int64_t q = 0; q < len; ++q) {
+    const float a = std::fabs(xb[q]);
+    mx = a > mx ? a : mx;
+    nan |= a != a;
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (clip > 0) {
+    const double sumsq = lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
+    const float threshold = static_cast<float>(clip * std::sqrt(sumsq / static_cast<double>(len)));
+    if (mx > threshold) mx = threshold;
+  }
+  return mx;
+}
+
+std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t levels, int64_t block, bool l2,
+                                            double clip, uint64_t seed, uint64_t offset) {
+  const int64_t n = x.numel();
+  const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
+  const int k = lbits + 1;
+  const int64_t nblocks = (n + block - 1) / block;
+  auto packed = torch::empty({packed_nbytes(n, k)}, x.options().dtype(torch::kUInt8));
+  auto scales = torch::empty({nblocks}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  const Philox rng(seed, offset);
+  const float flevels = static_cast<float>(levels);
+
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    const float* xb = xp + start;
+    const float s = block_scale(xb, len, l2, clip);
+    sp[b] = s;
+    const bool valid = std::isfinite(s) && s > 0.0f;
+    uint8_t* pb = pp + (start / kGroup) * k;
+    for (int64_t p = 0; p < len; p += kGroup) {
+      const int64_t count = std::min(kGroup, len - p);
+      uint8_t fields[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (valid) {
+        float u[8];
+        rng.uniforms8(start + p, u);
+        for (int64_t l = 0; l < count; ++l) {
+          const float v = xb[p + l];
+          const float t = std::floor((std::fabs(v) / s) * flevels + u[l]);
+          const uint32_t level = t >= flevels ? static_cast<uint32_t>(levels) : static_cast<uint32_t>(t);
+          const uint32_t neg = (v < 0.0f) && level > 0;
+          fields[l] = static_cast<uint8_t>(level | (neg << lbits));
+        }
+      }
+      pack_group(fields, count, k, pb + (p / kGroup) * k);
+    }
+  });
+  return {packed, scales};
+}
+
+torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t levels,
+                                 int64_t block, int64_t n) {
+  const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
+  const int k = lbits + 1;
+  const uint32_t lmask = (1u << lbits) - 1;
+  auto out = torch::empty({n}, scales.options());
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float flevels = static_cast<float>(levels);
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    const float step = sp[b] / flevels;
+    const uint8_t* pb = pp + (start / kGroup) * k;
+    float* ob = o + start;
+    for (int64_t p = 0; p < len; p += kGroup) {
+      const int64_t count = std::min(kGroup, len - p);
+      uint8_t fields[8];
+      unpack_group(pb + (p / kGroup) * k, count, k, fields);
+      for (int64_t l = 0; l < count; ++l) {
+        const float v = static_cast<float>(fields[l] & lmask) * step;
+        ob[p + l] = (fields[l] >> lbits) ? -v : v;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "gradq native CPU kernels (see docs/kernels.md)";
+  m.def("pack_bits", &pack_bits, "pack k-bit codes");
+  m.def("unpack_bits", &unpack_bits, "unpack k-bit codes");
+  m.def("philox_uniform", &philox_uniform, "Philox4x32-10 uniforms");
+  m.def("sign_compress", &sign_compress, "1-bit sign code with error feedback");
+  m.def("sign_decompress", &sign_decompress, "decode a 1-bit sign code");
+  m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code");
+  m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code");
+}

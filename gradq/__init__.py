@@ -1,0 +1,1 @@
+"""gradq: low-bit gradient compression and quantization for PyTorch."""

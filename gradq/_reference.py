@@ -1,0 +1,192 @@
+"""Pure-PyTorch reference kernels: the executable specification of every native kernel.
+
+Each function here defines its result bit for bit (see docs/kernels.md); ``csrc/gradq_kernels.cpp``
+must reproduce it exactly, and the tests compare the two. Arguments are validated by the callers in
+``gradq.kernels``; these functions assume 1-D contiguous inputs of the right dtypes. They run on any
+device PyTorch supports, which is what makes the stochastic codes identical on every backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_PHILOX_ROUNDS = 10
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit halves of the 64-bit product of constant ``a`` and int64-held uint32 ``b``.
+
+    The constant is split in 16-bit halves so no intermediate exceeds 2**49 (int64 never overflows).
+    """
+    p_lo = b * (a & 0xFFFF)
+    p_hi = b * (a >> 16)
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)
+    return (p_hi >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """Philox4x32-10 (Salmon et al. 2011) of ``counters`` (m, 4) int64 holding uint32 words.
+
+    Returns (m, 4) int64 holding uint32 words.
+    """
+    c0, c1, c2, c3 = counters.unbind(1)
+    k0, k1 = key
+    for rnd in range(_PHILOX_ROUNDS):
+        if rnd:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack((c0, c1, c2, c3), dim=1)
+
+
+def philox_uniform(n: int, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` fp32 uniforms in [0, 1) on a 2**-24 grid; element i uses word i % 4 of counter i // 4."""
+    m = (n + 3) // 4
+    j = torch.arange(m, dtype=torch.int64, device=device)
+    counters = torch.stack(
+        (
+            j & _MASK32,
+            j >> 32,
+            torch.full_like(j, offset & _MASK32),
+            torch.full_like(j, offset >> 32),
+        ),
+        dim=1,
+    )
+    words = philox4x32(counters, (seed & _MASK32, seed >> 32)).reshape(-1)[:n]
+    return (words >> 8).to(torch.float32) * 2.0**-24
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (each < 2**bits) LSB-first into ceil(n * bits / 8) bytes."""
+    n = codes.numel()
+    nbytes = (n * bits + 7) // 8
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    stream = ((codes.unsqueeze(1) >> shifts) & 1).reshape(-1)
+    stream = torch.cat((stream, stream.new_zeros(nbytes * 8 - n * bits)))
+    weights = torch.arange(8, dtype=torch.int32, device=codes.device)
+    return (stream.view(nbytes, 8).to(torch.int32) << weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: the first ``n`` ``bits``-wide codes of ``packed`` as uint8."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    stream = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[: n * bits]
+    weights = torch.arange(bits, dtype=torch.int32, device=packed.device)
+    return (stream.view(n, bits).to(torch.int32) << weights).sum(1).to(torch.uint8)
+
+
+def _block_view(v: torch.Tensor, block: int) -> torch.Tensor:
+    """``v`` zero-padded to whole blocks, viewed as (nblocks, block)."""
+    nblocks = (v.numel() + block - 1) // block
+    padded = torch.cat((v, v.new_zeros(nblocks * block - v.numel())))
+    return padded.view(nblocks, block)
+
+
+def block_counts(n: int, block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Number of elements in each block (the last one may be short), int64."""
+    nblocks = (n + block - 1) // block
+    counts = torch.full((nblocks,), block, dtype=torch.int64, device=device)
+    if nblocks:
+        counts[-1] = n - (nblocks - 1) * block
+    return counts
+
+
+def block_lane_sum(v: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block sum of ``v`` (float64, nblocks), in the kernels' fixed order.
+
+    Position p of a block goes to lane p % 8; each lane accumulates in float64 in element order, then
+    the lanes are added in order 0..7. ``cumsum`` is a sequential float64 loop, so this matches the
+    native loop bit for bit whatever the thread count.
+    """
+    lanes = _block_view(v.to(torch.float64), block).view(-1, block // 8, 8)
+    per_lane = lanes.cumsum(dim=1)[:, -1, :]
+    return per_lane.cumsum(dim=1)[:, -1]
+
+
+def _per_element(values: torch.Tensor, n: int, block: int) -> torch.Tensor:
+    """Block values repeated over their elements: (nblocks,) -> (n,)."""
+    return values.repeat_interleave(block)[:n]
+
+
+def sign_compress(
+    x: torch.Tensor, residual: torch.Tensor | None, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-bit sign code with optional error feedback; returns (packed, scales) and updates ``residual``.
+
+    m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it
+    (float64 lane sum / count, rounded to fp32). When every x is finite, the residual of each block
+    whose scale is finite becomes m - (bit ? -scale : +scale); otherwise the residual is not touched.
+    """
+    n = x.numel()
+    m = x if residual is None else x + residual
+    neg = m < 0
+    counts = block_counts(n, block, x.device).to(torch.float64)
+    scales = (block_lane_sum(m.abs(), block) / counts).to(torch.float32)
+    if residual is not None and bool(torch.isfinite(x).all()):
+        s = _per_element(scales, n, block)
+        updated = torch.where(neg, m + s, m - s)
+        keep = ~_per_element(torch.isfinite(scales), n, block)
+        residual.copy_(torch.where(keep, residual, updated))
+    return pack_bits(neg.to(torch.uint8), 1), scales
+
+
+def sign_decompress(packed: torch.Tensor, scales: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """fp32 values of a sign code: bit 1 -> -scale, bit 0 -> +scale."""
+    neg = unpack_bits(packed, 1, n).bool()
+    s = _per_element(scales, n, block)
+    return torch.where(neg, -s, s)
+
+
+def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.Tensor:
+    """Per-block fp32 scale: the l2 norm, or max |x| (lowered to clip * rms when clip > 0)."""
+    if l2:
+        return block_lane_sum(x.to(torch.float64).square(), block).sqrt().to(torch.float32)
+    scales = _block_view(x.abs(), block).amax(dim=1)
+    if clip > 0:
+        counts = block_counts(x.numel(), block, x.device).to(torch.float64)
+        sumsq = block_lane_sum(x.to(torch.float64).square(), block)
+        threshold = (clip * (sumsq / counts).sqrt()).to(torch.float32)
+        scales = torch.where(scales > threshold, threshold, scales)
+    return scales
+
+
+def signmag_compress(
+    x: torch.Tensor,
+    levels: int,
+    block: int,
+    l2: bool,
+    clip: float,
+    seed: int,
+    offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic sign-magnitude code (TernGrad: levels=1, absmax; QSGD: l2); returns (packed, scales).
+
+    y = (|x| / scale) * levels in fp32; level = min(floor(y + u), levels) with u = philox_uniform;
+    level = 0 for a block whose scale is 0 or non-finite. Field = level | (x < 0 and level > 0) << lbits,
+    lbits = bit_length(levels), width = lbits + 1.
+    """
+    n = x.numel()
+    lbits = levels.bit_length()
+    scales = signmag_scales(x, block, l2, clip)
+    s = _per_element(scales, n, block)
+    y = (x.abs() / s) * float(levels)
+    t = torch.floor(y + philox_uniform(n, seed, offset, x.device))
+    valid = torch.isfinite(s) & (s > 0)
+    level = torch.where(valid, t.clamp(max=levels), 0.0).to(torch.uint8)
+    neg = ((x < 0) & (level > 0)).to(torch.uint8)
+    return pack_bits(level | (neg << lbits), lbits + 1), scales
+
+
+def signmag_decompress(
+    packed: torch.Tensor, scales: torch.Tensor, levels: int, block: int, n: int
+) -> torch.Tensor:
+    """fp32 values of a sign-magnitude code: ±level * (scale / levels)."""
+    lbits = levels.bit_length()
+    fields = unpack_bits(packed, lbits + 1, n)
+    step = _per_element(scales / float(levels), n, block)
+    v = (fields & ((1 << lbits) - 1)).to(torch.float32) * step
+    return torch.where((fields >> lbits).bool(), -v, v)

@@ -1,0 +1,164 @@
+"""Validated entry points to the packing and fused compression kernels.
+
+Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then runs
+the native kernel when available (``gradq.native_available()``) or the pure-PyTorch reference; both
+give bit-identical results (docs/kernels.md). Inputs are 1-D and contiguous; nothing is mutated except
+an error-feedback ``residual`` where documented.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradq._backend import kernels_for
+from gradq._validate import check_bits, check_block, check_int, check_tensor
+
+_U64_MAX = 2**64 - 1
+SIGNMAG_RULES = ("absmax", "l2")
+
+
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits occupy when packed: ceil(numel * bits / 8)."""
+    check_int("numel", numel, lo=0)
+    return (numel * check_bits(bits) + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (any shape, each < 2**bits) into a flat uint8 tensor, LSB-first.
+
+    Code i occupies bits [i*bits, (i+1)*bits) of the little-endian bit stream; bit j of the stream is bit
+    j % 8 of byte j // 8; unused high bits of the last byte are 0 (docs/format.md).
+    """
+    check_bits(bits)
+    check_tensor("codes", codes, dtypes=(torch.uint8,))
+    flat = codes.reshape(-1)
+    if bits < 8 and flat.numel() and int(flat.max()) >> bits:
+        raise ValueError(f"codes must be < 2**bits = {1 << bits}, got a code {int(flat.max())}")
+    return kernels_for(flat).pack_bits(flat, bits)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a 1-D uint8 tensor of ``numel`` codes.
+
+    ``packed`` must hold exactly ``packed_nbytes(numel, bits)`` bytes.
+    """
+    expected = packed_nbytes(numel, bits)
+    check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
+    if packed.numel() != expected:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need exactly {expected}"
+        )
+    return kernels_for(packed).unpack_bits(packed, bits, numel)
+
+
+def _check_seed(name: str, value: int) -> int:
+    return check_int(name, value, lo=0, hi=_U64_MAX)
+
+
+def philox_uniform(numel: int, seed: int, offset: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``numel`` fp32 uniforms in [0, 1): Philox4x32-10 keyed by ``seed``, stream ``offset``.
+
+    Element i is ``(word >> 8) * 2**-24`` of word i % 4 of counter (i // 4, offset); the same
+    (seed, offset) gives the same values on every device and backend.
+    """
+    check_int("numel", numel, lo=0)
+    _check_seed("seed", seed)
+    _check_seed("offset", offset)
+    probe = torch.empty(0, device=device)
+    kernels = kernels_for(probe)
+    if probe.device.type != "cpu":
+        return kernels.philox_uniform(numel, seed, offset, probe.device)
+    return kernels.philox_uniform(numel, seed, offset)
+
+
+def _check_scales(scales: torch.Tensor, numel: int, block: int, like: torch.Tensor) -> None:
+    check_tensor("scales", scales, dtypes=(torch.float32,), dim=1)
+    nblocks = (numel + block - 1) // block
+    if scales.numel() != nblocks:
+        raise ValueError(f"scales has {scales.numel()} entries but {numel} values in blocks of {block} need {nblocks}")
+    if scales.device != like.device:
+        raise ValueError(f"scales is on {scales.device} but packed is on {like.device}; move them together")
+
+
+def sign_compress(
+    x: torch.Tensor, residual: torch.Tensor | None = None, *, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-bit sign code of ``x`` (+ error feedback); returns (packed bits, fp32 scale per block).
+
+    m = x + residual; bit i = (m_i < 0) (0 maps to +1); scale of a block = mean |m| over it. Mutates
+    ``residual`` to m - decoded(m), but only when every element of ``x`` is finite, and never for a block
+    whose scale is not finite: the residual never absorbs NaN/Inf, and a non-finite input yields
+    non-finite scales so the decoded values stay non-finite.
+    """
+    check_tensor("x", x, dtypes=(torch.float32,), dim=1)
+    check_block(block)
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(torch.float32,), dim=1)
+        if residual.shape != x.shape or residual.device != x.device:
+            raise ValueError(
+                f"residual must match x: got {tuple(residual.shape)} on {residual.device}, "
+                f"x is {tuple(x.shape)} on {x.device}"
+            )
+    return kernels_for(x).sign_compress(x, residual, block)
+
+
+def sign_decompress(packed: torch.Tensor, scales: torch.Tensor, *, block: int, numel: int) -> torch.Tensor:
+    """fp32 values (numel,) of a sign code: bit 1 -> -scale, bit 0 -> +scale of its block."""
+    check_block(block)
+    check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
+    if packed.numel() != packed_nbytes(numel, 1):
+        raise ValueError(f"packed has {packed.numel()} bytes but {numel} signs need {packed_nbytes(numel, 1)}")
+    _check_scales(scales, numel, block, packed)
+    return kernels_for(packed).sign_decompress(packed, scales, block, numel)
+
+
+def signmag_bits(levels: int) -> int:
+    """Code width of a sign-magnitude code with ``levels`` levels: bit_length(levels) + 1 sign bit."""
+    return check_int("levels", levels, lo=1, hi=127).bit_length() + 1
+
+
+def signmag_compress(
+    x: torch.Tensor,
+    *,
+    levels: int,
+    block: int,
+    rule: str,
+    seed: int,
+    offset: int = 0,
+    clip: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stochastic sign-magnitude code of ``x``; returns (packed codes, fp32 scale per block).
+
+    ``rule="absmax"``: scale = max |x| of the block, lowered to ``clip`` x RMS when ``clip > 0``
+    (TernGrad: levels=1). ``rule="l2"``: scale = ||x||2 of the block (QSGD). Level of x_i =
+    min(floor(levels * |x_i| / scale + u_i), levels), u = :func:`philox_uniform` (seed, offset): an
+    unbiased estimate of levels * |x_i| / scale inside the clipping range. Codes are
+    ``signmag_bits(levels)`` wide: level | (negative and level > 0) << bit_length(levels).
+    """
+    check_tensor("x", x, dtypes=(torch.float32,), dim=1)
+    signmag_bits(levels)
+    check_block(block)
+    if rule not in SIGNMAG_RULES:
+        raise ValueError(f"rule must be one of {SIGNMAG_RULES}, got {rule!r}")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or clip == float("inf"):
+        raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")
+    if clip and rule != "absmax":
+        raise ValueError("clip applies to rule='absmax' only")
+    _check_seed("seed", seed)
+    _check_seed("offset", offset)
+    return kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset)
+
+
+def signmag_decompress(
+    packed: torch.Tensor, scales: torch.Tensor, *, levels: int, block: int, numel: int
+) -> torch.Tensor:
+    """fp32 values (numel,) of a sign-magnitude code: ±level * scale / levels."""
+    bits = signmag_bits(levels)
+    check_block(block)
+    check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
+    if packed.numel() != packed_nbytes(numel, bits):
+        raise ValueError(
+            f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need {packed_nbytes(numel, bits)}"
+        )
+    _check_scales(scales, numel, block, packed)
+    return kernels_for(packed).signmag_decompress(packed, scales, levels, block, numel)

@@ -1,0 +1,20 @@
+"""Builds the native CPU kernels (csrc/) as the optional extension gradq._C.
+
+If the compiler fails, the install still succeeds (``optional=True``) and gradq runs on its
+pure-PyTorch reference kernels, saying so once at first use.
+"""
+
+from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+setup(
+    ext_modules=[
+        CppExtension(
+            "gradq._C",
+            ["csrc/gradq_kernels.cpp"],
+            extra_compile_args=["-O3", "-march=native", "-ffp-contract=off"],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
