@@ -1,1 +1,51 @@
-"""gradq: low-bit gradient compression and quantization for PyTorch."""
+"""gradq: low-bit gradient compression and quantization for PyTorch.
+
+One quantizer core (schemes, quantize/dequantize/fake_quantize), dense bit packing with a stable wire
+format, and native CPU kernels for the hot compression steps with a bit-exact PyTorch reference.
+"""
+
+from gradq._backend import native_available
+from gradq.kernels import (
+    pack_bits,
+    packed_nbytes,
+    philox_uniform,
+    sign_compress,
+    sign_decompress,
+    signmag_bits,
+    signmag_compress,
+    signmag_decompress,
+    unpack_bits,
+)
+from gradq.payload import decode_payload, encode_payload, payload_nbytes
+from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
+from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, QuantScheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Granularity",
+    "PerAxis",
+    "PerBucket",
+    "PerGroup",
+    "PerTensor",
+    "QTensor",
+    "QuantScheme",
+    "choose_qparams",
+    "decode_payload",
+    "dequantize",
+    "encode_payload",
+    "fake_quantize",
+    "native_available",
+    "pack_bits",
+    "packed_nbytes",
+    "payload_nbytes",
+    "philox_uniform",
+    "quantize",
+    "scale_shape",
+    "sign_compress",
+    "sign_decompress",
+    "signmag_bits",
+    "signmag_compress",
+    "signmag_decompress",
+    "unpack_bits",
+]
