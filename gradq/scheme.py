@@ -7,7 +7,7 @@ deployment and gradient codes for the wire. Granularities say which elements sha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from gradq._validate import check_bits, check_int
 
@@ -45,7 +45,7 @@ class PerBucket:
         check_int("bucket_size", self.bucket_size, lo=1)
 
 
-Granularity = Union[PerTensor, PerAxis, PerGroup, PerBucket]
+Granularity = PerTensor | PerAxis | PerGroup | PerBucket
 Rounding = Literal["nearest", "stochastic"]
 ScaleFrom = Literal["minmax", "norm", "mean_abs"]
 Codebook = Literal["uniform", "sign", "sign_magnitude"]
