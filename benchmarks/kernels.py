@@ -120,8 +120,7 @@ def pack_kernel(bits: int) -> Kernel:
         codes = random_codes(x.numel(), bits)
         return lambda mod: partial(mod.pack_bits, codes, bits)
 
-    return Kernel("pack_bits", {"bits": bits}, "read n + write packed",
-                  lambda n: n + packed_len(n, bits), setup)
+    return Kernel("pack_bits", {"bits": bits}, "read n + write packed", lambda n: n + packed_len(n, bits), setup)
 
 
 def unpack_kernel(bits: int) -> Kernel:
@@ -131,8 +130,7 @@ def unpack_kernel(bits: int) -> Kernel:
         packed = _C.pack_bits(random_codes(x.numel(), bits), bits)
         return lambda mod: partial(mod.unpack_bits, packed, bits, x.numel())
 
-    return Kernel("unpack_bits", {"bits": bits}, "read packed + write n",
-                  lambda n: packed_len(n, bits) + n, setup)
+    return Kernel("unpack_bits", {"bits": bits}, "read packed + write n", lambda n: packed_len(n, bits) + n, setup)
 
 
 def philox_kernel() -> Kernel:
@@ -150,11 +148,11 @@ def sign_compress_kernel(residual: bool) -> Kernel:
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         return lambda mod: partial(mod.sign_compress, x, torch.zeros_like(x) if residual else None, SIGN_BLOCK)
 
+    params = {"block": SIGN_BLOCK, "residual": residual}
     if residual:
-        return Kernel("sign_compress", {"block": SIGN_BLOCK, "residual": True},
-                      "read x + read/write residual + write packed", lambda n: n * 12 + packed_len(n, 1), setup)
-    return Kernel("sign_compress", {"block": SIGN_BLOCK, "residual": False},
-                  "read x + write packed", lambda n: n * 4 + packed_len(n, 1), setup)
+        moved = "read x + read/write residual + write packed"
+        return Kernel("sign_compress", params, moved, lambda n: n * 12 + packed_len(n, 1), setup)
+    return Kernel("sign_compress", params, "read x + write packed", lambda n: n * 4 + packed_len(n, 1), setup)
 
 
 def sign_decompress_kernel() -> Kernel:
@@ -164,8 +162,9 @@ def sign_decompress_kernel() -> Kernel:
         packed, scales = _C.sign_compress(x, None, SIGN_BLOCK)
         return lambda mod: partial(mod.sign_decompress, packed, scales, SIGN_BLOCK, x.numel())
 
-    return Kernel("sign_decompress", {"block": SIGN_BLOCK}, "read packed + write n*4",
-                  lambda n: packed_len(n, 1) + n * 4, setup)
+    return Kernel(
+        "sign_decompress", {"block": SIGN_BLOCK}, "read packed + write n*4", lambda n: packed_len(n, 1) + n * 4, setup
+    )
 
 
 def signmag_args(codec: Codec) -> tuple[int, int, bool, float, int, int]:
@@ -179,8 +178,13 @@ def signmag_compress_kernel(codec: Codec) -> Kernel:
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         return lambda mod: partial(mod.signmag_compress, x, *signmag_args(codec))
 
-    return Kernel(f"signmag_compress:{codec.name}", asdict(codec) | {"bits": codec.bits},
-                  "read x + write packed", lambda n: n * 4 + packed_len(n, codec.bits), setup)
+    return Kernel(
+        f"signmag_compress:{codec.name}",
+        asdict(codec) | {"bits": codec.bits},
+        "read x + write packed",
+        lambda n: n * 4 + packed_len(n, codec.bits),
+        setup,
+    )
 
 
 def signmag_decompress_kernel(codec: Codec) -> Kernel:
@@ -188,10 +192,16 @@ def signmag_decompress_kernel(codec: Codec) -> Kernel:
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         packed, scales = _C.signmag_compress(x, *signmag_args(codec))
-        return lambda mod: partial(mod.signmag_decompress, packed, scales, codec.levels, codec.block, x.numel())
+        args = packed, scales, codec.levels, codec.block, x.numel()
+        return lambda mod: partial(mod.signmag_decompress, *args)
 
-    return Kernel(f"signmag_decompress:{codec.name}", asdict(codec) | {"bits": codec.bits},
-                  "read packed + write n*4", lambda n: packed_len(n, codec.bits) + n * 4, setup)
+    return Kernel(
+        f"signmag_decompress:{codec.name}",
+        asdict(codec) | {"bits": codec.bits},
+        "read packed + write n*4",
+        lambda n: packed_len(n, codec.bits) + n * 4,
+        setup,
+    )
 
 
 def all_kernels(bits: list[int]) -> list[Kernel]:
@@ -233,7 +243,8 @@ def copy_bandwidth(n: int, repeats: int) -> dict[str, object]:
     """Bandwidth (GB/s, read + write counted) of ``y.copy_(x)`` for ``n``-element fp32 tensors."""
     x, y = torch.randn(n), torch.empty(n)
     times = time_runs(partial(y.copy_, x), repeats, warmup=1)
-    return {"times_s": times, "median_s": statistics.median(times), "gbps": 2 * 4 * n / statistics.median(times) / GB}
+    median = statistics.median(times)
+    return {"times_s": times, "median_s": median, "gbps": 2 * 4 * n / median / GB}
 
 
 def parse_size(text: str) -> int:
@@ -254,17 +265,33 @@ def format_size(n: int) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=lambda s: [parse_size(t) for t in s.split(",")],
-                   default="1M,16M,64M", help="fp32 element counts, comma-separated (default 1M,16M,64M)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per kernel, after 1 warm-up (default 5)")
+    p.add_argument(
+        "--sizes",
+        type=lambda s: [parse_size(t) for t in s.split(",")],
+        default="1M,16M,64M",
+        help="fp32 element counts, comma-separated (default 1M,16M,64M)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after 1 warm-up (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
-    p.add_argument("--bits", type=lambda s: [int(t) for t in s.split(",")], default="1,2,3,4,5,6,7,8",
-                   help="pack/unpack widths (default 1..8)")
-    p.add_argument("--reference-once-above", type=parse_size, default="16M",
-                   help="above this many elements run the reference once, no warm-up (default 16M)")
-    p.add_argument("--skip-reference-above", type=parse_size, default=None,
-                   help="above this many elements do not run the reference (default: always run it)")
-    p.add_argument("--output", type=Path, default=Path("benchmarks/out/kernels.json"), help="JSON results file")
+    p.add_argument(
+        "--bits",
+        type=lambda s: [int(t) for t in s.split(",")],
+        default="1,2,3,4,5,6,7,8",
+        help="pack/unpack widths (default 1..8)",
+    )
+    p.add_argument(
+        "--reference-once-above",
+        type=parse_size,
+        default="16M",
+        help="above this many elements run the reference once, no warm-up (default 16M)",
+    )
+    p.add_argument(
+        "--skip-reference-above",
+        type=parse_size,
+        default=None,
+        help="above this many elements do not run the reference (default: always run it)",
+    )
+    p.add_argument("--output", type=Path, default=Path("benchmarks/out/kernels.json"), help="JSON file")
     return p.parse_args(argv)
 
 
@@ -291,8 +318,9 @@ def bench_size(n: int, kernels: list[Kernel], args: argparse.Namespace, bar: tqd
             bar.set_description(f"{format_size(n)} {label(kernel)} [{path}]")
             if plan is not None:
                 times = time_runs(make(PATHS[path]), *plan)
-                results.append(Result(kernel.name, kernel.params, path, n, plan[1], times,
-                                      kernel.moved_bytes(n), copy["gbps"]))
+                results.append(
+                    Result(kernel.name, kernel.params, path, n, plan[1], times, kernel.moved_bytes(n), copy["gbps"])
+                )
             bar.update()
     return {"numel": n, "copy": copy, "results": [asdict(r) for r in results]}
 
@@ -362,7 +390,7 @@ def metadata(args: argparse.Namespace) -> dict[str, object]:
         "notes": {
             "input_gbps": "numel * 4 / median time: fp32-equivalent elements, also for pack/unpack/philox",
             "moved_gbps": "essential memory traffic / median time; per-block scales (< 1%) not counted",
-            "copy_gbps": "2 * 4 * numel / median time of y.copy_(x), fp32, measured before the size's kernels",
+            "copy_gbps": "2 * 4 * numel / median time of fp32 y.copy_(x), timed before the size's kernels",
             "copy_fraction": "moved_gbps / copy_gbps",
         },
     }
@@ -373,27 +401,43 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-".rjust(len(format(0.0, spec))) if value is None else format(value, spec)
 
 
+HEADER = (
+    f"{'kernel':<30} {'ref ms':>10} {'nat ms':>9} {'ref GB/s':>9} {'nat GB/s':>9} "
+    f"{'ref mvd':>8} {'nat mvd':>8} {'ref %cp':>8} {'nat %cp':>8} {'speedup':>8}"
+)
+
+
+def table_row(kernel: Kernel, results: list[dict]) -> str:
+    """One table row: ``kernel`` on both paths (dashes where the reference did not run)."""
+    ref = find(results, kernel.name, kernel.params, "reference")
+    nat = find(results, kernel.name, kernel.params, "native")
+
+    def cell(r: dict | None, key: str, spec: str, scale: float = 1.0) -> str:
+        return _fmt(None if r is None else r[key] * scale, spec)
+
+    once = "*" if ref and ref["warmup"] == 0 else " "
+    return (
+        f"{label(kernel):<30} {cell(ref, 'median_s', '9.2f', 1e3)}{once} {cell(nat, 'median_s', '9.3f', 1e3)} "
+        f"{cell(ref, 'input_gbps', '9.3f')} {cell(nat, 'input_gbps', '9.2f')} "
+        f"{cell(ref, 'moved_gbps', '8.3f')} {cell(nat, 'moved_gbps', '8.2f')} "
+        f"{cell(ref, 'copy_fraction', '8.1%')} {cell(nat, 'copy_fraction', '8.1%')} "
+        f"{_fmt(nat['speedup_vs_reference'], '7.1f')}x"
+    )
+
+
 def table(sizes: list[dict[str, object]], kernels: list[Kernel]) -> str:
-    """Fixed-width table: one row per size and kernel, reference and native side by side."""
-    head = (f"{'kernel':<30} {'ref ms':>10} {'nat ms':>9} {'ref GB/s':>9} {'nat GB/s':>9} "
-            f"{'ref mvd':>8} {'nat mvd':>8} {'ref %cp':>8} {'nat %cp':>8} {'speedup':>8}")
+    """Fixed-width table: per size, the copy bandwidth then one row per kernel."""
     lines = []
     for size in sizes:
-        copy = size["copy"]
-        lines += ["", f"n = {format_size(size['numel'])} ({size['numel']:,} fp32 elements); "
-                  f"copy bandwidth {copy['gbps']:.2f} GB/s (read + write, median {copy['median_s'] * 1e3:.3f} ms)",
-                  head, "-" * len(head)]
-        for k in kernels:
-            ref = find(size["results"], k.name, k.params, "reference")
-            nat = find(size["results"], k.name, k.params, "native")
-            once = "*" if ref and len(ref["times_s"]) == 1 else " "
-            lines.append(
-                f"{label(k):<30} {_fmt(ref and ref['median_s'] * 1e3, '9.2f')}{once} "
-                f"{nat['median_s'] * 1e3:9.3f} {_fmt(ref and ref['input_gbps'], '9.3f')} "
-                f"{nat['input_gbps']:9.2f} {_fmt(ref and ref['moved_gbps'], '8.3f')} {nat['moved_gbps']:8.2f} "
-                f"{_fmt(ref and ref['copy_fraction'], '8.1%')} {nat['copy_fraction']:8.1%} "
-                f"{_fmt(nat['speedup_vs_reference'], '7.1f')}x"
-            )
+        n, copy = size["numel"], size["copy"]
+        lines += [
+            "",
+            f"n = {format_size(n)} ({n:,} fp32 elements); copy {copy['gbps']:.2f} GB/s "
+            f"(read + write, median {copy['median_s'] * 1e3:.3f} ms)",
+            HEADER,
+            "-" * len(HEADER),
+            *(table_row(k, size["results"]) for k in kernels),
+        ]
     lines += [
         "",
         "GB/s: numel * 4 bytes / median time (fp32-equivalent elements, also for pack/unpack/philox).",
@@ -408,7 +452,7 @@ def checks_report(checks: list[dict[str, object]]) -> str:
     lines = ["", "Targets of native sign_compress with residual (fused 1-bit error feedback):"]
     for c in checks:
         lines.append(
-            f"  n = {format_size(c['numel']):>4}: moved bytes {c['copy_fraction'] * 100:5.1f}% of copy bandwidth "
+            f"  n = {format_size(c['numel']):>4}: moved bytes at {c['copy_fraction']:6.1%} of copy bandwidth "
             f"(>= {COPY_TARGET:.0%}) {verdict(c['copy_fraction_pass'])};  "
             f"speedup {_fmt(c['speedup'], '.1f')}x (>= {SPEEDUP_TARGET:.0f}x) {verdict(c['speedup_pass'])}"
         )
@@ -431,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(sizes, kernels))
     print(checks_report(checks))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"metadata": metadata(args), "sizes": sizes, "checks": checks}, indent=2))
+    report = {"metadata": metadata(args), "sizes": sizes, "checks": checks}
+    args.output.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.output}")
 
 

@@ -1,0 +1,35 @@
+"""Shared helpers for the gradq tests."""
+
+import pytest
+import torch
+
+from gradq import _reference
+
+try:
+    from gradq import _C
+except ImportError:  # the native-vs-reference tests then fail in test_native_is_built
+    _C = None
+
+
+def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bit-identical tensors: same dtype and shape, same bits for every non-NaN value, NaN at the same places."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)
+    if a.dtype.is_floating_point:
+        nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+        assert torch.equal(nan_a, nan_b), "NaN positions differ"
+        int_dtype = {torch.float32: torch.int32, torch.float64: torch.int64}[a.dtype]
+        a, b = a[~nan_a].view(int_dtype), b[~nan_b].view(int_dtype)
+    mismatch = (a != b).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.shape[0]} elements differ, first at {mismatch[:5].flatten().tolist()}"
+
+
+@pytest.fixture
+def native():
+    """The native kernel module; fails (not skips) when it was not built."""
+    assert _C is not None, "gradq._C is not built: reinstall with `pip install --no-build-isolation -e .`"
+    return _C
+
+
+@pytest.fixture
+def reference():
+    return _reference
