@@ -93,6 +93,17 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size, granularity: Granularity) 
     return rows.reshape(moved).movedim(dest, axis)
 
 
+def _rows_to_scale(values: torch.Tensor, shape: torch.Size, granularity: Granularity) -> torch.Tensor:
+    """Inverse of :func:`_to_rows_scale`: one value per row -> the scale shape for a tensor of ``shape``."""
+    target = scale_shape(shape, granularity)
+    if isinstance(granularity, PerGroup):
+        axis = granularity.axis % len(shape)
+        moved = list(target)
+        moved.append(moved.pop(axis))
+        return values.reshape(moved).movedim(-1, axis)
+    return values.reshape(target)
+
+
 def _check_input(x: torch.Tensor, scheme: QuantScheme) -> None:
     check_tensor("x", x, dtypes=FLOAT_DTYPES, contiguous=False)
     if not isinstance(scheme, QuantScheme):
@@ -114,7 +125,6 @@ def choose_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf; uniform quantization needs finite values")
     rows = _to_rows(x.detach().to(torch.float32), scheme.granularity)
-    target = scale_shape(x.shape, scheme.granularity)
     zero_point = None
     if scheme.scale_from == "norm":
         scale = rows.to(torch.float64).square().sum(1).sqrt().to(torch.float32) / scheme.qmax
@@ -127,8 +137,8 @@ def choose_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     if not scheme.symmetric:
         zero_point = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int32)
-        zero_point = zero_point.reshape(target)
-    return scale.reshape(target), zero_point
+        zero_point = _rows_to_scale(zero_point, x.shape, scheme.granularity)
+    return _rows_to_scale(scale, x.shape, scheme.granularity), zero_point
 
 
 def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:

@@ -73,7 +73,9 @@ def test_sign_compress_with_error_feedback(native, n, block, nonfinite):
     assert_same_bits(packed, ref_packed)
     assert_same_bits(scales, ref_scales)
     assert_same_bits(r_native, r_ref)
-    assert_same_bits(native.sign_decompress(packed, scales, block, n), _reference.sign_decompress(packed, scales, block, n))
+    assert_same_bits(
+        native.sign_decompress(packed, scales, block, n), _reference.sign_decompress(packed, scales, block, n)
+    )
 
 
 @pytest.mark.parametrize("n", ODD_LENGTHS)
