@@ -125,6 +125,8 @@ def choose_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x contains NaN or Inf; uniform quantization needs finite values")
     rows = _to_rows(x.detach().to(torch.float32), scheme.granularity)
+    if rows.shape[1] == 0:  # an empty tensor: the qparams of zeros
+        rows = rows.new_zeros(rows.shape[0], 1)
     zero_point = None
     if scheme.scale_from == "norm":
         scale = rows.to(torch.float64).square().sum(1).sqrt().to(torch.float32) / scheme.qmax
