@@ -16,13 +16,14 @@ from gradq.kernels import (
     signmag_decompress,
     unpack_bits,
 )
-from gradq.payload import decode_payload, encode_payload, payload_nbytes
+from gradq.payload import FORMAT_VERSION, decode_payload, encode_payload, payload_nbytes
 from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
 from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, QuantScheme
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORMAT_VERSION",
     "Granularity",
     "PerAxis",
     "PerBucket",

@@ -3,7 +3,8 @@
 Each function here defines its result bit for bit (see docs/kernels.md); ``csrc/gradq_kernels.cpp``
 must reproduce it exactly, and the tests compare the two. Arguments are validated by the callers in
 ``gradq.kernels``; these functions assume 1-D contiguous inputs of the right dtypes. They run on any
-device PyTorch supports, which is what makes the stochastic codes identical on every backend.
+device PyTorch supports; the Philox uniforms are identical on every device, while the fixed summation
+order of :func:`block_lane_sum` is guaranteed by CPU ``cumsum`` (a sequential loop) only.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def signmag_compress(
 def signmag_decompress(
     packed: torch.Tensor, scales: torch.Tensor, levels: int, block: int, n: int
 ) -> torch.Tensor:
-    """fp32 values of a sign-magnitude code: ±level * (scale / levels)."""
+    """fp32 values of a sign-magnitude code: ±level * (scale / levels), in fp32."""
     lbits = levels.bit_length()
     fields = unpack_bits(packed, lbits + 1, n)
     step = _per_element(scales / float(levels), n, block)

@@ -2,8 +2,8 @@
 
 Each function checks its arguments (a clear ``TypeError``/``ValueError`` naming the argument), then runs
 the native kernel when available (``gradq.native_available()``) or the pure-PyTorch reference; both
-give bit-identical results (docs/kernels.md). Inputs are 1-D and contiguous; nothing is mutated except
-an error-feedback ``residual`` where documented.
+give bit-identical results (docs/kernels.md). Inputs are contiguous and 1-D (``pack_bits`` takes any
+shape and flattens it); nothing is mutated except an error-feedback ``residual`` where documented.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def signmag_compress(
 
     ``rule="absmax"``: scale = max |x| of the block, lowered to ``clip`` x RMS when ``clip > 0``
     (TernGrad: levels=1). ``rule="l2"``: scale = ||x||2 of the block (QSGD). Level of x_i =
-    min(floor(levels * |x_i| / scale + u_i), levels), u = :func:`philox_uniform` (seed, offset): an
-    unbiased estimate of levels * |x_i| / scale inside the clipping range. Codes are
+    min(floor((|x_i| / scale) * levels + u_i), levels) in fp32, u = :func:`philox_uniform` (seed, offset):
+    an unbiased estimate of levels * |x_i| / scale inside the clipping range. Codes are
     ``signmag_bits(levels)`` wide: level | (negative and level > 0) << bit_length(levels).
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
@@ -152,7 +152,7 @@ def signmag_compress(
 def signmag_decompress(
     packed: torch.Tensor, scales: torch.Tensor, *, levels: int, block: int, numel: int
 ) -> torch.Tensor:
-    """fp32 values (numel,) of a sign-magnitude code: ±level * scale / levels."""
+    """fp32 values (numel,) of a sign-magnitude code: ±level * (scale / levels), computed in fp32."""
     bits = signmag_bits(levels)
     check_block(block)
     check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)

@@ -17,6 +17,9 @@ from gradq._validate import check_tensor
 from gradq.quantize import QTensor, scale_shape
 from gradq.scheme import QuantScheme
 
+FORMAT_VERSION = 1
+"""Version of the wire format in docs/format.md; any change to the layout or bit order increments it."""
+
 if sys.byteorder != "little":  # pragma: no cover - every platform PyTorch ships for is little-endian
     raise ImportError("gradq payloads assume a little-endian host")
 

@@ -229,9 +229,9 @@ def quantize(
 
     Uniform schemes: q = clamp(round(x / scale) + zero_point, qmin, qmax), with ``scale``/``zero_point``
     from :func:`choose_qparams` unless given (e.g. calibrated). Stochastic rounding replaces round(y) by
-    floor(y + u), u from Philox(seed, offset) per flat element index: unbiased and identical on every
-    backend. ``seed`` or ``generator`` picks the stream (neither: a seed drawn from torch's default
-    generator). ``sign``/``sign_magnitude`` code books run the fused kernels of ``gradq.kernels``.
+    floor(y + u), u from Philox(seed, offset) per flat element index: unbiased, and the same uniforms on
+    every device and kernel backend. ``seed`` or ``generator`` picks the stream (neither: a seed drawn
+    from torch's default generator). ``sign``/``sign_magnitude`` code books run the fused kernels of ``gradq.kernels``.
     """
     _check_input(x, scheme)
     check_int("offset", offset, lo=0, hi=2**64 - 1)
@@ -256,6 +256,9 @@ def _bucket(scheme: QuantScheme, numel: int) -> int:
 
 def _quantize_gradient_codebook(x: torch.Tensor, scheme: QuantScheme, seed: int | None, offset: int) -> QTensor:
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
+    target = scale_shape(x.shape, scheme.granularity)
+    if flat.numel() == 0:  # PerTensor still carries its one (zero) scale
+        return QTensor(torch.empty(x.shape, dtype=torch.uint8), torch.zeros(target), None, scheme, x.dtype)
     block = _bucket(scheme, flat.numel())
     if scheme.codebook == "sign":
         packed, scales = kernels.sign_compress(flat, None, block=block)
@@ -265,7 +268,7 @@ def _quantize_gradient_codebook(x: torch.Tensor, scheme: QuantScheme, seed: int 
             flat, levels=scheme.levels, block=block, rule=rule, seed=seed, offset=offset, clip=float(scheme.clip)
         )
     codes = kernels.unpack_bits(packed, scheme.bits, flat.numel()).view(x.shape)
-    return QTensor(codes, scales.reshape(scale_shape(x.shape, scheme.granularity)), None, scheme, x.dtype)
+    return QTensor(codes, scales.reshape(target), None, scheme, x.dtype)
 
 
 def dequantize(qt: QTensor) -> torch.Tensor:
@@ -275,6 +278,8 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     scheme = qt.scheme
     if scheme.codebook != "uniform":
         numel = qt.codes.numel()
+        if numel == 0:
+            return torch.empty(qt.shape, dtype=qt.dtype)
         packed = kernels.pack_bits(qt.codes, scheme.bits)
         block, scales = _bucket(scheme, numel), qt.scale.reshape(-1).contiguous()
         if scheme.codebook == "sign":

@@ -60,11 +60,11 @@ class QuantScheme:
     codebook ``uniform``: integer grid, real = scale * (q - zero_point). ``symmetric`` fixes zero_point
     at 0 (signed codes then use the narrow range [-(2**(bits-1) - 1), 2**(bits-1) - 1]); otherwise the
     range [min(x, 0), max(x, 0)] is mapped affinely. ``scale_from``: ``minmax`` (min/max, or max |x| when
-    symmetric) or ``norm`` (||x||2, symmetric only, never clips).
+    symmetric) or ``norm`` (||x||2, symmetric only; never clips a signed code).
 
     codebook ``sign``: 1 bit per value, +scale or -scale (0 maps to +scale), scale = mean |x|.
 
-    codebook ``sign_magnitude``: a sign bit plus a level in [0, levels]; value = ±level * scale / levels;
+    codebook ``sign_magnitude``: a sign bit plus a level in [0, levels]; value = ±level * (scale / levels);
     scale = max |x| (``minmax``, lowered to ``clip`` x RMS when ``clip > 0``) or ||x||2 (``norm``);
     stochastic rounding only. TernGrad is levels=1 with max, QSGD is s levels with the norm.
     ``sign`` and ``sign_magnitude`` need PerTensor or PerBucket with a bucket size that is a multiple of 8.

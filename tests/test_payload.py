@@ -83,3 +83,22 @@ def test_compression_ratio_of_the_gradient_code_books():
     assert gradq.payload_nbytes(n, QuantScheme.sign(bucket_size=65536)) == n // 8 + 4 * 16
     assert gradq.payload_nbytes(n, QuantScheme.ternary(bucket_size=65536)) == n // 4 + 4 * 16
     assert gradq.payload_nbytes(n, QuantScheme.qsgd(4, 512)) == n // 2 + 4 * (n // 512)
+
+
+def test_format_document_matches_the_code():
+    """docs/format.md states the format version in force and its worked examples are what the code does."""
+    import doctest
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "format.md"
+    assert f"`gradq.FORMAT_VERSION == {gradq.FORMAT_VERSION}`" in path.read_text()
+    result = doctest.testfile(str(path), module_relative=False, globs={"gradq": gradq, "torch": torch})
+    assert result.attempted >= 2 and result.failed == 0
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme.sign(), QuantScheme.ternary(), QuantScheme.uniform(4)], ids=repr)
+def test_empty_tensor_under_a_per_tensor_scheme(scheme):
+    qt = gradq.quantize(torch.empty(0), scheme, seed=0)
+    payload = gradq.encode_payload(qt)
+    assert payload.numel() == gradq.payload_nbytes(0, scheme) == 4
+    assert gradq.dequantize(gradq.decode_payload(payload, (0,), scheme)).shape == (0,)
