@@ -89,6 +89,7 @@ class Result:
     numel: int
     warmup: int
     times_s: list[float]
+    moved: str
     moved_bytes: int
     copy_gbps: float
     median_s: float = field(init=False)
@@ -304,6 +305,13 @@ def reference_plan(n: int, args: argparse.Namespace) -> tuple[int, int] | None:
     return args.repeats, 1
 
 
+def measure(kernel: Kernel, path: str, fn: Runner, n: int, plan: tuple[int, int], copy_gbps: float) -> Result:
+    """Time ``fn`` (``kernel`` on ``path`` at ``n`` elements) with ``plan`` = (repeats, warm-ups)."""
+    repeats, warmup = plan
+    times = time_runs(fn, repeats, warmup)
+    return Result(kernel.name, kernel.params, path, n, warmup, times, kernel.moved, kernel.moved_bytes(n), copy_gbps)
+
+
 def bench_size(n: int, kernels: list[Kernel], args: argparse.Namespace, bar: tqdm) -> dict[str, object]:
     """Copy bandwidth, then every kernel on both paths, at ``n`` elements."""
     bar.set_description(f"{format_size(n)} copy")
@@ -317,10 +325,7 @@ def bench_size(n: int, kernels: list[Kernel], args: argparse.Namespace, bar: tqd
         for path, plan in plans.items():
             bar.set_description(f"{format_size(n)} {label(kernel)} [{path}]")
             if plan is not None:
-                times = time_runs(make(PATHS[path]), *plan)
-                results.append(
-                    Result(kernel.name, kernel.params, path, n, plan[1], times, kernel.moved_bytes(n), copy["gbps"])
-                )
+                results.append(measure(kernel, path, make(PATHS[path]), n, plan, copy["gbps"]))
             bar.update()
     return {"numel": n, "copy": copy, "results": [asdict(r) for r in results]}
 

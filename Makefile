@@ -1,0 +1,31 @@
+# gradq developer commands. `make demo` and `make test` both set up .venv first (idempotent).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench-kernels clean
+
+setup: $(VENV)/.installed
+
+# Rebuilds when the packaging or the native sources change.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -c "import gradq; assert gradq.native_available(), 'native kernels failed to build'; print('gradq ready, native kernels built')"
+	touch $@
+
+demo: setup
+	$(PY) -m gradq.demo
+
+test: setup
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+bench-kernels: setup
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info gradq/_C*.so
