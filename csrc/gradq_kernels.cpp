@@ -16,10 +16,15 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kGroup = 8;            // elements per packing group: 8 codes of k bits = k bytes
 constexpr int64_t kGrain = 1 << 14;      // groups per parallel task for the element-wise kernels
+constexpr int64_t kUniformBatch = 64;    // uniforms drawn per Philox call (2 interleaved batches of 8 counters)
 
 // ---------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., SC'11).
@@ -53,12 +58,69 @@ struct Philox {
     out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
   }
 
-  // Uniforms in [0, 1) on a 2^-24 grid for the 8 elements starting at i (i a multiple of 4).
-  inline void uniforms8(int64_t i, float u[8]) const {
-    uint32_t w[8];
-    words(static_cast<uint64_t>(i) / 4, w);
-    words(static_cast<uint64_t>(i) / 4 + 1, w + 4);
-    for (int l = 0; l < 8; ++l) u[l] = static_cast<float>(w[l] >> 8) * 0x1p-24f;
+  // Uniforms in [0, 1) on a 2^-24 grid for the 32 * B elements starting at i (i a multiple of 4):
+  // counters i/4 .. i/4 + 8B - 1, word w of counter j going to element 4j + w. The B batches of 8
+  // counters run interleaved so that the multiplier latency of one hides behind the others.
+  template <int B>
+  inline void uniforms(int64_t i, float* u) const {
+    const uint64_t j0 = static_cast<uint64_t>(i) / 4;
+#if defined(__AVX2__)
+    alignas(32) uint32_t lo[8 * B], hi[8 * B];
+    for (int l = 0; l < 8 * B; ++l) {
+      lo[l] = static_cast<uint32_t>(j0 + l);
+      hi[l] = static_cast<uint32_t>((j0 + l) >> 32);
+    }
+    __m256i x0[B], x1[B], x2[B], x3[B];
+    for (int b = 0; b < B; ++b) {
+      x0[b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + 8 * b));
+      x1[b] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + 8 * b));
+      x2[b] = _mm256_set1_epi32(static_cast<int>(c2));
+      x3[b] = _mm256_set1_epi32(static_cast<int>(c3));
+    }
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    uint32_t key0 = k0, key1 = k1;
+    for (int r = 0; r < 10; ++r) {
+      if (r) {
+        key0 += 0x9E3779B9u;
+        key1 += 0xBB67AE85u;
+      }
+      const __m256i kv0 = _mm256_set1_epi32(static_cast<int>(key0)), kv1 = _mm256_set1_epi32(static_cast<int>(key1));
+      for (int b = 0; b < B; ++b) {
+        // 32x32 -> 64-bit products of the even lanes, then of the odd lanes shifted down.
+        const __m256i e0 = _mm256_mul_epu32(x0[b], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0[b], 32), m0);
+        const __m256i e1 = _mm256_mul_epu32(x2[b], m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(x2[b], 32), m1);
+        const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+        const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+        x0[b] = _mm256_xor_si256(_mm256_xor_si256(hi1, x1[b]), kv0);
+        x1[b] = lo1;
+        x2[b] = _mm256_xor_si256(_mm256_xor_si256(hi0, x3[b]), kv1);
+        x3[b] = lo0;
+      }
+    }
+    const __m256 grid = _mm256_set1_ps(0x1p-24f);
+    for (int b = 0; b < B; ++b) {
+      // Transpose the 4 word vectors of 8 counters into element order.
+      const __m256i t0 = _mm256_unpacklo_epi32(x0[b], x1[b]), t1 = _mm256_unpacklo_epi32(x2[b], x3[b]);
+      const __m256i t2 = _mm256_unpackhi_epi32(x0[b], x1[b]), t3 = _mm256_unpackhi_epi32(x2[b], x3[b]);
+      const __m256i c04 = _mm256_unpacklo_epi64(t0, t1), c15 = _mm256_unpackhi_epi64(t0, t1);
+      const __m256i c26 = _mm256_unpacklo_epi64(t2, t3), c37 = _mm256_unpackhi_epi64(t2, t3);
+      const __m256i ordered[4] = {
+          _mm256_permute2x128_si256(c04, c15, 0x20), _mm256_permute2x128_si256(c26, c37, 0x20),
+          _mm256_permute2x128_si256(c04, c15, 0x31), _mm256_permute2x128_si256(c26, c37, 0x31)};
+      for (int v = 0; v < 4; ++v)
+        _mm256_storeu_ps(u + 32 * b + 8 * v,
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(ordered[v], 8)), grid));
+    }
+#else
+    uint32_t w[4];
+    for (int c = 0; c < 8 * B; ++c) {
+      words(j0 + c, w);
+      for (int l = 0; l < 4; ++l) u[4 * c + l] = static_cast<float>(w[l] >> 8) * 0x1p-24f;
+    }
+#endif
   }
 };
 
@@ -128,10 +190,10 @@ torch::Tensor philox_uniform(int64_t n, uint64_t seed, uint64_t offset) {
   float* o = out.data_ptr<float>();
   const Philox rng(seed, offset);
   for_groups(n, [&](int64_t b, int64_t e) {
-    float u[8];
-    for (int64_t i = b; i < e; i += kGroup) {
-      rng.uniforms8(i, u);
-      std::memcpy(o + i, u, sizeof(float) * std::min(kGroup, e - i));
+    float u[kUniformBatch];
+    for (int64_t i = b; i < e; i += kUniformBatch) {
+      rng.uniforms<kUniformBatch / 32>(i, u);
+      std::memcpy(o + i, u, sizeof(float) * std::min(kUniformBatch, e - i));
     }
   });
   return out;
@@ -155,7 +217,17 @@ inline double lane_sum(int64_t len, Term term) {
 
 inline bool all_finite(const float* x, int64_t n) {
   uint32_t worst = 0;  // non-finite iff the exponent field is all ones
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256i exponent = _mm256_set1_epi32(0x7F800000);
+  __m256i any = _mm256_setzero_si256();
+  for (; i + 8 <= n; i += 8) {
+    const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), exponent);
+    any = _mm256_or_si256(any, _mm256_cmpeq_epi32(bits, exponent));
+  }
+  if (!_mm256_testz_si256(any, any)) return false;
+#endif
+  for (; i < n; ++i) {
     uint32_t bits;
     std::memcpy(&bits, x + i, 4);
     const uint32_t e = bits & 0x7F800000u;
@@ -195,6 +267,24 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
     // Pass 1: m = x + r, sign bits, lane sums of |m|.
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t p = 0;
+#if defined(__AVX2__)
+    {
+      // Lanes 0-3 accumulate in acc_lo and lanes 4-7 in acc_hi: the same per-lane order as below.
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+      for (; p + 8 <= len; p += 8) {
+        __m256 m = _mm256_loadu_ps(xb + p);
+        if (rb) m = _mm256_add_ps(m, _mm256_loadu_ps(rb + p));
+        pb[p / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
+        const __m256 a = _mm256_and_ps(m, abs_mask);
+        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+      }
+      _mm256_storeu_pd(acc, acc_lo);
+      _mm256_storeu_pd(acc + 4, acc_hi);
+    }
+#endif
     for (; p + 8 <= len; p += 8) {
       uint32_t byte = 0;
       for (int l = 0; l < 8; ++l) {
@@ -219,7 +309,17 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
     sp[b] = s;
     // Pass 2 (block still in cache): r = m - (±s), only for finite steps.
     if (update && std::isfinite(s)) {
-      for (int64_t q = 0; q < len; ++q) {
+      int64_t q = 0;
+#if defined(__AVX2__)
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+      for (; q + 8 <= len; q += 8) {
+        const __m256 m = _mm256_add_ps(_mm256_loadu_ps(xb + q), _mm256_loadu_ps(rb + q));
+        const __m256 d = _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(m, zero, _CMP_LT_OQ));
+        _mm256_storeu_ps(rb + q, _mm256_sub_ps(m, d));  // m - (-s) == m + s exactly
+      }
+#endif
+      for (; q < len; ++q) {
         const float m = xb[q] + rb[q];
         rb[q] = m < 0.0f ? m + s : m - s;
       }
@@ -237,7 +337,17 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
     const float s = sp[b];
     const uint8_t* pb = pp + start / 8;
     float* ob = o + start;
-    for (int64_t q = 0; q < len; ++q) ob[q] = ((pb[q >> 3] >> (q & 7)) & 1) ? -s : s;
+    int64_t q = 0;
+#if defined(__AVX2__)
+    const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    for (; q + 8 <= len; q += 8) {
+      const __m256i set = _mm256_and_si256(_mm256_set1_epi32(pb[q >> 3]), bit);
+      const __m256 is_neg = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit));
+      _mm256_storeu_ps(ob + q, _mm256_blendv_ps(pos, neg, is_neg));
+    }
+#endif
+    for (; q < len; ++q) ob[q] = ((pb[q >> 3] >> (q & 7)) & 1) ? -s : s;
   });
   return out;
 }
@@ -245,21 +355,60 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
 // ---------------------------------------------------------------------------------------------
 // Stochastic sign-magnitude codes (TernGrad, QSGD).
 
-inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
-  if (l2) {
-    const double sumsq = lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
-    return static_cast<float>(std::sqrt(sumsq));
+// Sum of squares in float64 in the lane order of lane_sum (lanes 0-3 and 4-7 in two vectors).
+inline double sum_squares(const float* xb, int64_t len) {
+#if defined(__AVX2__)
+  double acc[8];
+  __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+  int64_t p = 0;
+  for (; p + 8 <= len; p += 8) {
+    const __m256 v = _mm256_loadu_ps(xb + p);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    acc_lo = _mm256_add_pd(acc_lo, _mm256_mul_pd(lo, lo));
+    acc_hi = _mm256_add_pd(acc_hi, _mm256_mul_pd(hi, hi));
   }
+  _mm256_storeu_pd(acc, acc_lo);
+  _mm256_storeu_pd(acc + 4, acc_hi);
+  for (int l = 0; p + l < len; ++l) {
+    const double v = xb[p + l];
+    acc[l] += v * v;
+  }
+  double total = acc[0];
+  for (int l = 1; l < 8; ++l) total += acc[l];
+  return total;
+#else
+  return lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
+#endif
+}
+
+inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
+  if (l2) return static_cast<float>(std::sqrt(sum_squares(xb, len)));
   float mx = 0.0f;
   bool nan = false;
-  for (int64_t q = 0; q < len; ++q) {
+  int64_t q = 0;
+#if defined(__AVX2__)
+  {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 top = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
+    for (; q + 8 <= len; q += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xb + q), abs_mask);
+      top = _mm256_max_ps(top, a);
+      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top);
+    for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    nan = _mm256_movemask_ps(unordered) != 0;
+  }
+#endif
+  for (; q < len; ++q) {
     const float a = std::fabs(xb[q]);
     mx = a > mx ? a : mx;
     nan |= a != a;
   }
   if (nan) return std::numeric_limits<float>::quiet_NaN();
   if (clip > 0) {
-    const double sumsq = lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
+    const double sumsq = sum_squares(xb, len);
     const float threshold = static_cast<float>(clip * std::sqrt(sumsq / static_cast<double>(len)));
     if (mx > threshold) mx = threshold;
   }
@@ -286,15 +435,39 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
     sp[b] = s;
     const bool valid = std::isfinite(s) && s > 0.0f;
     uint8_t* pb = pp + (start / kGroup) * k;
+    float u[kUniformBatch];
+#if defined(__AVX2__)
+    const __m256 vs = _mm256_set1_ps(s), vlevels = _mm256_set1_ps(flevels), zero = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i izero = _mm256_setzero_si256();
+#endif
     for (int64_t p = 0; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
-      uint8_t fields[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      alignas(32) uint8_t fields[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       if (valid) {
-        float u[8];
-        rng.uniforms8(start + p, u);
+        if (p % kUniformBatch == 0) rng.uniforms<kUniformBatch / 32>(start + p, u);
+        const float* ug = u + p % kUniformBatch;
+#if defined(__AVX2__)
+        if (count == kGroup) {
+          const __m256 v = _mm256_loadu_ps(xb + p);
+          const __m256 y = _mm256_mul_ps(_mm256_div_ps(_mm256_and_ps(v, abs_mask), vs), vlevels);
+          const __m256 t = _mm256_floor_ps(_mm256_add_ps(y, _mm256_loadu_ps(ug)));
+          // t >= levels -> levels (also catches +inf); otherwise t is an exact small integer.
+          const __m256 capped = _mm256_blendv_ps(t, vlevels, _mm256_cmp_ps(t, vlevels, _CMP_GE_OQ));
+          const __m256i level = _mm256_cvttps_epi32(capped);
+          const __m256i negative = _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)),
+                                                    _mm256_cmpgt_epi32(level, izero));
+          const __m256i field = _mm256_or_si256(level, _mm256_and_si256(negative, _mm256_set1_epi32(1 << lbits)));
+          // 8 x int32 -> 8 x uint8 (values < 256): pack to 16 then 8 bits within lanes, then gather halves.
+          const __m128i f16 = _mm_packus_epi32(_mm256_castsi256_si128(field), _mm256_extracti128_si256(field, 1));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(fields), _mm_packus_epi16(f16, f16));
+          pack_group(fields, count, k, pb + (p / kGroup) * k);
+          continue;
+        }
+#endif
         for (int64_t l = 0; l < count; ++l) {
           const float v = xb[p + l];
-          const float t = std::floor((std::fabs(v) / s) * flevels + u[l]);
+          const float t = std::floor((std::fabs(v) / s) * flevels + ug[l]);
           const uint32_t level = t >= flevels ? static_cast<uint32_t>(levels) : static_cast<uint32_t>(t);
           const uint32_t neg = (v < 0.0f) && level > 0;
           fields[l] = static_cast<uint8_t>(level | (neg << lbits));
