@@ -1,1 +1,5 @@
-"""Adapters from gradq's compressors to communication engines (DDP, MPI, Horovod)."""
+"""Adapters from gradq's compressed allreduce to communication engines (DDP now; MPI, Horovod next)."""
+
+from comm_hooks.ddp import GradqState, HookStats, TorchTransport, gradq_hook, register
+
+__all__ = ["GradqState", "HookStats", "TorchTransport", "gradq_hook", "register"]

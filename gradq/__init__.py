@@ -5,6 +5,19 @@ format, and native CPU kernels for the hot compression steps with a bit-exact Py
 """
 
 from gradq._backend import native_available
+from gradq.allreduce import CompressedAllreduce, ReduceResult, Transport
+from gradq.compressors import (
+    BF16,
+    FP16,
+    QSGD,
+    Compressor,
+    NoCompression,
+    OneBit,
+    TernGrad,
+    available_compressors,
+    get_compressor,
+    register_compressor,
+)
 from gradq.kernels import (
     pack_bits,
     packed_nbytes,
@@ -16,6 +29,7 @@ from gradq.kernels import (
     signmag_decompress,
     unpack_bits,
 )
+from gradq.memory import ErrorFeedback
 from gradq.payload import FORMAT_VERSION, decode_payload, encode_payload, payload_nbytes
 from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
 from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, QuantScheme
@@ -23,7 +37,21 @@ from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, Q
 __version__ = "0.1.0"
 
 __all__ = [
+    "BF16",
+    "FP16",
     "FORMAT_VERSION",
+    "QSGD",
+    "CompressedAllreduce",
+    "Compressor",
+    "ErrorFeedback",
+    "NoCompression",
+    "OneBit",
+    "ReduceResult",
+    "TernGrad",
+    "Transport",
+    "available_compressors",
+    "get_compressor",
+    "register_compressor",
     "Granularity",
     "PerAxis",
     "PerBucket",

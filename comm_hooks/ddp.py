@@ -1,0 +1,253 @@
+"""gradq as a DDP communication hook: ``comm_hooks.register(ddp_model, "onebit")``.
+
+The hook returns the bucket's mean gradient. Until ``start_iter`` (and for buckets under ``min_numel``
+elements) it is a plain fp32 allreduce; after that the bucket goes through gradq's compressed allreduce.
+Both phases of a compressed bucket are issued inside the hook call itself, one after the other, so every
+rank issues its collectives in the same order whatever the timing (PyTorch's PowerSGD and quantization
+hooks issue them from future callbacks, and crash on Gloo with several buckets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import gradq
+from gradq.allreduce import MODES, CompressedAllreduce, Mode
+from gradq.compressors import Compressor, get_compressor
+
+
+class TorchTransport:
+    """gradq's :class:`~gradq.allreduce.Transport` over a torch.distributed process group."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Equal-split all-to-all of a flat uint8 tensor."""
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received
+
+    def all_gather(self, send: torch.Tensor) -> torch.Tensor:
+        """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
+        gathered = send.new_empty(self.world_size * send.numel())
+        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        return gathered
+
+
+@dataclass
+class HookStats:
+    """Traffic and time of the hook, per rank. "fp32 bytes" is what a ring allreduce of the same buckets
+    in fp32 would send: 2 (W-1) / W x 4 bytes per element."""
+
+    steps: int = 0
+    bytes_sent_last_step: int = 0
+    bytes_sent_total: int = 0
+    fp32_bytes_last_step: int = 0
+    fp32_bytes_total: int = 0
+    codec_seconds_last_step: float = 0.0
+    codec_seconds_total: float = 0.0
+    _bytes_step: int = 0
+    _fp32_step: int = 0
+    _codec_step: float = 0.0
+
+    @property
+    def compression_ratio(self) -> float:
+        """fp32 allreduce bytes / bytes sent, over the last finished step (0 before the first)."""
+        return self.fp32_bytes_last_step / self.bytes_sent_last_step if self.bytes_sent_last_step else 0.0
+
+    def add(self, bytes_sent: int, fp32_bytes: int, codec_seconds: float) -> None:
+        """Account one bucket."""
+        self._bytes_step += bytes_sent
+        self._fp32_step += fp32_bytes
+        self._codec_step += codec_seconds
+
+    def end_step(self) -> None:
+        """Close the current step's totals."""
+        self.steps += 1
+        self.bytes_sent_last_step, self.fp32_bytes_last_step = self._bytes_step, self._fp32_step
+        self.codec_seconds_last_step = self._codec_step
+        self.bytes_sent_total += self._bytes_step
+        self.fp32_bytes_total += self._fp32_step
+        self.codec_seconds_total += self._codec_step
+        self._bytes_step, self._fp32_step, self._codec_step = 0, 0, 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        """Public figures, including the compression ratio."""
+        figures = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        return {**figures, "compression_ratio": self.compression_ratio}
+
+
+class GradqState:
+    """State of a registered gradq hook: settings, step count, residuals and statistics.
+
+    Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` (residuals included, process group
+    excluded): a resumed run continues exactly as an uninterrupted one. Residuals are keyed by the names of
+    a bucket's parameters, in bucket order, rather than by bucket index: DDP numbers its buckets differently
+    before and after it rebuilds them, which a resumed process goes through again.
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        *,
+        mode: Mode,
+        start_iter: int,
+        min_numel: int,
+        error_feedback: bool,
+        seed: int,
+        process_group: dist.ProcessGroup | None,
+        parameter_names: dict[int, str],
+    ) -> None:
+        self.compressor = compressor
+        self.parameter_names = parameter_names
+        self.mode = mode
+        self.start_iter = start_iter
+        self.min_numel = min_numel
+        self.process_group = process_group
+        self.transport = TorchTransport(process_group)
+        self.iteration = 0
+        self.stats = HookStats()
+        self.allreduce = CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed)
+        self._agreed = False
+
+    def bucket_key(self, bucket: dist.GradBucket) -> tuple[str, ...]:
+        """The names of ``bucket``'s parameters in bucket order: its identity across steps and processes."""
+        return tuple(self.parameter_names[id(p)] for p in bucket.parameters())
+
+    def settings(self) -> dict[str, object]:
+        """Everything that must be identical on all ranks."""
+        return {
+            "gradq": gradq.__version__,
+            "format": gradq.FORMAT_VERSION,
+            "compressor": self.compressor.config(),
+            "mode": self.mode,
+            "start_iter": self.start_iter,
+            "min_numel": self.min_numel,
+            "error_feedback": self.allreduce.error_feedback,
+            "seed": self.allreduce.seed,
+        }
+
+    def check_agreement(self, device: torch.device) -> None:
+        """Collective: raise on every rank if the ranks' settings differ."""
+        text = json.dumps(self.settings(), sort_keys=True, default=str)
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
+        mine = torch.tensor([digest], dtype=torch.int64, device=device)
+        everyone = mine.new_empty(self.transport.world_size)
+        dist.all_gather_into_tensor(everyone, mine, group=self.process_group)
+        differing = [r for r, d in enumerate(everyone.tolist()) if d != everyone[0].item()]
+        if differing:
+            raise RuntimeError(
+                f"gradq hook settings differ across ranks (ranks {differing} disagree with rank 0); "
+                f"this rank has {text}. Register the hook with the same compressor, options and gradq "
+                "version on every rank."
+            )
+        self._agreed = True
+
+    def state_dict(self) -> dict[str, object]:
+        """Picklable state: settings, iteration, statistics and residuals (on the CPU)."""
+        return {
+            "settings": self.settings(),
+            "iteration": self.iteration,
+            "stats": asdict(self.stats),
+            "residuals": self.allreduce.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s output; the settings must match this hook's."""
+        if state["settings"] != self.settings():
+            raise ValueError(
+                f"checkpoint was made with gradq hook settings {state['settings']}, this hook has "
+                f"{self.settings()}; register the same compressor and options before loading"
+            )
+        self.iteration = int(state["iteration"])
+        self.stats = HookStats(**state["stats"])
+        device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
+        self.allreduce.load_state_dict(state["residuals"], device)
+
+
+def _completed(value: torch.Tensor) -> torch.futures.Future:
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(value)
+    return future
+
+
+def gradq_hook(state: GradqState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP communication hook: the mean of ``bucket``'s gradients over the process group."""
+    buffer = bucket.buffer()
+    if not state._agreed:
+        state.check_agreement(buffer.device)
+    world = state.transport.world_size
+    fp32_bytes = 2 * (world - 1) * 4 * buffer.numel() // world
+    if state.iteration < state.start_iter or buffer.numel() < state.min_numel:
+        dist.all_reduce(buffer, group=state.process_group)
+        state.stats.add(2 * (world - 1) * buffer.element_size() * buffer.numel() // world, fp32_bytes, 0.0)
+        result = _completed(buffer.div_(world))
+    else:
+        out = state.allreduce(buffer, state.transport, key=state.bucket_key(bucket), step=state.iteration)
+        state.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
+        result = _completed(out.mean)
+    if bucket.is_last():
+        state.iteration += 1
+        state.stats.end_step()
+    return result
+
+
+def register(
+    ddp_model: DistributedDataParallel,
+    compressor: str | Compressor = "onebit",
+    *,
+    mode: Mode = "two_phase",
+    start_iter: int = 2,
+    min_numel: int = 1024,
+    error_feedback: bool | None = None,
+    seed: int = 0,
+    process_group: dist.ProcessGroup | None = None,
+    **compressor_options: object,
+) -> GradqState:
+    """Register gradq's compressed allreduce as ``ddp_model``'s communication hook; returns its state.
+
+    ``compressor``: a registered name (``gradq.available_compressors()``) with ``compressor_options``, or an
+    instance. ``mode``: ``"two_phase"`` (traffic flat in world size) or ``"allgather"``. ``start_iter``
+    (>= 1: DDP rebuilds its buckets after iteration 0): plain fp32 allreduce before it. ``min_numel``:
+    smaller buckets go uncompressed. ``error_feedback``: default on for onebit (biased but contractive); off
+    for terngrad/qsgd, which are unbiased but not contractive, so a residual can grow without bound.
+    ``seed`` keys the stochastic compressors' random streams (per rank). Call before the first backward.
+    """
+    if not isinstance(ddp_model, DistributedDataParallel):
+        raise TypeError(
+            f"register needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}; "
+            "wrap the model with DistributedDataParallel first"
+        )
+    if getattr(ddp_model, "_gradq_state", None) is not None:
+        raise RuntimeError("a gradq hook is already registered on this model; DDP allows one comm hook per model")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 1:
+        raise ValueError(f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}")
+    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+        raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    comp = get_compressor(compressor, **compressor_options)
+    state = GradqState(
+        comp,
+        mode=mode,
+        start_iter=start_iter,
+        min_numel=min_numel,
+        error_feedback=comp.error_feedback_default if error_feedback is None else bool(error_feedback),
+        seed=seed,
+        process_group=process_group,
+        parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},
+    )
+    ddp_model.register_comm_hook(state, gradq_hook)
+    ddp_model._gradq_state = state
+    return state

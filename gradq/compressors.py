@@ -1,0 +1,250 @@
+"""Gradient compressors: a flat float tensor <-> a uint8 payload, registered by name.
+
+A payload holds nothing but the values' encoding (docs/format.md): for the code books, the fp32 scales of
+its blocks followed by the packed codes; for the float baselines, the raw little-endian values. Its size is
+the pure function ``payload_nbytes(numel)``. Compressors are stateless: error feedback lives in
+:class:`gradq.memory.ErrorFeedback`, randomness comes in through ``seed``/``offset``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from gradq import kernels
+from gradq._validate import FLOAT_DTYPES, check_block, check_int, check_tensor
+
+_REGISTRY: dict[str, type[Compressor]] = {}
+
+
+class Compressor(ABC):
+    """Turns a flat contiguous float tensor into a payload and back.
+
+    ``alignment``: split a tensor into chunks whose lengths are multiples of it, and each chunk compresses
+    on its own. ``error_feedback_default``: whether hooks add error feedback unless told otherwise (biased
+    compressors need it). ``fused_error_feedback`` is implemented by compressors with a fused kernel.
+    """
+
+    name: ClassVar[str]
+    alignment: ClassVar[int] = 1
+    error_feedback_default: ClassVar[bool] = False
+
+    @abstractmethod
+    def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        """Payload (1-D uint8, ``payload_nbytes(x.numel())`` bytes) of flat float ``x``; x is not mutated."""
+
+    @abstractmethod
+    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        """The fp32 values (numel,) that ``payload`` encodes."""
+
+    @abstractmethod
+    def payload_nbytes(self, numel: int) -> int:
+        """Exact payload size in bytes for ``numel`` values."""
+
+    def fused_error_feedback(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """Payload of x + residual, updating ``residual`` in one pass; None when there is no fused kernel."""
+        return None
+
+    def config(self) -> dict[str, object]:
+        """Name and options: equal configs give identical payloads (used to check ranks agree)."""
+        return {"name": self.name, **vars(self)}
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({options})"
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_tensor("x", x, dtypes=FLOAT_DTYPES, dim=1)
+
+    def _check_payload(self, payload: torch.Tensor, numel: int) -> None:
+        check_tensor("payload", payload, dtypes=(torch.uint8,), dim=1)
+        expected = self.payload_nbytes(numel)
+        if payload.numel() != expected:
+            raise ValueError(
+                f"payload has {payload.numel()} bytes but {self.name} needs {expected} for {numel} values; "
+                "were both sides built with the same compressor options?"
+            )
+
+
+def register_compressor(cls: type[Compressor]) -> type[Compressor]:
+    """Class decorator: make ``cls`` available to :func:`get_compressor` under ``cls.name``."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"a compressor named {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_compressors() -> list[str]:
+    """Registered compressor names."""
+    return sorted(_REGISTRY)
+
+
+def get_compressor(name: str | Compressor, **options: object) -> Compressor:
+    """The compressor registered as ``name``, built with ``options`` (an instance is returned as is)."""
+    if isinstance(name, Compressor):
+        if options:
+            raise ValueError("options are for compressor names; this is already an instance")
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown compressor {name!r}; registered: {', '.join(available_compressors())}")
+    try:
+        return _REGISTRY[name](**options)
+    except TypeError as exc:
+        raise TypeError(f"bad options for compressor {name!r}: {exc}") from None
+
+
+class _Cast(Compressor):
+    """Raw values in a floating dtype; payload = their little-endian bytes."""
+
+    dtype: ClassVar[torch.dtype]
+
+    def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        return self._check_input(x).to(self.dtype).contiguous().view(torch.uint8)
+
+    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        self._check_payload(payload, numel)
+        return payload.view(self.dtype).to(torch.float32)
+
+    def payload_nbytes(self, numel: int) -> int:
+        return check_int("numel", numel, lo=0) * self.dtype.itemsize
+
+
+@register_compressor
+class NoCompression(_Cast):
+    """fp32 values as they are: the exact baseline."""
+
+    name = "none"
+    dtype = torch.float32
+
+
+@register_compressor
+class FP16(_Cast):
+    """IEEE half precision (overflows to ±inf above 65504, like PyTorch's fp16 hook)."""
+
+    name = "fp16"
+    dtype = torch.float16
+
+
+@register_compressor
+class BF16(_Cast):
+    """bfloat16: fp32's range with 8 bits of mantissa."""
+
+    name = "bf16"
+    dtype = torch.bfloat16
+
+
+class _Blocked(Compressor):
+    """Payload = fp32 scale per block of ``block`` elements, then the packed codes."""
+
+    alignment = 8
+    bits: int
+
+    def __init__(self, block: int) -> None:
+        self.block = check_block(block)
+
+    def payload_nbytes(self, numel: int) -> int:
+        nblocks = -(-check_int("numel", numel, lo=0) // self.block)
+        return 4 * nblocks + kernels.packed_nbytes(numel, self.bits)
+
+    def _join(self, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return torch.cat((scales.view(torch.uint8), packed))
+
+    def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_payload(payload, numel)
+        nscale_bytes = 4 * -(-numel // self.block)
+        return payload[nscale_bytes:], payload[:nscale_bytes].clone().view(torch.float32)
+
+    def _as_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        return self._check_input(x).to(torch.float32)
+
+
+@register_compressor
+class OneBit(_Blocked):
+    """1-bit sign per value and one scale per block: mean |x|, the scale minimizing ||x - s sign(x)||2.
+
+    Biased, so hooks pair it with error feedback by default (Seide et al. 2014; Karimireddy et al. 2019).
+    """
+
+    name = "onebit"
+    bits = 1
+    error_feedback_default = True
+
+    def __init__(self, block: int = 65536) -> None:
+        super().__init__(block)
+
+    def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        return self._join(*kernels.sign_compress(self._as_fp32(x), None, block=self.block))
+
+    def fused_error_feedback(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self._join(*kernels.sign_compress(self._as_fp32(x), residual, block=self.block))
+
+    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        packed, scales = self._split(payload, numel)
+        return kernels.sign_decompress(packed, scales, block=self.block, numel=numel)
+
+
+class _SignMagnitude(_Blocked):
+    levels: int
+    rule: str
+    clip: float
+
+    def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
+        packed, scales = kernels.signmag_compress(
+            self._as_fp32(x),
+            levels=self.levels,
+            block=self.block,
+            rule=self.rule,
+            seed=seed,
+            offset=offset,
+            clip=self.clip,
+        )
+        return self._join(packed, scales)
+
+    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+        packed, scales = self._split(payload, numel)
+        return kernels.signmag_decompress(packed, scales, levels=self.levels, block=self.block, numel=numel)
+
+
+@register_compressor
+class TernGrad(_SignMagnitude):
+    """TernGrad (Wen et al. 2017): {-1, 0, +1} x max |x| per block, stochastic, unbiased; 2 bits per value.
+
+    ``clip=c > 0`` lowers the scale to c x RMS of the block (the paper uses 2.5): less variance, and the
+    values beyond it are clipped, which makes the estimate biased for them.
+    """
+
+    name = "terngrad"
+    bits = 2
+    levels = 1
+    rule = "absmax"
+
+    def __init__(self, block: int = 65536, clip: float = 0.0) -> None:
+        super().__init__(block)
+        if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < float("inf"):
+            raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")
+        self.clip = float(clip)
+
+
+@register_compressor
+class QSGD(_SignMagnitude):
+    """QSGD (Alistarh et al. 2017): ``levels`` levels of |x| / ||x||2 per block, stochastic, unbiased.
+
+    Packed at bit_length(levels) + 1 bits per value (4 bits for the default 4 levels).
+    """
+
+    name = "qsgd"
+    rule = "l2"
+    clip = 0.0
+
+    def __init__(self, levels: int = 4, block: int = 512) -> None:
+        self.bits = kernels.signmag_bits(levels)
+        self.levels = levels
+        super().__init__(block)
+
+    def config(self) -> dict[str, object]:
+        return {"name": self.name, "levels": self.levels, "block": self.block}
+
+    def __repr__(self) -> str:
+        return f"QSGD(levels={self.levels}, block={self.block})"

@@ -1,0 +1,57 @@
+"""Error feedback: a residual per tensor that carries compression error into the next step."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+from gradq.compressors import Compressor
+
+
+class ErrorFeedback:
+    """Residual memory, keyed (e.g. by bucket index); usable with any compressor.
+
+    ``compress(compressor, x, key)`` sends m = x + residual and keeps residual = m - decompress(payload)
+    (Seide et al. 2014), through the compressor's fused kernel when it has one. When x holds NaN/Inf (or
+    the new residual would: an overflow), the residual is left unchanged; it never absorbs non-finite
+    values, and the payload stays non-finite so the receiver sees the overflow.
+    """
+
+    def __init__(self) -> None:
+        self.residuals: dict[Hashable, torch.Tensor] = {}
+
+    def residual(self, key: Hashable, like: torch.Tensor) -> torch.Tensor:
+        """The fp32 residual for ``key``, created as zeros shaped like ``like`` on first use."""
+        r = self.residuals.get(key)
+        if r is None or r.shape != like.shape:
+            if r is not None:
+                raise ValueError(
+                    f"residual {key!r} has shape {tuple(r.shape)} but the tensor now has {tuple(like.shape)}; "
+                    "a key must always name a tensor of the same size"
+                )
+            r = self.residuals[key] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        return r
+
+    def compress(
+        self, compressor: Compressor, x: torch.Tensor, key: Hashable, *, seed: int = 0, offset: int = 0
+    ) -> torch.Tensor:
+        """Payload of x + residual[key]; updates residual[key] (see the class docstring)."""
+        residual = self.residual(key, x)
+        fused = compressor.fused_error_feedback(x, residual)
+        if fused is not None:
+            return fused
+        m = x.to(torch.float32) + residual
+        payload = compressor.compress(m, seed=seed, offset=offset)
+        updated = m - compressor.decompress(payload, m.numel())
+        if bool(torch.isfinite(updated).all()):  # NaN/Inf in x, an overflow in m or in the payload
+            residual.copy_(updated)
+        return payload
+
+    def state_dict(self) -> dict[Hashable, torch.Tensor]:
+        """Copies of the residuals (on the CPU), for checkpoints."""
+        return {k: v.detach().cpu().clone() for k, v in self.residuals.items()}
+
+    def load_state_dict(self, state: dict[Hashable, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        """Replace the residuals by those of ``state``."""
+        self.residuals = {k: v.to(device=device, dtype=torch.float32).clone() for k, v in state.items()}

@@ -1,0 +1,198 @@
+"""The gradq DDP communication hook on real multi-process DDP training (Gloo on loopback)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import comm_hooks
+import gradq
+from tests import distributed
+
+GRADQ = ["none", "fp16", "bf16", "onebit", "terngrad", "qsgd"]
+
+
+def digits(rank: int, world: int) -> tuple[torch.Tensor, ...]:
+    """scikit-learn's bundled digits: a fixed 1400/397 split, the training part sharded over ranks."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1400], order[1400:]
+    mine = train[rank::world]
+    return x[mine], y[mine], x[test], y[test]
+
+
+def mlp(seed: int, hidden: int = 64, extra: bool = False) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = [torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 10))
+    if extra:
+        model.unused = torch.nn.Linear(hidden, 10)  # never in the graph: needs find_unused_parameters
+    return model
+
+
+def train(rank, world, model, steps, *, state=None, start=0, optimizer=None, batch=32, lr=0.05):
+    x, y, x_test, y_test = digits(rank, world)
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for step in range(start, steps):
+        idx = torch.randint(0, len(y), (batch,), generator=torch.Generator().manual_seed(step * 1000 + rank))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    with torch.no_grad():
+        accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
+    return opt, accuracy
+
+
+def _convergence(rank, world, workdir):
+    accuracies, stats = {}, {}
+    for name in ["vanilla", *GRADQ]:
+        ddp = DDP(mlp(seed=1))
+        state = None if name == "vanilla" else comm_hooks.register(ddp, name)
+        _, accuracies[name] = train(rank, world, ddp, steps=300)
+        if state is not None:
+            stats[name] = state.stats.as_dict()
+    return accuracies, stats
+
+
+def test_four_rank_training_on_digits_converges_with_every_compressor():
+    results = distributed.run(_convergence, 4)
+    accuracies, stats = results[0]
+    assert all(r[0] == accuracies for r in results)  # every rank holds the same model
+    assert accuracies["vanilla"] > 0.9
+    for name in GRADQ:
+        assert accuracies[name] >= accuracies["vanilla"] - 0.02, (name, accuracies)
+    assert stats["onebit"]["compression_ratio"] > 25 and stats["qsgd"]["compression_ratio"] > 6
+    assert stats["none"]["compression_ratio"] == pytest.approx(1.0, rel=0.01)
+    assert stats["onebit"]["steps"] == 300 and stats["onebit"]["codec_seconds_total"] > 0
+
+
+def _checkpoint(rank, world, workdir, name, phase, total, stop):
+    ddp = DDP(mlp(seed=3))
+    state = comm_hooks.register(ddp, name, start_iter=1, seed=5)
+    if phase == "full":
+        train(rank, world, ddp, total)
+    elif phase == "first":
+        opt, _ = train(rank, world, ddp, stop)
+        torch.save(
+            {"model": ddp.state_dict(), "opt": opt.state_dict(), "hook": state.state_dict()},
+            workdir / f"ckpt{rank}.pt",
+        )
+    else:
+        ckpt = torch.load(workdir / f"ckpt{rank}.pt", weights_only=False)
+        ddp.load_state_dict(ckpt["model"])
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        opt.load_state_dict(ckpt["opt"])
+        state.load_state_dict(ckpt["hook"])
+        train(rank, world, ddp, total, start=stop, optimizer=opt)
+    return [p.detach().clone() for p in ddp.parameters()]
+
+
+@pytest.mark.parametrize("name", ["onebit", "qsgd"])
+def test_resuming_from_a_checkpoint_continues_exactly(name, tmp_path):
+    full = distributed.run(_checkpoint, 2, name, "full", 12, 5)
+    distributed.run(_checkpoint, 2, name, "first", 12, 5, workdir=tmp_path)
+    resumed = distributed.run(_checkpoint, 2, name, "resume", 12, 5, workdir=tmp_path)
+    for a, b in zip(full[0], resumed[0], strict=True):
+        assert torch.equal(a, b)
+
+
+def _many_buckets(rank, world, workdir, mode):
+    out = {}
+    for name in ("onebit", "qsgd", "none"):
+        ddp = DDP(mlp(seed=2, hidden=256, extra=True), bucket_cap_mb=0.05, find_unused_parameters=True)
+        state = comm_hooks.register(ddp, name, mode=mode, min_numel=0)
+        x, y, *_ = digits(rank, world)
+        losses = []
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        for step in range(25):
+            idx = torch.randint(0, len(y), (32,), generator=torch.Generator().manual_seed(step * 7 + rank))
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+        out[name] = (len(ddp.reducer._get_zeros_like_grad_buckets()), flat, losses, state.iteration)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["two_phase", "allgather"])
+def test_many_buckets_and_unused_parameters_on_gloo(mode):
+    results = distributed.run(_many_buckets, 3, mode)
+    for name, (buckets, flat, losses, iterations) in results[0].items():
+        assert buckets >= 5, f"expected many buckets, got {buckets}"
+        assert iterations == 25
+        for other in results[1:]:
+            assert torch.equal(other[name][1], flat), f"{name}: ranks diverged"
+        assert sum(losses[-5:]) < sum(losses[:5]), name
+
+
+def _mismatch(rank, world, workdir):
+    ddp = DDP(mlp(seed=0))
+    comm_hooks.register(ddp, "onebit" if rank == 0 else "terngrad")
+    x, y, *_ = digits(rank, world)
+    try:
+        torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward()
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_mismatched_compressors_across_ranks_fail_on_every_rank():
+    messages = distributed.run(_mismatch, 2)
+    for message in messages:
+        assert "gradq hook settings differ across ranks" in message, message
+
+
+def _bad_registration(rank, world, workdir):
+    ddp = DDP(mlp(seed=0))
+    errors = {}
+    for label, call in {
+        "unknown": lambda: comm_hooks.register(ddp, "topk"),
+        "mode": lambda: comm_hooks.register(ddp, mode="ring"),
+        "start_iter": lambda: comm_hooks.register(ddp, start_iter=0),
+        "not ddp": lambda: comm_hooks.register(mlp(seed=0)),
+    }.items():
+        try:
+            call()
+        except (TypeError, ValueError) as exc:
+            errors[label] = f"{type(exc).__name__}: {exc}"
+    comm_hooks.register(ddp, "qsgd")
+    try:
+        comm_hooks.register(ddp, "qsgd")
+    except RuntimeError as exc:
+        errors["twice"] = str(exc)
+    dist.barrier()
+    return errors
+
+
+def test_bad_registrations_raise_clear_errors():
+    errors = distributed.run(_bad_registration, 2)[0]
+    assert errors["unknown"].startswith("ValueError: unknown compressor 'topk'; registered:")
+    assert "mode must be one of" in errors["mode"]
+    assert "start_iter must be an int >= 1" in errors["start_iter"]
+    assert errors["not ddp"].startswith("TypeError: register needs a torch.nn.parallel.DistributedDataParallel")
+    assert "already registered" in errors["twice"]
+    assert gradq.get_compressor("onebit").error_feedback_default
+
+
+def _stats(rank, world, workdir):
+    ddp = DDP(mlp(seed=0, hidden=128))
+    state = comm_hooks.register(ddp, "onebit", start_iter=1)
+    train(rank, world, ddp, steps=3)
+    numel = sum(p.numel() for p in ddp.parameters())
+    return state.stats.as_dict(), numel
+
+
+def test_statistics_report_the_bytes_each_step_sent():
+    (stats, numel), _ = distributed.run(_stats, 2)
+    chunk = -(-numel // 16) * 8
+    assert stats["steps"] == 3
+    assert stats["bytes_sent_last_step"] == 2 * gradq.OneBit().payload_nbytes(chunk)
+    assert stats["fp32_bytes_last_step"] == 4 * numel
+    assert stats["bytes_sent_total"] == 4 * numel + 2 * stats["bytes_sent_last_step"]  # step 0 is plain fp32
+    assert stats["compression_ratio"] == pytest.approx(4 * numel / stats["bytes_sent_last_step"])
