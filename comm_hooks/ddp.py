@@ -7,8 +7,6 @@ rank issues its collectives in the same order whatever the timing (PyTorch's Pow
 hooks issue them from future callbacks, and crash on Gloo with several buckets).
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -20,6 +18,8 @@ from torch.nn.parallel import DistributedDataParallel
 import gradq
 from gradq.allreduce import MODES, CompressedAllreduce, Mode
 from gradq.compressors import Compressor, get_compressor
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class TorchTransport:
@@ -39,7 +39,7 @@ class TorchTransport:
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
         gathered = send.new_empty(self.world_size * send.numel())
-        dist.all_gather_into_tensor(gathered, send, group=self.group)
+        _all_gather_single(gathered, send, group=self.group)
         return gathered
 
 
@@ -49,12 +49,14 @@ class HookStats:
     in fp32 would send: 2 (W-1) / W x 4 bytes per element."""
 
     steps: int = 0
+    buckets_last_step: int = 0
     bytes_sent_last_step: int = 0
     bytes_sent_total: int = 0
     fp32_bytes_last_step: int = 0
     fp32_bytes_total: int = 0
     codec_seconds_last_step: float = 0.0
     codec_seconds_total: float = 0.0
+    _buckets_step: int = 0
     _bytes_step: int = 0
     _fp32_step: int = 0
     _codec_step: float = 0.0
@@ -66,6 +68,7 @@ class HookStats:
 
     def add(self, bytes_sent: int, fp32_bytes: int, codec_seconds: float) -> None:
         """Account one bucket."""
+        self._buckets_step += 1
         self._bytes_step += bytes_sent
         self._fp32_step += fp32_bytes
         self._codec_step += codec_seconds
@@ -73,6 +76,7 @@ class HookStats:
     def end_step(self) -> None:
         """Close the current step's totals."""
         self.steps += 1
+        self.buckets_last_step, self._buckets_step = self._buckets_step, 0
         self.bytes_sent_last_step, self.fp32_bytes_last_step = self._bytes_step, self._fp32_step
         self.codec_seconds_last_step = self._codec_step
         self.bytes_sent_total += self._bytes_step
@@ -91,8 +95,10 @@ class GradqState:
 
     Checkpoint it with :meth:`state_dict` / :meth:`load_state_dict` (residuals included, process group
     excluded): a resumed run continues exactly as an uninterrupted one. Residuals are keyed by the names of
-    a bucket's parameters, in bucket order, rather than by bucket index: DDP numbers its buckets differently
-    before and after it rebuilds them, which a resumed process goes through again.
+    a bucket's parameters rather than by bucket index: a new process runs its first iteration with DDP's
+    initial buckets (parameters in definition order) and only then rebuilds them (gradient-ready order).
+    A bucket whose parameters arrive in another order than the one its residuals were made in is
+    reordered into that layout, reduced, and put back, so residuals and random streams line up exactly.
     """
 
     def __init__(
@@ -106,9 +112,12 @@ class GradqState:
         seed: int,
         process_group: dist.ProcessGroup | None,
         parameter_names: dict[int, str],
+        parameter_numels: dict[str, int],
     ) -> None:
         self.compressor = compressor
         self.parameter_names = parameter_names
+        self.parameter_numels = parameter_numels
+        self.layouts: dict[frozenset[str], tuple[str, ...]] = {}
         self.mode = mode
         self.start_iter = start_iter
         self.min_numel = min_numel
@@ -122,6 +131,18 @@ class GradqState:
     def bucket_key(self, bucket: dist.GradBucket) -> tuple[str, ...]:
         """The names of ``bucket``'s parameters in bucket order: its identity across steps and processes."""
         return tuple(self.parameter_names[id(p)] for p in bucket.parameters())
+
+    def layout(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        """The order in which this set of parameters was first reduced (or checkpointed)."""
+        return self.layouts.setdefault(frozenset(key), key)
+
+    def reorder(self, flat: torch.Tensor, source: tuple[str, ...], target: tuple[str, ...]) -> torch.Tensor:
+        """``flat`` (parameters concatenated in ``source`` order) with its parameters in ``target`` order."""
+        pieces, offset = {}, 0
+        for name in source:
+            pieces[name] = flat[offset : offset + self.parameter_numels[name]]
+            offset += self.parameter_numels[name]
+        return torch.cat([pieces[name] for name in target])
 
     def settings(self) -> dict[str, object]:
         """Everything that must be identical on all ranks."""
@@ -142,7 +163,7 @@ class GradqState:
         digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
         mine = torch.tensor([digest], dtype=torch.int64, device=device)
         everyone = mine.new_empty(self.transport.world_size)
-        dist.all_gather_into_tensor(everyone, mine, group=self.process_group)
+        _all_gather_single(everyone, mine, group=self.process_group)
         differing = [r for r, d in enumerate(everyone.tolist()) if d != everyone[0].item()]
         if differing:
             raise RuntimeError(
@@ -153,10 +174,11 @@ class GradqState:
         self._agreed = True
 
     def state_dict(self) -> dict[str, object]:
-        """Picklable state: settings, iteration, statistics and residuals (on the CPU)."""
+        """Picklable state: settings, iteration, bucket layouts, statistics and residuals (on the CPU)."""
         return {
             "settings": self.settings(),
             "iteration": self.iteration,
+            "layouts": sorted(self.layouts.values()),
             "stats": asdict(self.stats),
             "residuals": self.allreduce.state_dict(),
         }
@@ -170,17 +192,18 @@ class GradqState:
             )
         self.iteration = int(state["iteration"])
         self.stats = HookStats(**state["stats"])
+        self.layouts = {frozenset(key): tuple(key) for key in state["layouts"]}
         device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
         self.allreduce.load_state_dict(state["residuals"], device)
 
 
-def _completed(value: torch.Tensor) -> torch.futures.Future:
-    future: torch.futures.Future = torch.futures.Future()
+def _completed(value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     future.set_result(value)
     return future
 
 
-def gradq_hook(state: GradqState, bucket: dist.GradBucket) -> torch.futures.Future:
+def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the mean of ``bucket``'s gradients over the process group."""
     buffer = bucket.buffer()
     if not state._agreed:
@@ -192,9 +215,12 @@ def gradq_hook(state: GradqState, bucket: dist.GradBucket) -> torch.futures.Futu
         state.stats.add(2 * (world - 1) * buffer.element_size() * buffer.numel() // world, fp32_bytes, 0.0)
         result = _completed(buffer.div_(world))
     else:
-        out = state.allreduce(buffer, state.transport, key=state.bucket_key(bucket), step=state.iteration)
+        key = state.bucket_key(bucket)
+        canonical = state.layout(key)
+        flat = buffer if canonical == key else state.reorder(buffer, key, canonical)
+        out = state.allreduce(flat, state.transport, key=canonical, step=state.iteration)
         state.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
-        result = _completed(out.mean)
+        result = _completed(out.mean if canonical == key else state.reorder(out.mean, canonical, key))
     if bucket.is_last():
         state.iteration += 1
         state.stats.end_step()
@@ -247,6 +273,7 @@ def register(
         seed=seed,
         process_group=process_group,
         parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},
+        parameter_numels={name: p.numel() for name, p in ddp_model.module.named_parameters()},
     )
     ddp_model.register_comm_hook(state, gradq_hook)
     ddp_model._gradq_state = state

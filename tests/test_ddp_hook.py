@@ -25,18 +25,34 @@ def digits(rank: int, world: int) -> tuple[torch.Tensor, ...]:
     return x[mine], y[mine], x[test], y[test]
 
 
+class WithUnusedHead(torch.nn.Module):
+    """A model with a parameter that never gets a gradient: DDP needs find_unused_parameters=True."""
+
+    def __init__(self, body: torch.nn.Module, hidden: int) -> None:
+        super().__init__()
+        self.body = body
+        self.unused = torch.nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
 def mlp(seed: int, hidden: int = 64, extra: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     layers = [torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU()]
     model = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, 10))
-    if extra:
-        model.unused = torch.nn.Linear(hidden, 10)  # never in the graph: needs find_unused_parameters
-    return model
+    return WithUnusedHead(model, hidden) if extra else model
 
 
-def train(rank, world, model, steps, *, state=None, start=0, optimizer=None, batch=32, lr=0.05):
+def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Effective learning rate lr / (1 - momentum) = 0.2: vanilla reaches ~95% here. Above ~0.4 (e.g.
+    momentum 0.9 with lr >= 0.05) 1-bit error feedback becomes unstable on this task (benchmarks/RESULTS.md)."""
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+
+
+def train(rank, world, model, steps, *, start=0, optimizer=None, batch=32):
     x, y, x_test, y_test = digits(rank, world)
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = optimizer or sgd(model)
     for step in range(start, steps):
         idx = torch.randint(0, len(y), (batch,), generator=torch.Generator().manual_seed(step * 1000 + rank))
         opt.zero_grad()
@@ -84,7 +100,7 @@ def _checkpoint(rank, world, workdir, name, phase, total, stop):
     else:
         ckpt = torch.load(workdir / f"ckpt{rank}.pt", weights_only=False)
         ddp.load_state_dict(ckpt["model"])
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        opt = sgd(ddp)
         opt.load_state_dict(ckpt["opt"])
         state.load_state_dict(ckpt["hook"])
         train(rank, world, ddp, total, start=stop, optimizer=opt)
@@ -103,11 +119,11 @@ def test_resuming_from_a_checkpoint_continues_exactly(name, tmp_path):
 def _many_buckets(rank, world, workdir, mode):
     out = {}
     for name in ("onebit", "qsgd", "none"):
-        ddp = DDP(mlp(seed=2, hidden=256, extra=True), bucket_cap_mb=0.05, find_unused_parameters=True)
+        ddp = DDP(mlp(seed=2, hidden=256, extra=True), bucket_cap_mb=0.01, find_unused_parameters=True)
         state = comm_hooks.register(ddp, name, mode=mode, min_numel=0)
         x, y, *_ = digits(rank, world)
         losses = []
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        opt = sgd(ddp)
         for step in range(25):
             idx = torch.randint(0, len(y), (32,), generator=torch.Generator().manual_seed(step * 7 + rank))
             opt.zero_grad()
@@ -116,7 +132,7 @@ def _many_buckets(rank, world, workdir, mode):
             opt.step()
             losses.append(float(loss))
         flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
-        out[name] = (len(ddp.reducer._get_zeros_like_grad_buckets()), flat, losses, state.iteration)
+        out[name] = (state.stats.buckets_last_step, flat, losses, state.iteration)
     return out
 
 
@@ -124,7 +140,7 @@ def _many_buckets(rank, world, workdir, mode):
 def test_many_buckets_and_unused_parameters_on_gloo(mode):
     results = distributed.run(_many_buckets, 3, mode)
     for name, (buckets, flat, losses, iterations) in results[0].items():
-        assert buckets >= 5, f"expected many buckets, got {buckets}"
+        assert buckets >= 4, f"expected many buckets, got {buckets}"
         assert iterations == 25
         for other in results[1:]:
             assert torch.equal(other[name][1], flat), f"{name}: ranks diverged"
