@@ -161,7 +161,7 @@ def sign_decompress_kernel() -> Kernel:
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         packed, scales = _C.sign_compress(x, None, SIGN_BLOCK)
-        return lambda mod: partial(mod.sign_decompress, packed, scales, SIGN_BLOCK, x.numel())
+        return lambda mod: partial(mod.sign_decompress, packed, scales, SIGN_BLOCK, x.numel(), None, False)
 
     return Kernel(
         "sign_decompress", {"block": SIGN_BLOCK}, "read packed + write n*4", lambda n: packed_len(n, 1) + n * 4, setup
@@ -193,7 +193,7 @@ def signmag_decompress_kernel(codec: Codec) -> Kernel:
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         packed, scales = _C.signmag_compress(x, *signmag_args(codec))
-        args = packed, scales, codec.levels, codec.block, x.numel()
+        args = packed, scales, codec.levels, codec.block, x.numel(), None, False
         return lambda mod: partial(mod.signmag_decompress, *args)
 
     return Kernel(

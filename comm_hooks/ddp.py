@@ -217,10 +217,15 @@ def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Fu
     else:
         key = state.bucket_key(bucket)
         canonical = state.layout(key)
-        flat = buffer if canonical == key else state.reorder(buffer, key, canonical)
-        out = state.allreduce(flat, state.transport, key=canonical, step=state.iteration)
+        if canonical == key:  # the mean overwrites the bucket in place
+            out = state.allreduce(buffer, state.transport, key=key, step=state.iteration, out=buffer)
+            mean = out.mean
+        else:
+            flat = state.reorder(buffer, key, canonical)
+            out = state.allreduce(flat, state.transport, key=canonical, step=state.iteration, out=flat)
+            mean = state.reorder(out.mean, canonical, key)
         state.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
-        result = _completed(out.mean if canonical == key else state.reorder(out.mean, canonical, key))
+        result = _completed(mean)
     if bucket.is_last():
         state.iteration += 1
         state.stats.end_step()

@@ -328,8 +328,14 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
   return {packed, scales};
 }
 
-torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t block, int64_t n) {
-  auto out = torch::empty({n}, scales.options());
+// The output of a decompress kernel: `out` when given (then written or, with accumulate, added to).
+torch::Tensor output_for(const c10::optional<torch::Tensor>& out, int64_t n, const torch::Tensor& like) {
+  return out.has_value() ? *out : torch::empty({n}, like.options());
+}
+
+torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t block, int64_t n,
+                              const c10::optional<torch::Tensor>& out_opt, bool accumulate) {
+  auto out = output_for(out_opt, n, scales);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -343,11 +349,14 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
     for (; q + 8 <= len; q += 8) {
       const __m256i set = _mm256_and_si256(_mm256_set1_epi32(pb[q >> 3]), bit);
-      const __m256 is_neg = _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit));
-      _mm256_storeu_ps(ob + q, _mm256_blendv_ps(pos, neg, is_neg));
+      const __m256 v = _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
+      _mm256_storeu_ps(ob + q, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ob + q), v) : v);
     }
 #endif
-    for (; q < len; ++q) ob[q] = ((pb[q >> 3] >> (q & 7)) & 1) ? -s : s;
+    for (; q < len; ++q) {
+      const float v = ((pb[q >> 3] >> (q & 7)) & 1) ? -s : s;
+      ob[q] = accumulate ? ob[q] + v : v;
+    }
   });
   return out;
 }
@@ -480,11 +489,12 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
 }
 
 torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t levels,
-                                 int64_t block, int64_t n) {
+                                 int64_t block, int64_t n, const c10::optional<torch::Tensor>& out_opt,
+                                 bool accumulate) {
   const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
   const int k = lbits + 1;
   const uint32_t lmask = (1u << lbits) - 1;
-  auto out = torch::empty({n}, scales.options());
+  auto out = output_for(out_opt, n, scales);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -498,8 +508,9 @@ torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tenso
       uint8_t fields[8];
       unpack_group(pb + (p / kGroup) * k, count, k, fields);
       for (int64_t l = 0; l < count; ++l) {
-        const float v = static_cast<float>(fields[l] & lmask) * step;
-        ob[p + l] = (fields[l] >> lbits) ? -v : v;
+        const float magnitude = static_cast<float>(fields[l] & lmask) * step;
+        const float v = (fields[l] >> lbits) ? -magnitude : magnitude;
+        ob[p + l] = accumulate ? ob[p + l] + v : v;
       }
     }
   });

@@ -135,11 +135,20 @@ def sign_compress(
     return pack_bits(neg.to(torch.uint8), 1), scales
 
 
-def sign_decompress(packed: torch.Tensor, scales: torch.Tensor, block: int, n: int) -> torch.Tensor:
+def _emit(values: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    """``values`` as the result, or written into (added to, with ``accumulate``) ``out``."""
+    if out is None:
+        return values
+    return out.add_(values) if accumulate else out.copy_(values)
+
+
+def sign_decompress(
+    packed: torch.Tensor, scales: torch.Tensor, block: int, n: int, out: torch.Tensor | None, accumulate: bool
+) -> torch.Tensor:
     """fp32 values of a sign code: bit 1 -> -scale, bit 0 -> +scale."""
     neg = unpack_bits(packed, 1, n).bool()
     s = _per_element(scales, n, block)
-    return torch.where(neg, -s, s)
+    return _emit(torch.where(neg, -s, s), out, accumulate)
 
 
 def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.Tensor:
@@ -183,11 +192,17 @@ def signmag_compress(
 
 
 def signmag_decompress(
-    packed: torch.Tensor, scales: torch.Tensor, levels: int, block: int, n: int
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    levels: int,
+    block: int,
+    n: int,
+    out: torch.Tensor | None,
+    accumulate: bool,
 ) -> torch.Tensor:
     """fp32 values of a sign-magnitude code: ±level * (scale / levels), in fp32."""
     lbits = levels.bit_length()
     fields = unpack_bits(packed, lbits + 1, n)
     step = _per_element(scales / float(levels), n, block)
     v = (fields & ((1 << lbits) - 1)).to(torch.float32) * step
-    return torch.where((fields >> lbits).bool(), -v, v)
+    return _emit(torch.where((fields >> lbits).bool(), -v, v), out, accumulate)

@@ -67,6 +67,12 @@ def stream_offset(step: int, key: Hashable, chunk: int, phase: int) -> int:
     return (((step << 20 | stream_id(key)) << 10 | chunk) << 1 | phase) & _MASK64
 
 
+def _zero_padded(x: torch.Tensor, length: int) -> torch.Tensor:
+    padded = torch.zeros(length, dtype=torch.float32, device=x.device)
+    padded[: x.numel()] = x
+    return padded
+
+
 class CompressedAllreduce:
     """The mean of a flat tensor over ranks, sent compressed; holds the error-feedback memories.
 
@@ -84,70 +90,95 @@ class CompressedAllreduce:
         self.worker_memory = ErrorFeedback()
         self.server_memory = ErrorFeedback()
 
-    def __call__(self, x: torch.Tensor, transport: Transport, *, key: Hashable, step: int) -> ReduceResult:
-        """Mean of the 1-D tensor ``x`` over all ranks of ``transport``; ``x`` is not modified."""
-        if x.dim() != 1:
-            raise ValueError(f"x must be 1-D, got shape {tuple(x.shape)}")
+    def __call__(
+        self,
+        x: torch.Tensor,
+        transport: Transport,
+        *,
+        key: Hashable,
+        step: int,
+        out: torch.Tensor | None = None,
+    ) -> ReduceResult:
+        """Mean of the 1-D contiguous tensor ``x`` over all ranks of ``transport``.
+
+        The mean is written into ``out`` when given (same shape and dtype as x; it may be x itself, which
+        is read completely before it is written), else into a new tensor.
+        """
+        if x.dim() != 1 or not x.is_contiguous():
+            raise ValueError(f"x must be 1-D and contiguous, got shape {tuple(x.shape)}")
+        if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
+            raise ValueError("out must match x in shape, dtype and device")
         if x.numel() == 0:
-            return ReduceResult(x.clone(), 0, 0.0)
-        if self.mode == "two_phase":
-            return self._two_phase(x, transport, key, step)
-        return self._allgather(x, transport, key, step)
+            return ReduceResult(x.clone() if out is None else out, 0, 0.0)
+        src = x if x.dtype == torch.float32 else x.to(torch.float32)
+        reduce = self._two_phase if self.mode == "two_phase" else self._allgather
+        mean, sent, codec = reduce(src, transport, key, step, out if out is not None and src is x else None)
+        if out is not None and mean is not out:
+            out.copy_(mean)
+            mean = out
+        return ReduceResult(mean if mean.dtype == x.dtype else mean.to(x.dtype), sent, codec)
 
     def _compress(self, memory: ErrorFeedback, x: torch.Tensor, key: Hashable, seed: int, offset: int) -> torch.Tensor:
         if self.error_feedback:
             return memory.compress(self.compressor, x, key, seed=seed, offset=offset)
         return self.compressor.compress(x, seed=seed, offset=offset)
 
-    def _mean_of_payloads(self, payloads: torch.Tensor, world_size: int, numel: int) -> torch.Tensor:
-        parts = payloads.view(world_size, -1)
-        total = self.compressor.decompress(parts[0], numel)
+    def _mean_of_payloads(self, payloads: torch.Tensor, world: int, numel: int, out: torch.Tensor) -> torch.Tensor:
+        """Decode the W payloads into ``out``, summed in rank order, then divided by W."""
+        parts = payloads.view(world, -1)
+        self.compressor.decompress(parts[0], numel, out=out)
         for part in parts[1:]:
-            total += self.compressor.decompress(part, numel)
-        return total.div_(world_size)
+            self.compressor.decompress(part, numel, out=out, accumulate=True)
+        return out.div_(world)
 
-    def _two_phase(self, x: torch.Tensor, transport: Transport, key: Hashable, step: int) -> ReduceResult:
-        world, rank = transport.world_size, transport.rank
+    def _two_phase(
+        self, x: torch.Tensor, transport: Transport, key: Hashable, step: int, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, float]:
+        world, rank, n = transport.world_size, transport.rank, x.numel()
         align = self.compressor.alignment
-        chunk = -(-x.numel() // (world * align)) * align
-        padded = torch.zeros(world * chunk, dtype=torch.float32, device=x.device)
-        padded[: x.numel()] = x
+        chunk = -(-n // (world * align)) * align
+        bounds = [(c * chunk, min((c + 1) * chunk, n)) for c in range(world)]
         seed = rank_seed(self.seed, rank)
 
         start = time.perf_counter()
-        send = torch.cat(
-            [
-                self._compress(self.worker_memory, piece, (key, c), seed, stream_offset(step, key, c, 0))
-                for c, piece in enumerate(padded.split(chunk))
-            ]
-        )
+        payloads = []
+        for c, (lo, hi) in enumerate(bounds):
+            piece = x[lo:hi] if hi - lo == chunk else _zero_padded(x[lo : max(lo, hi)], chunk)
+            payloads.append(self._compress(self.worker_memory, piece, (key, c), seed, stream_offset(step, key, c, 0)))
+        send = torch.cat(payloads)
         codec = time.perf_counter() - start
         received = transport.all_to_all(send)
 
         start = time.perf_counter()
-        mine = self._mean_of_payloads(received, world, chunk)
+        mine = self._mean_of_payloads(received, world, chunk, torch.empty(chunk, device=x.device))
         reply = self._compress(self.server_memory, mine, key, seed, stream_offset(step, key, rank, 1))
         codec += time.perf_counter() - start
-        gathered = transport.all_gather(reply)
+        gathered = transport.all_gather(reply).view(world, -1)
 
         start = time.perf_counter()
-        parts = gathered.view(world, -1)
-        mean = torch.cat([self.compressor.decompress(p, chunk) for p in parts])[: x.numel()]
+        result = out if out is not None else torch.empty(n, device=x.device)
+        for part, (lo, hi) in zip(gathered, bounds, strict=True):
+            if hi - lo == chunk:
+                self.compressor.decompress(part, chunk, out=result[lo:hi])
+            elif hi > lo:
+                result[lo:hi] = self.compressor.decompress(part, chunk)[: hi - lo]
         codec += time.perf_counter() - start
-        sent = (world - 1) * (send.numel() // world) + (world - 1) * reply.numel()
-        return ReduceResult(mean.to(x.dtype), sent, codec)
+        return result, 2 * (world - 1) * reply.numel(), codec
 
-    def _allgather(self, x: torch.Tensor, transport: Transport, key: Hashable, step: int) -> ReduceResult:
+    def _allgather(
+        self, x: torch.Tensor, transport: Transport, key: Hashable, step: int, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, float]:
         world = transport.world_size
         start = time.perf_counter()
         seed = rank_seed(self.seed, transport.rank)
-        payload = self._compress(self.worker_memory, x.to(torch.float32), key, seed, stream_offset(step, key, 0, 0))
+        payload = self._compress(self.worker_memory, x, key, seed, stream_offset(step, key, 0, 0))
         codec = time.perf_counter() - start
         gathered = transport.all_gather(payload)
         start = time.perf_counter()
-        mean = self._mean_of_payloads(gathered, world, x.numel())
+        result = out if out is not None else torch.empty(x.numel(), device=x.device)
+        self._mean_of_payloads(gathered, world, x.numel(), result)
         codec += time.perf_counter() - start
-        return ReduceResult(mean.to(x.dtype), (world - 1) * payload.numel(), codec)
+        return result, (world - 1) * payload.numel(), codec
 
     def state_dict(self) -> dict[str, object]:
         """Residuals of both memories (CPU copies)."""

@@ -36,8 +36,14 @@ class Compressor(ABC):
         """Payload (1-D uint8, ``payload_nbytes(x.numel())`` bytes) of flat float ``x``; x is not mutated."""
 
     @abstractmethod
-    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
-        """The fp32 values (numel,) that ``payload`` encodes."""
+    def decompress(
+        self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
+        """The fp32 values (numel,) that ``payload`` encodes.
+
+        With ``out`` (1-D contiguous fp32, numel values) they are written there, or added to it when
+        ``accumulate`` (out += values, in fp32), and ``out`` is returned.
+        """
 
     @abstractmethod
     def payload_nbytes(self, numel: int) -> int:
@@ -103,9 +109,14 @@ class _Cast(Compressor):
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
         return self._check_input(x).to(self.dtype).contiguous().view(torch.uint8)
 
-    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+    def decompress(
+        self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
         self._check_payload(payload, numel)
-        return payload.view(self.dtype).to(torch.float32)
+        values = payload.view(self.dtype)
+        if out is None:
+            return values.to(torch.float32)
+        return out.add_(values) if accumulate else out.copy_(values)
 
     def payload_nbytes(self, numel: int) -> int:
         return check_int("numel", numel, lo=0) * self.dtype.itemsize
@@ -180,9 +191,11 @@ class OneBit(_Blocked):
     def fused_error_feedback(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self._join(*kernels.sign_compress(self._as_fp32(x), residual, block=self.block))
 
-    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+    def decompress(
+        self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
         packed, scales = self._split(payload, numel)
-        return kernels.sign_decompress(packed, scales, block=self.block, numel=numel)
+        return kernels.sign_decompress(packed, scales, block=self.block, numel=numel, out=out, accumulate=accumulate)
 
 
 class _SignMagnitude(_Blocked):
@@ -202,9 +215,13 @@ class _SignMagnitude(_Blocked):
         )
         return self._join(packed, scales)
 
-    def decompress(self, payload: torch.Tensor, numel: int) -> torch.Tensor:
+    def decompress(
+        self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
+    ) -> torch.Tensor:
         packed, scales = self._split(payload, numel)
-        return kernels.signmag_decompress(packed, scales, levels=self.levels, block=self.block, numel=numel)
+        return kernels.signmag_decompress(
+            packed, scales, levels=self.levels, block=self.block, numel=numel, out=out, accumulate=accumulate
+        )
 
 
 @register_compressor

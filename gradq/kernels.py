@@ -71,6 +71,14 @@ def philox_uniform(numel: int, seed: int, offset: int = 0, device: torch.device 
     return kernels.philox_uniform(numel, seed, offset)
 
 
+def _check_out(out: torch.Tensor | None, numel: int, like: torch.Tensor) -> None:
+    if out is None:
+        return
+    check_tensor("out", out, dtypes=(torch.float32,), dim=1)
+    if out.numel() != numel or out.device != like.device:
+        raise ValueError(f"out must hold {numel} fp32 values on {like.device}, got {out.numel()} on {out.device}")
+
+
 def _check_scales(scales: torch.Tensor, numel: int, block: int, like: torch.Tensor) -> None:
     check_tensor("scales", scales, dtypes=(torch.float32,), dim=1)
     nblocks = (numel + block - 1) // block
@@ -102,14 +110,27 @@ def sign_compress(
     return kernels_for(x).sign_compress(x, residual, block)
 
 
-def sign_decompress(packed: torch.Tensor, scales: torch.Tensor, *, block: int, numel: int) -> torch.Tensor:
-    """fp32 values (numel,) of a sign code: bit 1 -> -scale, bit 0 -> +scale of its block."""
+def sign_decompress(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    block: int,
+    numel: int,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+) -> torch.Tensor:
+    """fp32 values (numel,) of a sign code: bit 1 -> -scale, bit 0 -> +scale of its block.
+
+    With ``out`` (1-D contiguous fp32 of numel values) the values are written there, or added to it
+    with ``accumulate=True`` (out[i] += value, in fp32), and ``out`` is returned.
+    """
     check_block(block)
     check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
     if packed.numel() != packed_nbytes(numel, 1):
         raise ValueError(f"packed has {packed.numel()} bytes but {numel} signs need {packed_nbytes(numel, 1)}")
     _check_scales(scales, numel, block, packed)
-    return kernels_for(packed).sign_decompress(packed, scales, block, numel)
+    _check_out(out, numel, packed)
+    return kernels_for(packed).sign_decompress(packed, scales, block, numel, out, bool(accumulate))
 
 
 def signmag_bits(levels: int) -> int:
@@ -150,9 +171,19 @@ def signmag_compress(
 
 
 def signmag_decompress(
-    packed: torch.Tensor, scales: torch.Tensor, *, levels: int, block: int, numel: int
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    levels: int,
+    block: int,
+    numel: int,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
 ) -> torch.Tensor:
-    """fp32 values (numel,) of a sign-magnitude code: ±level * (scale / levels), computed in fp32."""
+    """fp32 values (numel,) of a sign-magnitude code: ±level * (scale / levels), computed in fp32.
+
+    ``out`` and ``accumulate`` as in :func:`sign_decompress`.
+    """
     bits = signmag_bits(levels)
     check_block(block)
     check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
@@ -161,4 +192,5 @@ def signmag_decompress(
             f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need {packed_nbytes(numel, bits)}"
         )
     _check_scales(scales, numel, block, packed)
-    return kernels_for(packed).signmag_decompress(packed, scales, levels, block, numel)
+    _check_out(out, numel, packed)
+    return kernels_for(packed).signmag_decompress(packed, scales, levels, block, numel, out, bool(accumulate))

@@ -74,7 +74,8 @@ def test_sign_compress_with_error_feedback(native, n, block, nonfinite):
     assert_same_bits(scales, ref_scales)
     assert_same_bits(r_native, r_ref)
     assert_same_bits(
-        native.sign_decompress(packed, scales, block, n), _reference.sign_decompress(packed, scales, block, n)
+        native.sign_decompress(packed, scales, block, n, None, False),
+        _reference.sign_decompress(packed, scales, block, n, None, False),
     )
 
 
@@ -113,9 +114,28 @@ def test_signmag_compress_and_decompress(native, n, levels, block, l2, clip, non
     assert_same_bits(packed, ref_packed)
     assert_same_bits(scales, ref_scales)
     assert_same_bits(
-        native.signmag_decompress(packed, scales, levels, block, n),
-        _reference.signmag_decompress(packed, scales, levels, block, n),
+        native.signmag_decompress(packed, scales, levels, block, n, None, False),
+        _reference.signmag_decompress(packed, scales, levels, block, n, None, False),
     )
+
+
+@pytest.mark.parametrize("n", [1, 63, 4097])
+def test_decompress_into_and_accumulating_into_an_output(native, n):
+    x = sample(n, n, nonfinite=False)
+    base = sample(n, n + 1, nonfinite=False)
+    sign = native.sign_compress(x, None, 64)
+    signmag = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4)
+    for accumulate in (False, True):
+        for kernel, args in (("sign_decompress", (*sign, 64, n)), ("signmag_decompress", (*signmag, 4, 64, n))):
+            outs = [base.clone(), base.clone()]
+            results = [
+                getattr(mod, kernel)(*args, out, accumulate)
+                for mod, out in zip((native, _reference), outs, strict=True)
+            ]
+            assert all(r.data_ptr() == o.data_ptr() for r, o in zip(results, outs, strict=True))
+            assert_same_bits(outs[0], outs[1])
+            fresh = getattr(_reference, kernel)(*args, None, False)
+            assert_same_bits(outs[0], base + fresh if accumulate else fresh)
 
 
 def test_results_do_not_depend_on_thread_count(native):
