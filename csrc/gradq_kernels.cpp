@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -361,6 +362,122 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
   return out;
 }
 
+// The mean over W ranks of sign codes (one per row of `packed`/`scales`, same blocking), re-encoded
+// as a sign code with error feedback: sign_compress(mean, residual, block) where
+// mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32 and d_r is row r decoded. The mean is recomputed
+// from the packed rows instead of being stored, so the pass over the output chunk happens once.
+struct SignRows {
+  const uint8_t* packed;
+  const float* scales;
+  int64_t row_bytes, row_scales, rows;
+
+  inline float mean(int64_t b, int64_t i) const {
+    float v = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float s = scales[r * row_scales + b];
+      const float d = ((packed[r * row_bytes + (i >> 3)] >> (i & 7)) & 1) ? -s : s;
+      v = r ? v + d : d;
+    }
+    return v / static_cast<float>(rows);
+  }
+
+#if defined(__AVX2__)
+  // The means of the 8 elements i .. i+7 (i a multiple of 8, all in block b): same operations as mean().
+  inline __m256 mean8(int64_t b, int64_t i) const {
+    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 v = _mm256_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m256 s = _mm256_set1_ps(scales[r * row_scales + b]);
+      const __m256i set = _mm256_and_si256(_mm256_set1_epi32(packed[r * row_bytes + (i >> 3)]), bit);
+      const __m256 d = _mm256_blendv_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), s),
+                                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
+      v = r ? _mm256_add_ps(v, d) : d;
+    }
+    return _mm256_div_ps(v, _mm256_set1_ps(static_cast<float>(rows)));
+  }
+#endif
+};
+
+std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, const torch::Tensor& scale_rows,
+                                              const c10::optional<torch::Tensor>& residual_opt, int64_t block,
+                                              int64_t n) {
+  const int64_t nblocks = (n + block - 1) / block;
+  const SignRows rows{packed_rows.data_ptr<uint8_t>(), scale_rows.data_ptr<float>(), packed_rows.size(1), nblocks,
+                      packed_rows.size(0)};
+  auto packed = torch::empty({packed_nbytes(n, 1)}, packed_rows.options());
+  auto scales = torch::empty({nblocks}, scale_rows.options());
+  float* rp = residual_opt.has_value() ? residual_opt->data_ptr<float>() : nullptr;
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+
+  // Sweep 1: signs and scales of m = mean + r, and whether every mean value is finite.
+  std::atomic<bool> finite{true};
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    bool ok = true;
+    int64_t p = 0;
+#if defined(__AVX2__)
+    {
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+      const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+      __m256 bad = _mm256_setzero_ps();
+      for (; p + 8 <= len; p += 8) {
+        const int64_t i = start + p;
+        const __m256 v = rows.mean8(b, i);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_NLT_UQ));  // |v| >= inf or NaN
+        const __m256 m = rp ? _mm256_add_ps(v, _mm256_loadu_ps(rp + i)) : v;
+        pp[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
+        const __m256 a = _mm256_and_ps(m, abs_mask);
+        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+      }
+      _mm256_storeu_pd(acc, acc_lo);
+      _mm256_storeu_pd(acc + 4, acc_hi);
+      ok = _mm256_movemask_ps(bad) == 0;
+    }
+#endif
+    for (; p < len; p += 8) {
+      uint32_t byte = 0;
+      for (int l = 0; l < 8 && p + l < len; ++l) {
+        const int64_t i = start + p + l;
+        const float v = rows.mean(b, i);
+        ok &= std::isfinite(v);
+        const float m = rp ? v + rp[i] : v;
+        byte |= static_cast<uint32_t>(m < 0.0f) << l;
+        acc[l] += static_cast<double>(std::fabs(m));
+      }
+      pp[(start + p) / 8] = static_cast<uint8_t>(byte);
+    }
+    double total = acc[0];
+    for (int l = 1; l < 8; ++l) total += acc[l];
+    sp[b] = static_cast<float>(total / static_cast<double>(len));
+    if (!ok) finite.store(false, std::memory_order_relaxed);
+  });
+  // Sweep 2: residual update, only when every mean value was finite and per block with a finite scale.
+  if (rp && finite.load()) {
+    for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+      const float s = sp[b];
+      if (!std::isfinite(s)) return;
+      int64_t q = start;
+#if defined(__AVX2__)
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+      for (; q + 8 <= start + len; q += 8) {
+        const __m256 m = _mm256_add_ps(rows.mean8(b, q), _mm256_loadu_ps(rp + q));
+        _mm256_storeu_ps(rp + q, _mm256_sub_ps(m, _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(m, zero, _CMP_LT_OQ))));
+      }
+#endif
+      for (; q < start + len; ++q) {
+        const float m = rows.mean(b, q) + rp[q];
+        rp[q] = m < 0.0f ? m + s : m - s;
+      }
+    });
+  }
+  return {packed, scales};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stochastic sign-magnitude codes (TernGrad, QSGD).
 
@@ -526,6 +643,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_uniform", &philox_uniform, "Philox4x32-10 uniforms");
   m.def("sign_compress", &sign_compress, "1-bit sign code with error feedback");
   m.def("sign_decompress", &sign_decompress, "decode a 1-bit sign code");
+  m.def("sign_mean_compress", &sign_mean_compress, "mean of W sign codes, re-encoded with error feedback");
   m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code");
   m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code");
 }

@@ -113,9 +113,7 @@ def _per_element(values: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return values.repeat_interleave(block)[:n]
 
 
-def sign_compress(
-    x: torch.Tensor, residual: torch.Tensor | None, block: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1-bit sign code with optional error feedback; returns (packed, scales) and updates ``residual``.
 
     m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it
@@ -149,6 +147,19 @@ def sign_decompress(
     neg = unpack_bits(packed, 1, n).bool()
     s = _per_element(scales, n, block)
     return _emit(torch.where(neg, -s, s), out, accumulate)
+
+
+def sign_mean_compress(
+    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of W sign codes (rows), re-encoded: sign_compress(mean, residual, block).
+
+    mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r the decoded row r.
+    """
+    mean = sign_decompress(packed_rows[0], scale_rows[0], block, n, None, False)
+    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
+        mean += sign_decompress(packed, scales, block, n, None, False)
+    return sign_compress(mean / packed_rows.shape[0], residual, block)
 
 
 def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.Tensor:

@@ -53,6 +53,14 @@ class Compressor(ABC):
         """Payload of x + residual, updating ``residual`` in one pass; None when there is no fused kernel."""
         return None
 
+    def fused_mean_compress(
+        self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Payload of the mean of the W payloads (rows of ``payloads``) plus ``residual`` (updated), in one
+        pass; None when there is no fused kernel. Must equal decompress-sum-in-row-order / W, then
+        :meth:`fused_error_feedback` (or :meth:`compress` without a residual)."""
+        return None
+
     def config(self) -> dict[str, object]:
         """Name and options: equal configs give identical payloads (used to check ranks agree)."""
         return {"name": self.name, **vars(self)}
@@ -196,6 +204,14 @@ class OneBit(_Blocked):
     ) -> torch.Tensor:
         packed, scales = self._split(payload, numel)
         return kernels.sign_decompress(packed, scales, block=self.block, numel=numel, out=out, accumulate=accumulate)
+
+    def fused_mean_compress(self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None) -> torch.Tensor:
+        for row in payloads:
+            self._check_payload(row, numel)
+        nscale_bytes = 4 * -(-numel // self.block)
+        scale_rows = payloads[:, :nscale_bytes].contiguous().view(torch.float32)
+        packed_rows = payloads[:, nscale_bytes:].contiguous()
+        return self._join(*kernels.sign_mean_compress(packed_rows, scale_rows, residual, block=self.block, numel=numel))
 
 
 class _SignMagnitude(_Blocked):

@@ -45,9 +45,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     expected = packed_nbytes(numel, bits)
     check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
     if packed.numel() != expected:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need exactly {expected}"
-        )
+        raise ValueError(f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need exactly {expected}")
     return kernels_for(packed).unpack_bits(packed, bits, numel)
 
 
@@ -131,6 +129,34 @@ def sign_decompress(
     _check_scales(scales, numel, block, packed)
     _check_out(out, numel, packed)
     return kernels_for(packed).sign_decompress(packed, scales, block, numel, out, bool(accumulate))
+
+
+def sign_mean_compress(
+    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None = None, *, block: int, numel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of W sign codes, re-encoded as a sign code with error feedback, in one pass.
+
+    ``packed_rows`` (W, packed_nbytes(numel, 1)) uint8 and ``scale_rows`` (W, nblocks) fp32 hold W sign
+    codes of ``numel`` values with the same blocking. Equals ``sign_compress(mean, residual, block=block)``
+    with mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r = sign_decompress of row r, bit for bit;
+    ``residual`` (numel,) is updated under the same rules. Two-phase onebit's server step.
+    """
+    check_block(block)
+    check_int("numel", numel, lo=0)
+    check_tensor("packed_rows", packed_rows, dtypes=(torch.uint8,), dim=2)
+    check_tensor("scale_rows", scale_rows, dtypes=(torch.float32,), dim=2)
+    nblocks = -(-numel // block)
+    rows = packed_rows.shape[0]
+    if rows < 1 or packed_rows.shape != (rows, packed_nbytes(numel, 1)) or scale_rows.shape != (rows, nblocks):
+        raise ValueError(
+            f"need packed_rows ({rows}, {packed_nbytes(numel, 1)}) and scale_rows ({rows}, {nblocks}) for {numel} "
+            f"values in blocks of {block}; got {tuple(packed_rows.shape)} and {tuple(scale_rows.shape)}"
+        )
+    if residual is not None:
+        check_tensor("residual", residual, dtypes=(torch.float32,), dim=1)
+        if residual.numel() != numel:
+            raise ValueError(f"residual must hold {numel} values, got {residual.numel()}")
+    return kernels_for(packed_rows).sign_mean_compress(packed_rows, scale_rows, residual, block, numel)
 
 
 def signmag_bits(levels: int) -> int:

@@ -21,23 +21,23 @@ class ErrorFeedback:
     def __init__(self) -> None:
         self.residuals: dict[Hashable, torch.Tensor] = {}
 
-    def residual(self, key: Hashable, like: torch.Tensor) -> torch.Tensor:
-        """The fp32 residual for ``key``, created as zeros shaped like ``like`` on first use."""
+    def residual(self, key: Hashable, shape: torch.Size | tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The fp32 residual for ``key``, created as zeros of ``shape`` on ``device`` on first use."""
         r = self.residuals.get(key)
-        if r is None or r.shape != like.shape:
-            if r is not None:
-                raise ValueError(
-                    f"residual {key!r} has shape {tuple(r.shape)} but the tensor now has {tuple(like.shape)}; "
-                    "a key must always name a tensor of the same size"
-                )
-            r = self.residuals[key] = torch.zeros(like.shape, dtype=torch.float32, device=like.device)
+        if r is None:
+            r = self.residuals[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        elif r.shape != shape:
+            raise ValueError(
+                f"residual {key!r} has shape {tuple(r.shape)} but the tensor now has {tuple(shape)}; "
+                "a key must always name a tensor of the same size"
+            )
         return r
 
     def compress(
         self, compressor: Compressor, x: torch.Tensor, key: Hashable, *, seed: int = 0, offset: int = 0
     ) -> torch.Tensor:
         """Payload of x + residual[key]; updates residual[key] (see the class docstring)."""
-        residual = self.residual(key, x)
+        residual = self.residual(key, x.shape, x.device)
         fused = compressor.fused_error_feedback(x, residual)
         if fused is not None:
             return fused

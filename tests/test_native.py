@@ -119,6 +119,25 @@ def test_signmag_compress_and_decompress(native, n, levels, block, l2, clip, non
     )
 
 
+@pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("n", [1, 9, 4097, 70_001])
+def test_sign_mean_compress(native, n, rows, nonfinite):
+    block = 512
+    codes = [native.sign_compress(sample(n, n + r, nonfinite and r == 1), None, block) for r in range(rows)]
+    packed_rows = torch.stack([c[0] for c in codes])
+    scale_rows = torch.stack([c[1] for c in codes])
+    for with_residual in (False, True):
+        r_native = sample(n, 99, nonfinite=False) if with_residual else None
+        r_ref = r_native.clone() if with_residual else None
+        out = native.sign_mean_compress(packed_rows, scale_rows, r_native, block, n)
+        ref = _reference.sign_mean_compress(packed_rows, scale_rows, r_ref, block, n)
+        for a, b in zip(out, ref, strict=True):
+            assert_same_bits(a, b)
+        if with_residual:
+            assert_same_bits(r_native, r_ref)
+
+
 @pytest.mark.parametrize("n", [1, 63, 4097])
 def test_decompress_into_and_accumulating_into_an_output(native, n):
     x = sample(n, n, nonfinite=False)

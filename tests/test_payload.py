@@ -37,8 +37,10 @@ def test_payload_round_trips_and_has_the_predicted_size(scheme, shape):
     payload = gradq.encode_payload(qt)
     numel, nscales = math.prod(shape), math.prod(qt.scale.shape)
     zero_points = nscales if scheme.has_zero_point else 0
-    assert payload.numel() == gradq.payload_nbytes(shape, scheme) == 4 * nscales + zero_points + math.ceil(
-        numel * scheme.bits / 8
+    assert (
+        payload.numel()
+        == gradq.payload_nbytes(shape, scheme)
+        == 4 * nscales + zero_points + math.ceil(numel * scheme.bits / 8)
     )
     back = gradq.decode_payload(payload, shape, scheme)
     assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale)
