@@ -179,7 +179,7 @@ def test_non_finite_gradient_leaves_the_residual_untouched_and_stays_non_finite(
         (lambda: gradq.philox_uniform(-1, 0), ValueError, "numel"),
         (
             lambda: gradq.kernels.sign_mean_compress(
-                torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 2), block=8, numel=16
+                torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 2), block=8, numel=24
             ),
             ValueError,
             r"need packed_rows \(2, 2\) and scale_rows \(2, 2\)",
