@@ -182,7 +182,7 @@ def test_non_finite_gradient_leaves_the_residual_untouched_and_stays_non_finite(
                 torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 2), block=8, numel=24
             ),
             ValueError,
-            r"need packed_rows \(2, 2\) and scale_rows \(2, 2\)",
+            r"need packed_rows \(2, 3\) and scale_rows \(2, 3\)",
         ),
         (
             lambda: gradq.kernels.sign_mean_compress(
