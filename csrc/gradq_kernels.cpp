@@ -11,7 +11,6 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -216,27 +215,6 @@ inline double lane_sum(int64_t len, Term term) {
   return total;
 }
 
-inline bool all_finite(const float* x, int64_t n) {
-  uint32_t worst = 0;  // non-finite iff the exponent field is all ones
-  int64_t i = 0;
-#if defined(__AVX2__)
-  const __m256i exponent = _mm256_set1_epi32(0x7F800000);
-  __m256i any = _mm256_setzero_si256();
-  for (; i + 8 <= n; i += 8) {
-    const __m256i bits = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), exponent);
-    any = _mm256_or_si256(any, _mm256_cmpeq_epi32(bits, exponent));
-  }
-  if (!_mm256_testz_si256(any, any)) return false;
-#endif
-  for (; i < n; ++i) {
-    uint32_t bits;
-    std::memcpy(&bits, x + i, 4);
-    const uint32_t e = bits & 0x7F800000u;
-    worst = e > worst ? e : worst;
-  }
-  return worst != 0x7F800000u;
-}
-
 template <typename Fn>
 void for_blocks(int64_t n, int64_t block, Fn fn) {
   const int64_t nblocks = (n + block - 1) / block;
@@ -259,7 +237,6 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
   float* rp = residual_opt.has_value() ? residual_opt->data_ptr<float>() : nullptr;
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
-  const bool update = rp != nullptr && all_finite(xp, n);
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
     const float* xb = xp + start;
@@ -308,8 +285,8 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
     for (int l = 1; l < 8; ++l) total += acc[l];
     const float s = static_cast<float>(total / static_cast<double>(len));
     sp[b] = s;
-    // Pass 2 (block still in cache): r = m - (±s), only for finite steps.
-    if (update && std::isfinite(s)) {
+    // Pass 2 (block still in cache): r = m - (±s), only where the block's scale, hence every m, is finite.
+    if (rp && std::isfinite(s)) {
       int64_t q = 0;
 #if defined(__AVX2__)
       const __m256 zero = _mm256_setzero_ps();
@@ -410,23 +387,18 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
 
-  // Sweep 1: signs and scales of m = mean + r, and whether every mean value is finite.
-  std::atomic<bool> finite{true};
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    // Pass 1: signs and scale of m = mean + r.
     double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    bool ok = true;
     int64_t p = 0;
 #if defined(__AVX2__)
     {
       const __m256 zero = _mm256_setzero_ps();
       const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-      const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
       __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
-      __m256 bad = _mm256_setzero_ps();
       for (; p + 8 <= len; p += 8) {
         const int64_t i = start + p;
         const __m256 v = rows.mean8(b, i);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), inf, _CMP_NLT_UQ));  // |v| >= inf or NaN
         const __m256 m = rp ? _mm256_add_ps(v, _mm256_loadu_ps(rp + i)) : v;
         pp[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
         const __m256 a = _mm256_and_ps(m, abs_mask);
@@ -435,7 +407,6 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
       }
       _mm256_storeu_pd(acc, acc_lo);
       _mm256_storeu_pd(acc + 4, acc_hi);
-      ok = _mm256_movemask_ps(bad) == 0;
     }
 #endif
     for (; p < len; p += 8) {
@@ -443,7 +414,6 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
       for (int l = 0; l < 8 && p + l < len; ++l) {
         const int64_t i = start + p + l;
         const float v = rows.mean(b, i);
-        ok &= std::isfinite(v);
         const float m = rp ? v + rp[i] : v;
         byte |= static_cast<uint32_t>(m < 0.0f) << l;
         acc[l] += static_cast<double>(std::fabs(m));
@@ -452,14 +422,10 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
     }
     double total = acc[0];
     for (int l = 1; l < 8; ++l) total += acc[l];
-    sp[b] = static_cast<float>(total / static_cast<double>(len));
-    if (!ok) finite.store(false, std::memory_order_relaxed);
-  });
-  // Sweep 2: residual update, only when every mean value was finite and per block with a finite scale.
-  if (rp && finite.load()) {
-    for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-      const float s = sp[b];
-      if (!std::isfinite(s)) return;
+    const float s = static_cast<float>(total / static_cast<double>(len));
+    sp[b] = s;
+    // Pass 2 (block still in cache): the residual update, where the scale is finite.
+    if (rp && std::isfinite(s)) {
       int64_t q = start;
 #if defined(__AVX2__)
       const __m256 zero = _mm256_setzero_ps();
@@ -473,8 +439,8 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
         const float m = rows.mean(b, q) + rp[q];
         rp[q] = m < 0.0f ? m + s : m - s;
       }
-    });
-  }
+    }
+  });
   return {packed, scales};
 }
 

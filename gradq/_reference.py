@@ -117,15 +117,15 @@ def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) ->
     """1-bit sign code with optional error feedback; returns (packed, scales) and updates ``residual``.
 
     m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it
-    (float64 lane sum / count, rounded to fp32). When every x is finite, the residual of each block
-    whose scale is finite becomes m - (bit ? -scale : +scale); otherwise the residual is not touched.
+    (float64 lane sum / count, rounded to fp32). The residual of each block whose scale is finite (so
+    every m in it is) becomes m - (bit ? -scale : +scale); a block with a NaN/Inf keeps its residual.
     """
     n = x.numel()
     m = x if residual is None else x + residual
     neg = m < 0
     counts = block_counts(n, block, x.device).to(torch.float64)
     scales = (block_lane_sum(m.abs(), block) / counts).to(torch.float32)
-    if residual is not None and bool(torch.isfinite(x).all()):
+    if residual is not None:
         s = _per_element(scales, n, block)
         updated = torch.where(neg, m + s, m - s)
         keep = ~_per_element(torch.isfinite(scales), n, block)

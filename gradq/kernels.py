@@ -92,9 +92,9 @@ def sign_compress(
     """1-bit sign code of ``x`` (+ error feedback); returns (packed bits, fp32 scale per block).
 
     m = x + residual; bit i = (m_i < 0) (0 maps to +1); scale of a block = mean |m| over it. Mutates
-    ``residual`` to m - decoded(m), but only when every element of ``x`` is finite, and never for a block
-    whose scale is not finite: the residual never absorbs NaN/Inf, and a non-finite input yields
-    non-finite scales so the decoded values stay non-finite.
+    ``residual`` to m - decoded(m) in each block whose scale is finite; a block holding a NaN/Inf (in x,
+    or from an overflow of x + residual) keeps its residual and gets a non-finite scale, so the residual
+    never absorbs NaN/Inf and the decoded block stays non-finite.
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
     check_block(block)

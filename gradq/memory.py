@@ -13,9 +13,10 @@ class ErrorFeedback:
     """Residual memory, keyed (e.g. by bucket index); usable with any compressor.
 
     ``compress(compressor, x, key)`` sends m = x + residual and keeps residual = m - decompress(payload)
-    (Seide et al. 2014), through the compressor's fused kernel when it has one. When x holds NaN/Inf (or
-    the new residual would: an overflow), the residual is left unchanged; it never absorbs non-finite
-    values, and the payload stays non-finite so the receiver sees the overflow.
+    (Seide et al. 2014), through the compressor's fused kernel when it has one. Where x holds NaN/Inf (or
+    the new residual would: an overflow) the residual is left unchanged: per block with a fused kernel,
+    per call otherwise. It never absorbs non-finite values, and the payload stays non-finite so the
+    receiver sees the overflow.
     """
 
     def __init__(self) -> None:

@@ -148,6 +148,19 @@ def test_non_finite_gradient_leaves_the_residual_untouched_and_stays_non_finite(
     assert torch.isfinite(values[:32]).all() and torch.isnan(values[32:]).all()
 
 
+def test_error_feedback_is_kept_per_block_where_a_value_is_not_finite():
+    x, residual = gradient(96, 7), gradient(96, 8)
+    x[40] = float("inf")  # block 1 of 3
+    before = residual.clone()
+    packed, scales = gradq.sign_compress(x, residual, block=32)
+    assert torch.equal(residual[32:64], before[32:64])
+    decoded = gradq.sign_decompress(packed, scales, block=32, numel=96)
+    m = x + before
+    for lo in (0, 64):  # the finite blocks moved on: residual = m - decoded
+        assert torch.equal(residual[lo : lo + 32], m[lo : lo + 32] - decoded[lo : lo + 32])
+    assert torch.isfinite(residual).all() and not torch.isfinite(decoded[32:64]).any()
+
+
 @pytest.mark.parametrize(
     "call, exc, words",
     [
