@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench-kernels clean
+.PHONY: setup demo test bench-kernels bench-ddp clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,10 @@ test: setup
 	$(PY) -m pytest -q
 
 bench-kernels: setup
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernels.py --output benchmarks/results/kernels.json
+
+bench-ddp: setup
+	$(PY) benchmarks/ddp.py --output benchmarks/results/ddp.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info gradq/_C*.so

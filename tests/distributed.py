@@ -26,6 +26,7 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
     try:
         result = fn(rank, world_size, Path(workdir), *args)
         torch.save(result, Path(workdir) / f"result{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
 
