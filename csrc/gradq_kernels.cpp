@@ -227,6 +227,71 @@ void for_blocks(int64_t n, int64_t block, Fn fn) {
 // ---------------------------------------------------------------------------------------------
 // 1-bit sign with error feedback.
 
+// A block's values for the sign kernels: one(q) is element q of the block, eight(p) elements p..p+7.
+struct BlockValues {
+  const float* x;
+  inline float one(int64_t q) const { return x[q]; }
+#if defined(__AVX2__)
+  inline __m256 eight(int64_t p) const { return _mm256_loadu_ps(x + p); }
+#endif
+};
+
+// Pass 1 of a sign block: m = v + r (no r: m = v), bit (m < 0) into pb, and the returned scale mean |m|
+// with the fixed lane order of lane_sum (lanes 0-3 and 4-7 accumulate in two float64 vectors).
+template <typename Source>
+inline float sign_block_pass1(const Source& source, const float* rb, int64_t len, uint8_t* pb) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t p = 0;
+#if defined(__AVX2__)
+  {
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+    for (; p + 8 <= len; p += 8) {
+      __m256 m = source.eight(p);
+      if (rb) m = _mm256_add_ps(m, _mm256_loadu_ps(rb + p));
+      pb[p / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
+      const __m256 a = _mm256_and_ps(m, abs_mask);
+      acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
+      acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    }
+    _mm256_storeu_pd(acc, acc_lo);
+    _mm256_storeu_pd(acc + 4, acc_hi);
+  }
+#endif
+  for (; p < len; p += 8) {
+    uint32_t byte = 0;
+    for (int l = 0; l < 8 && p + l < len; ++l) {
+      const float v = source.one(p + l);
+      const float m = rb ? v + rb[p + l] : v;
+      byte |= static_cast<uint32_t>(m < 0.0f) << l;
+      acc[l] += static_cast<double>(std::fabs(m));
+    }
+    pb[p / 8] = static_cast<uint8_t>(byte);
+  }
+  double total = acc[0];
+  for (int l = 1; l < 8; ++l) total += acc[l];
+  return static_cast<float>(total / static_cast<double>(len));
+}
+
+// Pass 2 of a sign block (still in cache): r = m - (±s), m = v + r, for a block whose scale is finite.
+template <typename Source>
+inline void sign_block_pass2(const Source& source, float* rb, int64_t len, float s) {
+  int64_t q = 0;
+#if defined(__AVX2__)
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
+  for (; q + 8 <= len; q += 8) {
+    const __m256 m = _mm256_add_ps(source.eight(q), _mm256_loadu_ps(rb + q));
+    _mm256_storeu_ps(rb + q, _mm256_sub_ps(m, _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(m, zero, _CMP_LT_OQ))));
+  }
+#endif
+  for (; q < len; ++q) {
+    const float m = source.one(q) + rb[q];
+    rb[q] = m < 0.0f ? m + s : m - s;  // m - (-s) == m + s exactly
+  }
+}
+
 std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual_opt,
                                          int64_t block) {
   const int64_t n = x.numel();
@@ -239,69 +304,11 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
   float* sp = scales.data_ptr<float>();
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    const float* xb = xp + start;
+    const BlockValues source{xp + start};
     float* rb = rp ? rp + start : nullptr;
-    uint8_t* pb = pp + start / 8;
-    // Pass 1: m = x + r, sign bits, lane sums of |m|.
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t p = 0;
-#if defined(__AVX2__)
-    {
-      // Lanes 0-3 accumulate in acc_lo and lanes 4-7 in acc_hi: the same per-lane order as below.
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
-      for (; p + 8 <= len; p += 8) {
-        __m256 m = _mm256_loadu_ps(xb + p);
-        if (rb) m = _mm256_add_ps(m, _mm256_loadu_ps(rb + p));
-        pb[p / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
-        const __m256 a = _mm256_and_ps(m, abs_mask);
-        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-      }
-      _mm256_storeu_pd(acc, acc_lo);
-      _mm256_storeu_pd(acc + 4, acc_hi);
-    }
-#endif
-    for (; p + 8 <= len; p += 8) {
-      uint32_t byte = 0;
-      for (int l = 0; l < 8; ++l) {
-        const float m = rb ? xb[p + l] + rb[p + l] : xb[p + l];
-        byte |= static_cast<uint32_t>(m < 0.0f) << l;
-        acc[l] += static_cast<double>(std::fabs(m));
-      }
-      pb[p / 8] = static_cast<uint8_t>(byte);
-    }
-    if (p < len) {
-      uint32_t byte = 0;
-      for (int l = 0; p + l < len; ++l) {
-        const float m = rb ? xb[p + l] + rb[p + l] : xb[p + l];
-        byte |= static_cast<uint32_t>(m < 0.0f) << l;
-        acc[l] += static_cast<double>(std::fabs(m));
-      }
-      pb[p / 8] = static_cast<uint8_t>(byte);
-    }
-    double total = acc[0];
-    for (int l = 1; l < 8; ++l) total += acc[l];
-    const float s = static_cast<float>(total / static_cast<double>(len));
-    sp[b] = s;
-    // Pass 2 (block still in cache): r = m - (±s), only where the block's scale, hence every m, is finite.
-    if (rp && std::isfinite(s)) {
-      int64_t q = 0;
-#if defined(__AVX2__)
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-      for (; q + 8 <= len; q += 8) {
-        const __m256 m = _mm256_add_ps(_mm256_loadu_ps(xb + q), _mm256_loadu_ps(rb + q));
-        const __m256 d = _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(m, zero, _CMP_LT_OQ));
-        _mm256_storeu_ps(rb + q, _mm256_sub_ps(m, d));  // m - (-s) == m + s exactly
-      }
-#endif
-      for (; q < len; ++q) {
-        const float m = xb[q] + rb[q];
-        rb[q] = m < 0.0f ? m + s : m - s;
-      }
-    }
+    const float scale = sign_block_pass1(source, rb, len, pp + start / 8);
+    sp[b] = scale;
+    if (rb && std::isfinite(scale)) sign_block_pass2(source, rb, len, scale);
   });
   return {packed, scales};
 }
@@ -362,16 +369,27 @@ struct SignRows {
   // The means of the 8 elements i .. i+7 (i a multiple of 8, all in block b): same operations as mean().
   inline __m256 mean8(int64_t b, int64_t i) const {
     const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     __m256 v = _mm256_setzero_ps();
     for (int64_t r = 0; r < rows; ++r) {
       const __m256 s = _mm256_set1_ps(scales[r * row_scales + b]);
       const __m256i set = _mm256_and_si256(_mm256_set1_epi32(packed[r * row_bytes + (i >> 3)]), bit);
-      const __m256 d = _mm256_blendv_ps(s, _mm256_sub_ps(_mm256_setzero_ps(), s),
+      const __m256 d = _mm256_blendv_ps(s, _mm256_xor_ps(s, sign_bit),  // -s, exactly as the scalar path
                                         _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
       v = r ? _mm256_add_ps(v, d) : d;
     }
     return _mm256_div_ps(v, _mm256_set1_ps(static_cast<float>(rows)));
   }
+#endif
+};
+
+// Block b of the mean of the rows, as a source for the sign block passes.
+struct BlockMeans {
+  const SignRows& rows;
+  int64_t b, start;
+  inline float one(int64_t q) const { return rows.mean(b, start + q); }
+#if defined(__AVX2__)
+  inline __m256 eight(int64_t p) const { return rows.mean8(b, start + p); }
 #endif
 };
 
@@ -388,58 +406,11 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
   float* sp = scales.data_ptr<float>();
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    // Pass 1: signs and scale of m = mean + r.
-    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t p = 0;
-#if defined(__AVX2__)
-    {
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-      __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
-      for (; p + 8 <= len; p += 8) {
-        const int64_t i = start + p;
-        const __m256 v = rows.mean8(b, i);
-        const __m256 m = rp ? _mm256_add_ps(v, _mm256_loadu_ps(rp + i)) : v;
-        pp[i / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
-        const __m256 a = _mm256_and_ps(m, abs_mask);
-        acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-        acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
-      }
-      _mm256_storeu_pd(acc, acc_lo);
-      _mm256_storeu_pd(acc + 4, acc_hi);
-    }
-#endif
-    for (; p < len; p += 8) {
-      uint32_t byte = 0;
-      for (int l = 0; l < 8 && p + l < len; ++l) {
-        const int64_t i = start + p + l;
-        const float v = rows.mean(b, i);
-        const float m = rp ? v + rp[i] : v;
-        byte |= static_cast<uint32_t>(m < 0.0f) << l;
-        acc[l] += static_cast<double>(std::fabs(m));
-      }
-      pp[(start + p) / 8] = static_cast<uint8_t>(byte);
-    }
-    double total = acc[0];
-    for (int l = 1; l < 8; ++l) total += acc[l];
-    const float s = static_cast<float>(total / static_cast<double>(len));
-    sp[b] = s;
-    // Pass 2 (block still in cache): the residual update, where the scale is finite.
-    if (rp && std::isfinite(s)) {
-      int64_t q = start;
-#if defined(__AVX2__)
-      const __m256 zero = _mm256_setzero_ps();
-      const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-      for (; q + 8 <= start + len; q += 8) {
-        const __m256 m = _mm256_add_ps(rows.mean8(b, q), _mm256_loadu_ps(rp + q));
-        _mm256_storeu_ps(rp + q, _mm256_sub_ps(m, _mm256_blendv_ps(pos, neg, _mm256_cmp_ps(m, zero, _CMP_LT_OQ))));
-      }
-#endif
-      for (; q < start + len; ++q) {
-        const float m = rows.mean(b, q) + rp[q];
-        rp[q] = m < 0.0f ? m + s : m - s;
-      }
-    }
+    const BlockMeans source{rows, b, start};
+    float* rb = rp ? rp + start : nullptr;
+    const float scale = sign_block_pass1(source, rb, len, pp + start / 8);
+    sp[b] = scale;
+    if (rb && std::isfinite(scale)) sign_block_pass2(source, rb, len, scale);
   });
   return {packed, scales};
 }

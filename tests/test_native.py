@@ -16,9 +16,13 @@ def test_native_is_built():
 
 
 def sample(n: int, seed: int, nonfinite: bool) -> torch.Tensor:
+    """Heavy-tailed values with exact zeros, -0.0, one all-zero 512-block (scale 0) and optional NaN/Inf."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=gen) * torch.rand(n, generator=gen).pow(4) * 10
     x[torch.rand(n, generator=gen) < 0.05] = 0.0
+    x[torch.rand(n, generator=gen) < 0.02] = -0.0
+    if n >= 2048:
+        x[1024:1536] = 0.0
     if nonfinite:
         idx = torch.randint(0, n, (3,), generator=gen)
         x[idx[0]] = float("nan")
