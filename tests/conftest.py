@@ -11,6 +11,13 @@ except ImportError:  # the native-vs-reference tests then fail in test_native_is
     _C = None
 
 
+def pytest_ignore_collect(collection_path, config):
+    """tests/mpi runs only under mpirun with pytest-mpi's --with-mpi (see the Makefile's test target)."""
+    if collection_path.name == "mpi" and not config.getoption("--with-mpi", default=False):
+        return True
+    return None
+
+
 def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     """Bit-identical tensors: same dtype and shape, same bits for every non-NaN value, NaN at the same places."""
     assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, a.shape, b.dtype, b.shape)

