@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
-	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q "$(TORCH)" numpy
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,mpi]"
 	$(PY) -c "import gradq; assert gradq.native_available(), 'native kernels failed to build'; print('gradq ready, native kernels built')"
 	touch $@

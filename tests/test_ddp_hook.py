@@ -212,3 +212,37 @@ def test_statistics_report_the_bytes_each_step_sent():
     assert stats["fp32_bytes_last_step"] == 4 * numel
     assert stats["bytes_sent_total"] == 4 * numel + 2 * stats["bytes_sent_last_step"]  # step 0 is plain fp32
     assert stats["compression_ratio"] == pytest.approx(4 * numel / stats["bytes_sent_last_step"])
+
+
+def _rank_dies(rank, world, store):
+    import datetime
+    import os
+    import time
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=20)
+    )
+    ddp = DDP(mlp(seed=0))
+    comm_hooks.register(ddp, "onebit", start_iter=1)
+    x, y, *_ = digits(rank, world)
+    torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward()  # one step together
+    if rank == 1:
+        os._exit(0)  # dies without a word
+    start = time.monotonic()
+    try:
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward()
+    except RuntimeError as exc:
+        torch.save((time.monotonic() - start, str(exc)), f"{store}.result")
+        os._exit(0)  # the group is broken: skip its teardown
+    torch.save((None, "no error"), f"{store}.result")
+
+
+def test_a_rank_that_dies_makes_the_others_fail_quickly(tmp_path):
+    store = str(tmp_path / "store")
+    torch.multiprocessing.spawn(_rank_dies, args=(2, store), nprocs=2, join=True)
+    elapsed, message = torch.load(f"{store}.result")
+    assert elapsed is not None, "the surviving rank kept waiting for the dead one"
+    assert elapsed < 60, elapsed  # bounded by the 20 s collective timeout plus teardown
+    assert message
