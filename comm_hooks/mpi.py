@@ -102,12 +102,25 @@ class MPIState:
         self._agreed = True
 
 
-def allreduce(tensor: torch.Tensor, *, state: MPIState, key: Hashable = "tensor") -> torch.Tensor:
+def allreduce(
+    tensor: torch.Tensor,
+    compressor: str | Compressor | None = None,
+    *,
+    comm: "MPI.Comm | None" = None,
+    state: MPIState | None = None,
+    key: Hashable = "tensor",
+) -> torch.Tensor:
     """Mean over the communicator's ranks of the 1-D CPU ``tensor``, sent compressed; returns a new tensor.
 
-    Every rank must call it with the same keys in the same order. ``key`` names the tensor across calls
-    (its residuals and random streams); the step of a key is the number of earlier calls with it.
+    Pass a ``state`` (an :class:`MPIState`, which holds the compressor and communicator) to keep error
+    feedback and random streams across calls; ``compressor``/``comm`` without a state make a one-off call
+    (default compressor onebit, communicator COMM_WORLD). Every rank must call it with the same keys in
+    the same order. ``key`` names the tensor across calls; a key's step is the number of earlier calls.
     """
+    if state is None:
+        state = MPIState(compressor if compressor is not None else "onebit", comm=comm)
+    elif compressor is not None or comm is not None:
+        raise ValueError("pass compressor and comm through MPIState when you pass a state")
     if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
         raise TypeError("tensor must be a CPU torch.Tensor (MPI buffers live in host memory)")
     if tensor.dim() != 1:

@@ -77,6 +77,15 @@ def test_mismatched_settings_fail_on_every_rank():
         gmpi.allreduce(torch.ones(64), state=state)
 
 
+def test_one_off_call_with_a_compressor_name():
+    world, rank = COMM.Get_size(), COMM.Get_rank()
+    grads = rank_gradients(world, 1000, seed=3)
+    mean = gmpi.allreduce(grads[rank], "fp16", comm=COMM)
+    assert torch.equal(mean, simulate(COMPRESSORS["fp16"], grads, "two_phase", step=0, key="tensor"))
+    with pytest.raises(ValueError, match="through MPIState"):
+        gmpi.allreduce(grads[rank], "fp16", state=gmpi.MPIState("fp16"))
+
+
 def test_bad_tensors_are_rejected():
     state = gmpi.MPIState("onebit")
     with pytest.raises(ValueError, match="tensor must be 1-D"):
