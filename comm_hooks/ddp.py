@@ -7,16 +7,13 @@ rank issues its collectives in the same order whatever the timing (PyTorch's Pow
 hooks issue them from future callbacks, and crash on Gloo with several buckets).
 """
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import gradq
-from gradq.allreduce import MODES, CompressedAllreduce, Mode
+from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
 from gradq.compressors import Compressor, get_compressor
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -146,31 +143,17 @@ class GradqState:
 
     def settings(self) -> dict[str, object]:
         """Everything that must be identical on all ranks."""
-        return {
-            "gradq": gradq.__version__,
-            "format": gradq.FORMAT_VERSION,
-            "compressor": self.compressor.config(),
-            "mode": self.mode,
-            "start_iter": self.start_iter,
-            "min_numel": self.min_numel,
-            "error_feedback": self.allreduce.error_feedback,
-            "seed": self.allreduce.seed,
-        }
+        return {**self.allreduce.settings(), "start_iter": self.start_iter, "min_numel": self.min_numel}
 
-    def check_agreement(self, device: torch.device) -> None:
+    def check_agreement(self) -> None:
         """Collective: raise on every rank if the ranks' settings differ."""
-        text = json.dumps(self.settings(), sort_keys=True, default=str)
-        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-        mine = torch.tensor([digest], dtype=torch.int64, device=device)
-        everyone = mine.new_empty(self.transport.world_size)
-        _all_gather_single(everyone, mine, group=self.process_group)
-        differing = [r for r, d in enumerate(everyone.tolist()) if d != everyone[0].item()]
-        if differing:
-            raise RuntimeError(
-                f"gradq hook settings differ across ranks (ranks {differing} disagree with rank 0); "
-                f"this rank has {text}. Register the hook with the same compressor, options and gradq "
-                "version on every rank."
-            )
+
+        def gather(digest: str) -> list[str]:
+            everyone: list[str] = [""] * self.transport.world_size
+            dist.all_gather_object(everyone, digest, group=self.process_group)
+            return everyone
+
+        ensure_same_settings(self.settings(), gather, "hook")
         self._agreed = True
 
     def state_dict(self) -> dict[str, object]:
@@ -207,7 +190,7 @@ def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Fu
     """DDP communication hook: the mean of ``bucket``'s gradients over the process group."""
     buffer = bucket.buffer()
     if not state._agreed:
-        state.check_agreement(buffer.device)
+        state.check_agreement()
     world = state.transport.world_size
     fp32_bytes = 2 * (world - 1) * 4 * buffer.numel() // world
     if state.iteration < state.start_iter or buffer.numel() < state.min_numel:

@@ -18,15 +18,12 @@ class. Gradients are exchanged together, as one buffer keyed by the parameter na
 """
 
 import contextlib
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
 
 import horovod.torch as hvd
 import torch
 
-import gradq
-from gradq.allreduce import MODES, CompressedAllreduce, Mode
+from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
 from gradq.compressors import get_compressor
 
 
@@ -71,21 +68,8 @@ class _GradqDistributedOptimizer(torch.optim.Optimizer):
         self._gradq_agreed = False
 
     def _gradq_check_agreement(self) -> None:
-        settings = {
-            "gradq": gradq.__version__,
-            "compressor": self._gradq_reducer.compressor.config(),
-            "mode": self._gradq_reducer.mode,
-            "error_feedback": self._gradq_reducer.error_feedback,
-            "seed": self._gradq_reducer.seed,
-            "backward_passes_per_step": self._gradq_passes,
-        }
-        text = json.dumps(settings, sort_keys=True, default=str)
-        digests = hvd.allgather_object(hashlib.sha256(text.encode()).hexdigest())
-        if any(d != digests[0] for d in digests):
-            raise RuntimeError(
-                f"gradq Horovod settings differ across ranks; this rank has {text}. Wrap the optimizer with the "
-                "same compressor and options on every rank."
-            )
+        settings = {**self._gradq_reducer.settings(), "backward_passes_per_step": self._gradq_passes}
+        ensure_same_settings(settings, hvd.allgather_object, "Horovod")
         self._gradq_agreed = True
 
     def synchronize(self) -> None:

@@ -11,15 +11,12 @@ transport differs: ``Alltoall``/``Allgather`` on the packed uint8 buffers.
         p.grad.copy_(gmpi.allreduce(p.grad.reshape(-1), state=state, key=name).view_as(p.grad))
 """
 
-import hashlib
-import json
 from collections.abc import Hashable
 
 import numpy as np
 import torch
 
-import gradq
-from gradq.allreduce import MODES, CompressedAllreduce, Mode
+from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
 from gradq.compressors import Compressor, get_compressor
 
 try:
@@ -78,27 +75,9 @@ class MPIState:
         self.codec_seconds = 0.0
         self._agreed = False
 
-    def settings(self) -> dict[str, object]:
-        """Everything that must be identical on all ranks."""
-        return {
-            "gradq": gradq.__version__,
-            "format": gradq.FORMAT_VERSION,
-            "compressor": self.compressor.config(),
-            "mode": self.allreduce.mode,
-            "error_feedback": self.allreduce.error_feedback,
-            "seed": self.allreduce.seed,
-        }
-
     def check_agreement(self) -> None:
         """Collective: raise on every rank if the ranks' settings differ."""
-        text = json.dumps(self.settings(), sort_keys=True, default=str)
-        digests = self.transport.comm.allgather(hashlib.sha256(text.encode()).hexdigest())
-        differing = [r for r, d in enumerate(digests) if d != digests[0]]
-        if differing:
-            raise RuntimeError(
-                f"gradq MPI settings differ across ranks (ranks {differing} disagree with rank 0); this rank has "
-                f"{text}. Create MPIState with the same compressor, options and gradq version on every rank."
-            )
+        ensure_same_settings(self.allreduce.settings(), self.transport.comm.allgather, "MPI")
         self._agreed = True
 
 

@@ -5,6 +5,7 @@ format, and native CPU kernels for the hot compression steps with a bit-exact Py
 """
 
 from gradq._backend import native_available
+from gradq._version import __version__
 from gradq.allreduce import CompressedAllreduce, ReduceResult, Transport
 from gradq.compressors import (
     BF16,
@@ -34,9 +35,8 @@ from gradq.payload import FORMAT_VERSION, decode_payload, encode_payload, payloa
 from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
 from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, QuantScheme
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "BF16",
     "FP16",
     "FORMAT_VERSION",

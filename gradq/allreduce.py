@@ -14,16 +14,20 @@ Engines plug in through :class:`Transport`; ``comm_hooks`` holds the ones for to
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 import zlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
 
+from gradq._version import __version__
 from gradq.compressors import Compressor
 from gradq.memory import ErrorFeedback
+from gradq.payload import FORMAT_VERSION
 
 Mode = Literal["two_phase", "allgather"]
 MODES = ("two_phase", "allgather")
@@ -50,6 +54,22 @@ class ReduceResult:
     mean: torch.Tensor
     bytes_sent: int
     codec_seconds: float
+
+
+def ensure_same_settings(settings: dict[str, object], gather: Callable[[str], list[str]], what: str) -> None:
+    """Collective: raise on every rank unless all ranks have equal ``settings``.
+
+    ``gather`` is the engine's all-gather of one string per rank (in rank order); ``what`` names the
+    engine in the message.
+    """
+    text = json.dumps(settings, sort_keys=True, default=str)
+    digests = gather(hashlib.sha256(text.encode()).hexdigest())
+    differing = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differing:
+        raise RuntimeError(
+            f"gradq {what} settings differ across ranks (ranks {differing} disagree with rank 0); this rank has "
+            f"{text}. Use the same compressor, options and gradq version on every rank."
+        )
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -182,6 +202,17 @@ class CompressedAllreduce:
         self._mean_of_payloads(gathered, world, x.numel(), result)
         codec += time.perf_counter() - start
         return result, (world - 1) * payload.numel(), codec
+
+    def settings(self) -> dict[str, object]:
+        """What must be identical on all ranks for the payloads to mean the same thing."""
+        return {
+            "gradq": __version__,
+            "format": FORMAT_VERSION,
+            "compressor": self.compressor.config(),
+            "mode": self.mode,
+            "error_feedback": self.error_feedback,
+            "seed": self.seed,
+        }
 
     def state_dict(self) -> dict[str, object]:
         """Residuals of both memories (CPU copies)."""
