@@ -122,6 +122,7 @@ def down() -> None:
 
 def tx_bytes(cluster: Cluster) -> dict[str, int]:
     """Bytes each host's eth0 has sent, read from the kernel."""
+    _require_root()
     read = ["cat", "/sys/class/net/eth0/statistics/tx_bytes"]
     return {
         host: int(

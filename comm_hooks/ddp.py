@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
-from gradq.compressors import Compressor, get_compressor
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.compressors import Compressor
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -100,29 +100,24 @@ class GradqState:
 
     def __init__(
         self,
-        compressor: Compressor,
+        allreduce: CompressedAllreduce,
         *,
-        mode: Mode,
         start_iter: int,
         min_numel: int,
-        error_feedback: bool,
-        seed: int,
         process_group: dist.ProcessGroup | None,
         parameter_names: dict[int, str],
         parameter_numels: dict[str, int],
     ) -> None:
-        self.compressor = compressor
+        self.allreduce = allreduce
         self.parameter_names = parameter_names
         self.parameter_numels = parameter_numels
         self.layouts: dict[frozenset[str], tuple[str, ...]] = {}
-        self.mode = mode
         self.start_iter = start_iter
         self.min_numel = min_numel
         self.process_group = process_group
         self.transport = TorchTransport(process_group)
         self.iteration = 0
         self.stats = HookStats()
-        self.allreduce = CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed)
         self._agreed = False
 
     def bucket_key(self, bucket: dist.GradBucket) -> tuple[str, ...]:
@@ -243,22 +238,14 @@ def register(
         )
     if getattr(ddp_model, "_gradq_state", None) is not None:
         raise RuntimeError("a gradq hook is already registered on this model; DDP allows one comm hook per model")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 1:
         raise ValueError(f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    comp = get_compressor(compressor, **compressor_options)
     state = GradqState(
-        comp,
-        mode=mode,
+        CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options),
         start_iter=start_iter,
         min_numel=min_numel,
-        error_feedback=comp.error_feedback_default if error_feedback is None else bool(error_feedback),
-        seed=seed,
         process_group=process_group,
         parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},
         parameter_numels={name: p.numel() for name, p in ddp_model.module.named_parameters()},

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Iterator
 import horovod.torch as hvd
 import torch
 
-from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
-from gradq.compressors import get_compressor
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.compressors import Compressor
 
 
 class HorovodTransport:
@@ -109,7 +109,7 @@ class _GradqDistributedOptimizer(torch.optim.Optimizer):
 def DistributedOptimizer(  # noqa: N802 - named after hvd.DistributedOptimizer, which it stands in for
     optimizer: torch.optim.Optimizer,
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]] | None = None,
-    compressor: str = "onebit",
+    compressor: str | Compressor = "onebit",
     backward_passes_per_step: int = 1,
     *,
     mode: Mode = "two_phase",
@@ -126,14 +126,10 @@ def DistributedOptimizer(  # noqa: N802 - named after hvd.DistributedOptimizer, 
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int):
         raise TypeError("backward_passes_per_step must be an int")
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
-    comp = get_compressor(compressor, **compressor_options)
-    feedback = comp.error_feedback_default if error_feedback is None else bool(error_feedback)
-    reducer = CompressedAllreduce(comp, mode=mode, error_feedback=feedback, seed=seed)
+    reducer = CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_GradqDistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters, reducer, backward_passes_per_step)

@@ -16,8 +16,8 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
-from gradq.allreduce import MODES, CompressedAllreduce, Mode, ensure_same_settings
-from gradq.compressors import Compressor, get_compressor
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.compressors import Compressor
 
 try:
     from mpi4py import MPI
@@ -64,11 +64,9 @@ class MPIState:
         comm: "MPI.Comm | None" = None,
         **compressor_options: object,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.compressor = get_compressor(compressor, **compressor_options)
-        feedback = self.compressor.error_feedback_default if error_feedback is None else bool(error_feedback)
-        self.allreduce = CompressedAllreduce(self.compressor, mode=mode, error_feedback=feedback, seed=seed)
+        self.allreduce = CompressedAllreduce(
+            compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options
+        )
         self.transport = MPITransport(comm if comm is not None else MPI.COMM_WORLD)
         self.steps: dict[Hashable, int] = {}
         self.bytes_sent = 0

@@ -24,8 +24,9 @@ from typing import Literal, Protocol
 
 import torch
 
+from gradq._validate import check_int
 from gradq._version import __version__
-from gradq.compressors import Compressor
+from gradq.compressors import Compressor, get_compressor
 from gradq.memory import ErrorFeedback
 from gradq.payload import FORMAT_VERSION
 
@@ -96,17 +97,28 @@ def _zero_padded(x: torch.Tensor, length: int) -> torch.Tensor:
 class CompressedAllreduce:
     """The mean of a flat tensor over ranks, sent compressed; holds the error-feedback memories.
 
-    ``key`` (hashable with a stable repr, e.g. the names of a bucket's parameters) names the tensor across
-    steps: residuals are kept per key. ``step`` picks fresh random streams for stochastic compressors.
+    ``compressor`` is a registered name (built with ``compressor_options``) or an instance; ``mode`` is
+    ``"two_phase"`` or ``"allgather"``; ``error_feedback`` defaults to the compressor's choice (on for
+    onebit); ``seed`` (< 2**64) keys the stochastic compressors' per-rank random streams. ``key``
+    (hashable with a stable repr, e.g. the names of a bucket's parameters) names the tensor across steps:
+    residuals are kept per key. ``step`` picks fresh random streams.
     """
 
-    def __init__(self, compressor: Compressor, *, mode: Mode, error_feedback: bool, seed: int = 0) -> None:
+    def __init__(
+        self,
+        compressor: str | Compressor,
+        *,
+        mode: Mode = "two_phase",
+        error_feedback: bool | None = None,
+        seed: int = 0,
+        **compressor_options: object,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.compressor = compressor
+        self.compressor = get_compressor(compressor, **compressor_options)
         self.mode = mode
-        self.error_feedback = error_feedback
-        self.seed = seed
+        self.error_feedback = self.compressor.error_feedback_default if error_feedback is None else bool(error_feedback)
+        self.seed = check_int("seed", seed, lo=0, hi=_MASK64)
         self.worker_memory = ErrorFeedback()
         self.server_memory = ErrorFeedback()
 

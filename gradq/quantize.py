@@ -143,6 +143,15 @@ def choose_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
     return _rows_to_scale(scale, x.shape, scheme.granularity), zero_point
 
 
+def _prepare(
+    x: torch.Tensor, scheme: QuantScheme, seed: int | None, generator: torch.Generator | None, offset: int
+) -> int | None:
+    """Check the arguments shared by quantize and fake_quantize; the seed of a stochastic scheme, else None."""
+    _check_input(x, scheme)
+    check_int("offset", offset, lo=0, hi=2**64 - 1)
+    return _resolve_seed(seed, generator) if scheme.rounding == "stochastic" else None
+
+
 def _resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
@@ -233,10 +242,7 @@ def quantize(
     every device and kernel backend. ``seed`` or ``generator`` picks the stream (neither: a seed drawn
     from torch's default generator). ``sign``/``sign_magnitude`` code books run the fused kernels of ``gradq.kernels``.
     """
-    _check_input(x, scheme)
-    check_int("offset", offset, lo=0, hi=2**64 - 1)
-    stochastic = scheme.rounding == "stochastic"
-    seed = _resolve_seed(seed, generator) if stochastic else None
+    seed = _prepare(x, scheme, seed, generator, offset)
     if scheme.codebook != "uniform":
         if scale is not None or zero_point is not None:
             raise ValueError(f"codebook {scheme.codebook!r} computes its scales; do not pass scale/zero_point")
@@ -325,10 +331,8 @@ def fake_quantize(
     Forward equals dequantize(quantize(x)) exactly (same arguments). Backward passes the incoming gradient
     where the unclamped code lay in [qmin, qmax] and 0 where it was clamped. Uniform schemes only.
     """
-    _check_input(x, scheme)
+    seed = _prepare(x, scheme, seed, generator, offset)
     if scheme.codebook != "uniform":
         raise ValueError(f"fake_quantize supports uniform schemes; codebook {scheme.codebook!r} is for gradients")
-    check_int("offset", offset, lo=0, hi=2**64 - 1)
-    seed = _resolve_seed(seed, generator) if scheme.rounding == "stochastic" else None
     scale, zero_point = _resolve_qparams(x, scheme, scale, zero_point)
     return _FakeQuantize.apply(x, scheme, scale, zero_point, seed, offset)

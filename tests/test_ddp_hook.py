@@ -177,11 +177,17 @@ def _bad_registration(rank, world, workdir):
             call()
         except (TypeError, ValueError) as exc:
             errors[label] = f"{type(exc).__name__}: {exc}"
-    comm_hooks.register(ddp, "qsgd")
+    errors["qsgd error feedback"] = comm_hooks.register(ddp, "qsgd").allreduce.error_feedback
     try:
         comm_hooks.register(ddp, "qsgd")
     except RuntimeError as exc:
         errors["twice"] = str(exc)
+    errors["onebit error feedback"] = comm_hooks.register(DDP(mlp(seed=0)), "onebit").allreduce.error_feedback
+    errors["seed"] = ""
+    try:
+        comm_hooks.register(DDP(mlp(seed=0)), seed=-1)
+    except ValueError as exc:
+        errors["seed"] = str(exc)
     dist.barrier()
     return errors
 
@@ -193,7 +199,8 @@ def test_bad_registrations_raise_clear_errors():
     assert "start_iter must be an int >= 1" in errors["start_iter"]
     assert errors["not ddp"].startswith("TypeError: register needs a torch.nn.parallel.DistributedDataParallel")
     assert "already registered" in errors["twice"]
-    assert gradq.get_compressor("onebit").error_feedback_default
+    assert errors["onebit error feedback"] is True and errors["qsgd error feedback"] is False  # defaults resolved
+    assert "seed must be" in errors["seed"]
 
 
 def _stats(rank, world, workdir):
