@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -227,6 +228,24 @@ void for_blocks(int64_t n, int64_t block, Fn fn) {
 // ---------------------------------------------------------------------------------------------
 // 1-bit sign with error feedback.
 
+// Row b of kSignMask has the float sign bit in lane l where bit l of b is set: XOR with it turns s into
+// -s in exactly those lanes (the bits of the scalar -s).
+struct SignMaskTable {
+  alignas(32) uint32_t lanes[256][8];
+  SignMaskTable() {
+    for (int b = 0; b < 256; ++b)
+      for (int l = 0; l < 8; ++l) lanes[b][l] = ((b >> l) & 1) ? 0x80000000u : 0u;
+  }
+};
+const SignMaskTable kSignMask;
+
+#if defined(__AVX2__)
+// s in the lanes whose bit of `bits` is clear, -s in the others.
+inline __m256 signed_scale8(__m256 s, uint8_t bits) {
+  return _mm256_xor_ps(s, _mm256_load_ps(reinterpret_cast<const float*>(kSignMask.lanes[bits])));
+}
+#endif
+
 // A block's values for the sign kernels: one(q) is element q of the block, eight(p) elements p..p+7.
 struct BlockValues {
   const float* x;
@@ -292,6 +311,14 @@ inline void sign_block_pass2(const Source& source, float* rb, int64_t len, float
   }
 }
 
+// One block of the sign code with error feedback: bits into pb, the scale into *scale, the residual
+// rb (may be null) updated unless the scale is non-finite.
+template <typename Source>
+inline void sign_block(const Source& source, float* rb, int64_t len, uint8_t* pb, float* scale) {
+  *scale = sign_block_pass1(source, rb, len, pb);
+  if (rb && std::isfinite(*scale)) sign_block_pass2(source, rb, len, *scale);
+}
+
 std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual_opt,
                                          int64_t block) {
   const int64_t n = x.numel();
@@ -304,11 +331,7 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
   float* sp = scales.data_ptr<float>();
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    const BlockValues source{xp + start};
-    float* rb = rp ? rp + start : nullptr;
-    const float scale = sign_block_pass1(source, rb, len, pp + start / 8);
-    sp[b] = scale;
-    if (rb && std::isfinite(scale)) sign_block_pass2(source, rb, len, scale);
+    sign_block(BlockValues{xp + start}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b);
   });
   return {packed, scales};
 }
@@ -330,11 +353,9 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
     float* ob = o + start;
     int64_t q = 0;
 #if defined(__AVX2__)
-    const __m256 pos = _mm256_set1_ps(s), neg = _mm256_set1_ps(-s);
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256 pos = _mm256_set1_ps(s);
     for (; q + 8 <= len; q += 8) {
-      const __m256i set = _mm256_and_si256(_mm256_set1_epi32(pb[q >> 3]), bit);
-      const __m256 v = _mm256_blendv_ps(pos, neg, _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
+      const __m256 v = signed_scale8(pos, pb[q >> 3]);
       _mm256_storeu_ps(ob + q, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ob + q), v) : v);
     }
 #endif
@@ -348,8 +369,8 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
 
 // The mean over W ranks of sign codes (one per row of `packed`/`scales`, same blocking), re-encoded
 // as a sign code with error feedback: sign_compress(mean, residual, block) where
-// mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32 and d_r is row r decoded. The mean is recomputed
-// from the packed rows instead of being stored, so the pass over the output chunk happens once.
+// mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32 and d_r is row r decoded. A block's means go to a
+// per-thread buffer (one block: it stays in cache for the two passes of the sign code).
 struct SignRows {
   const uint8_t* packed;
   const float* scales;
@@ -365,32 +386,25 @@ struct SignRows {
     return v / static_cast<float>(rows);
   }
 
+  // The means of block b (elements start .. start+len-1) into m: the same operations as mean().
+  inline void block_mean(int64_t b, int64_t start, int64_t len, float* m) const {
+    int64_t q = 0;
 #if defined(__AVX2__)
-  // The means of the 8 elements i .. i+7 (i a multiple of 8, all in block b): same operations as mean().
-  inline __m256 mean8(int64_t b, int64_t i) const {
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
-    __m256 v = _mm256_setzero_ps();
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m256 s = _mm256_set1_ps(scales[r * row_scales + b]);
-      const __m256i set = _mm256_and_si256(_mm256_set1_epi32(packed[r * row_bytes + (i >> 3)]), bit);
-      const __m256 d = _mm256_blendv_ps(s, _mm256_xor_ps(s, sign_bit),  // -s, exactly as the scalar path
-                                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(set, bit)));
-      v = r ? _mm256_add_ps(v, d) : d;
+    // x / W == x * (1/W) exactly when W is a power of two (both are the correctly rounded x / W).
+    const bool power_of_two = (rows & (rows - 1)) == 0;
+    const __m256 count = _mm256_set1_ps(static_cast<float>(rows));
+    const __m256 inverse = _mm256_set1_ps(1.0f / static_cast<float>(rows));
+    for (; q + 8 <= len; q += 8) {
+      const int64_t byte = (start + q) >> 3;
+      __m256 v = signed_scale8(_mm256_broadcast_ss(scales + b), packed[byte]);
+      for (int64_t r = 1; r < rows; ++r)
+        v = _mm256_add_ps(v, signed_scale8(_mm256_broadcast_ss(scales + r * row_scales + b),
+                                           packed[r * row_bytes + byte]));
+      _mm256_storeu_ps(m + q, power_of_two ? _mm256_mul_ps(v, inverse) : _mm256_div_ps(v, count));
     }
-    return _mm256_div_ps(v, _mm256_set1_ps(static_cast<float>(rows)));
+#endif
+    for (; q < len; ++q) m[q] = mean(b, start + q);
   }
-#endif
-};
-
-// Block b of the mean of the rows, as a source for the sign block passes.
-struct BlockMeans {
-  const SignRows& rows;
-  int64_t b, start;
-  inline float one(int64_t q) const { return rows.mean(b, start + q); }
-#if defined(__AVX2__)
-  inline __m256 eight(int64_t p) const { return rows.mean8(b, start + p); }
-#endif
 };
 
 std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, const torch::Tensor& scale_rows,
@@ -406,11 +420,10 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
   float* sp = scales.data_ptr<float>();
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    const BlockMeans source{rows, b, start};
-    float* rb = rp ? rp + start : nullptr;
-    const float scale = sign_block_pass1(source, rb, len, pp + start / 8);
-    sp[b] = scale;
-    if (rb && std::isfinite(scale)) sign_block_pass2(source, rb, len, scale);
+    thread_local std::vector<float> means;
+    if (static_cast<int64_t>(means.size()) < len) means.resize(len);
+    rows.block_mean(b, start, len, means.data());
+    sign_block(BlockValues{means.data()}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b);
   });
   return {packed, scales};
 }
