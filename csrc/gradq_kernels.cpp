@@ -25,7 +25,7 @@ namespace {
 
 constexpr int64_t kGroup = 8;            // elements per packing group: 8 codes of k bits = k bytes
 constexpr int64_t kGrain = 1 << 14;      // groups per parallel task for the element-wise kernels
-constexpr int64_t kUniformBatch = 64;    // uniforms drawn per Philox call (2 interleaved batches of 8 counters)
+constexpr int64_t kUniformBatch = 128;   // uniforms drawn per Philox call (4 interleaved batches of 8 counters)
 
 // ---------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., SC'11).
@@ -153,6 +153,44 @@ inline void unpack_group(const uint8_t* in, int64_t count, int k, uint8_t* codes
 }
 
 int64_t packed_nbytes(int64_t n, int64_t k) { return (n * k + 7) / 8; }
+
+// The low k bits of each of 8 bytes: the fields of a full group once spread one per byte.
+inline uint64_t byte_fields_mask(int k) { return 0x0101010101010101ull * ((1u << k) - 1); }
+
+#if defined(__BMI2__)
+// A store of k = 1..8 bytes with a constant size per case, so each is one or two moves, not a call.
+inline void store_low_bytes(uint8_t* out, uint64_t v, int k) {
+  switch (k) {
+    case 1: std::memcpy(out, &v, 1); break;
+    case 2: std::memcpy(out, &v, 2); break;
+    case 3: std::memcpy(out, &v, 3); break;
+    case 4: std::memcpy(out, &v, 4); break;
+    case 5: std::memcpy(out, &v, 5); break;
+    case 6: std::memcpy(out, &v, 6); break;
+    case 7: std::memcpy(out, &v, 7); break;
+    default: std::memcpy(out, &v, 8); break;
+  }
+}
+
+// A full group of 8 codes (one per byte of `fields`, each < 2^k) packed into its k bytes at out
+// (x86 is little-endian: the low k bytes of the extracted bits).
+inline void pack_full_group(uint64_t fields, int k, uint64_t mask, uint8_t* out) {
+  store_low_bytes(out, _pext_u64(fields, mask), k);
+}
+
+// The 8 codes of a full group (k bytes at in, the buffer ending at end), one per byte. One 8-byte
+// load, masked, where 8 bytes remain in the buffer.
+inline uint64_t unpack_full_group(const uint8_t* in, const uint8_t* end, int k, uint64_t mask) {
+  uint64_t packed;
+  if (end - in >= 8) {
+    std::memcpy(&packed, in, 8);
+    if (k < 8) packed &= (1ull << (8 * k)) - 1;
+  } else {
+    packed = load_le(in, k);
+  }
+  return _pdep_u64(packed, mask);
+}
+#endif
 
 // Calls fn(begin, end) over [0, n) in ranges whose boundaries are multiples of 8.
 template <typename Fn>
@@ -504,6 +542,7 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
   float* sp = scales.data_ptr<float>();
   const Philox rng(seed, offset);
   const float flevels = static_cast<float>(levels);
+  [[maybe_unused]] const uint64_t mask = byte_fields_mask(k);
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
     const float* xb = xp + start;
@@ -536,8 +575,13 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
           const __m256i field = _mm256_or_si256(level, _mm256_and_si256(negative, _mm256_set1_epi32(1 << lbits)));
           // 8 x int32 -> 8 x uint8 (values < 256): pack to 16 then 8 bits within lanes, then gather halves.
           const __m128i f16 = _mm_packus_epi32(_mm256_castsi256_si128(field), _mm256_extracti128_si256(field, 1));
+#if defined(__BMI2__)
+          pack_full_group(static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_packus_epi16(f16, f16))), k, mask,
+                          pb + (p / kGroup) * k);
+#else
           _mm_storel_epi64(reinterpret_cast<__m128i*>(fields), _mm_packus_epi16(f16, f16));
           pack_group(fields, count, k, pb + (p / kGroup) * k);
+#endif
           continue;
         }
 #endif
@@ -563,14 +607,30 @@ torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tenso
   const uint32_t lmask = (1u << lbits) - 1;
   auto out = output_for(out_opt, n, scales);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
+  [[maybe_unused]] const uint8_t* end = pp + packed.numel();
   const float* sp = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float flevels = static_cast<float>(levels);
+  [[maybe_unused]] const uint64_t mask = byte_fields_mask(k);
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
     const float step = sp[b] / flevels;
     const uint8_t* pb = pp + (start / kGroup) * k;
     float* ob = o + start;
-    for (int64_t p = 0; p < len; p += kGroup) {
+    int64_t p = 0;
+#if defined(__AVX2__) && defined(__BMI2__)
+    // magnitude = level * step, negated by flipping the sign bit: the same bits as the scalar path.
+    const __m256 vstep = _mm256_set1_ps(step);
+    const __m256i vlmask = _mm256_set1_epi32(static_cast<int>(lmask));
+    for (; p + kGroup <= len; p += kGroup) {
+      const uint64_t fields = unpack_full_group(pb + (p / kGroup) * k, end, k, mask);
+      const __m256i f = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(fields)));
+      const __m256 magnitude = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(f, vlmask)), vstep);
+      const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(f, lbits), 31));
+      const __m256 v = _mm256_xor_ps(magnitude, sign);
+      _mm256_storeu_ps(ob + p, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ob + p), v) : v);
+    }
+#endif
+    for (; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
       uint8_t fields[8];
       unpack_group(pb + (p / kGroup) * k, count, k, fields);

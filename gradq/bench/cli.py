@@ -1,0 +1,239 @@
+"""``gradq-bench``: how much traffic and time each compressor saves on your links, and whether the model learns.
+
+    gradq-bench                                   # quick default: digits, 4 local ranks, every compressor
+    gradq-bench --workload mlp25m --steps 20      # the communication-bound 25.7M-parameter MLP
+    sudo gradq-bench --workload mlp25m --cluster 4 --link 1gbit   # 4 emulated hosts on 1 Gbit/s links
+    gradq-bench --launcher mpirun --ranks 4       # ranks started by Open MPI's mpirun
+    gradq-bench --model mypkg.models:workload     # your own model and data (a gradq.bench.Workload)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import gradq
+from gradq.bench.launch import LaunchError, Link, require_root_for_cluster, run_cluster, run_local, run_mpirun
+from gradq.bench.methods import DEFAULT_METHODS, FLOOR, START_ITER, check_method
+from gradq.bench.report import LEGEND, plot, summarize, table
+from gradq.bench.workloads import BUILTIN, Workload, load_workload
+
+SCHEMA = "gradq-bench/1"
+DEFAULT_STEPS = {"digits": 300, "mlp25m": 20}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gradq-bench", description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--workload", choices=sorted(BUILTIN), default="digits",
+                      help="digits: convergence on scikit-learn's digits; mlp25m: communication-bound (default digits)")
+    what.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning a gradq.bench.Workload")
+    parser.add_argument("--compressors", default=",".join(DEFAULT_METHODS),
+                        help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); the floor always runs")
+    parser.add_argument("--ranks", type=int, help="data-parallel ranks (default 4; with --cluster: one per host)")
+    parser.add_argument("--steps", type=int, help="training steps per method (default: digits 300, mlp25m 20)")
+    parser.add_argument("--batch", type=int, help="samples per rank per step (default: the workload's)")
+    parser.add_argument("--warmup", type=int, default=START_ITER + 1,
+                        help="first steps left out of timings and wire counts (default %(default)s)")
+    parser.add_argument("--eval-every", type=int, help="test-set evaluation period in steps (default steps/10)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    parser.add_argument("--launcher", choices=("local", "mpirun"), default="local",
+                        help="local: spawned processes (default); mpirun: Open MPI's launcher on this machine")
+    parser.add_argument("--cluster", type=int, metavar="N", help="N emulated hosts (needs root; uses mpirun)")
+    parser.add_argument("--link", metavar="RATE[,DELAY]", help="emulated link, e.g. 1gbit or 1gbit,1ms (default 1gbit)")
+    parser.add_argument("--output", type=Path, default=Path("gradq-bench-results"),
+                        help="directory for results.json and the plots (default %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser  # fmt: skip
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], Workload, Link | None]:
+    """Check the flags; exits with a usage error naming the problem."""
+    try:
+        methods = [check_method(m.strip()) for m in args.compressors.split(",") if m.strip()]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not methods:
+        parser.error("--compressors is empty; name at least one, e.g. --compressors fp32,onebit")
+    if len(set(methods)) != len(methods):
+        parser.error(f"--compressors names a method twice: {args.compressors}")
+    if args.cluster is not None:
+        if args.cluster < 2:
+            parser.error(f"--cluster needs at least 2 hosts, got {args.cluster}")
+        if args.ranks is not None and args.ranks != args.cluster:
+            parser.error(f"--cluster {args.cluster} runs one rank per host; drop --ranks or make it {args.cluster}")
+        if args.launcher != "local":
+            parser.error("--cluster always launches with mpirun across the hosts; drop --launcher")
+        args.ranks = args.cluster
+    elif args.link is not None:
+        parser.error("--link shapes the emulated cluster's links; it needs --cluster N")
+    args.ranks = 4 if args.ranks is None else args.ranks
+    if args.ranks < 2:
+        parser.error(f"--ranks must be >= 2 (data parallelism needs two ranks), got {args.ranks}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1, got {args.batch}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.warmup < START_ITER + 1:
+        parser.error(f"--warmup must be >= {START_ITER + 1}: compression starts at step {START_ITER}")
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS.get(args.workload if args.model is None else "", 100)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps must exceed --warmup ({args.warmup}), got {args.steps}")
+    if args.eval_every is None:
+        args.eval_every = max(1, args.steps // 10)
+    if args.eval_every < 1:
+        parser.error(f"--eval-every must be >= 1, got {args.eval_every}")
+    link = None
+    if args.cluster is not None:
+        try:
+            link = Link.parse(args.link or "1gbit")
+        except ValueError as exc:
+            parser.error(str(exc))
+    try:
+        workload = load_workload(args.model or args.workload)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.batch is not None:
+        workload = dataclasses.replace(workload, batch_size=args.batch)
+    return [FLOOR, *methods], workload, link
+
+
+def _machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count()}
+
+
+def _versions() -> dict[str, object]:
+    return {"gradq": gradq.__version__, "torch": torch.__version__, "python": platform.python_version(),
+            "native_kernels": gradq.native_available()}  # fmt: skip
+
+
+def check_targets(rows: list[dict]) -> dict[str, bool]:
+    """The targets of the issue that the figures allow checking (meant for 4 hosts at 1 Gbit/s, mlp25m)."""
+    by = {r["method"]: r for r in rows}
+    checks: dict[str, bool] = {}
+
+    def at_most(name: str, value: float | None, limit: float) -> None:
+        if value is not None:
+            checks[name] = value <= limit
+
+    onebit = by.get("onebit")
+    if onebit:
+        at_most("onebit payload <= 1/25 of fp32", 1 / onebit["compression_ratio"], 1 / 25)
+        if onebit["wire_ratio"]:
+            at_most("onebit wire bytes <= 1/25 of fp32", 1 / onebit["wire_ratio"], 1 / 25)
+        at_most("onebit step <= 1.3x floor", onebit["x_floor"], 1.3)
+        if onebit["speedup_vs_fp32"] is not None:
+            checks["onebit >= 3x faster than fp32"] = onebit["speedup_vs_fp32"] >= 3
+        if "powersgd" in by:
+            checks["onebit faster than PowerSGD"] = onebit["median_step_s"] < by["powersgd"]["median_step_s"]
+    for name in ("terngrad", "qsgd"):
+        if name in by:
+            at_most(f"{name} payload <= 1/12 of fp32", 1 / by[name]["compression_ratio"], 1 / 12)
+            if by[name]["wire_ratio"]:
+                at_most(f"{name} wire bytes <= 1/12 of fp32", 1 / by[name]["wire_ratio"], 1 / 12)
+            at_most(f"{name} step <= 1.5x floor", by[name]["x_floor"], 1.5)
+    for r in rows:
+        if r["accuracy_delta_vs_fp32"] is not None and r["method"] not in ("fp32", "torch-fp16", "powersgd"):
+            checks[f"{r['method']} accuracy within 1 point of fp32"] = r["accuracy_delta_vs_fp32"] >= -1.0
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (0, or 1 when a rank failed)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    methods, workload, link = _validate(parser, args)
+    launcher = "cluster" if args.cluster is not None else args.launcher
+    try:
+        if launcher == "cluster":
+            require_root_for_cluster()
+    except LaunchError as exc:
+        print(f"gradq-bench: {exc}", file=sys.stderr)
+        return 1
+    args.output.mkdir(parents=True, exist_ok=True)
+    where = f"{args.ranks} emulated hosts at {link.rate}" if link else f"{args.ranks} {launcher} ranks"
+    title = f"{workload.name} on {where}"
+    print(f"gradq-bench: {title}, {args.steps} steps per method, methods: {', '.join(methods)}", file=sys.stderr)
+    spec = {
+        "workload": args.model or args.workload, "methods": methods, "steps": args.steps, "warmup": args.warmup,
+        "eval_every": args.eval_every, "seed": args.seed, "batch": args.batch, "threads": args.threads,
+        "progress": not args.quiet,
+        "interface": "eth0" if launcher == "cluster" else "lo",
+    }  # fmt: skip
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gradq-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        spec_path = Path(tmp) / "spec.json"
+        spec["result_path"] = str(Path(tmp) / "result.json")
+        spec_path.write_text(json.dumps(spec))
+        try:
+            if launcher == "local":
+                run_local(spec_path, args.ranks)
+            elif launcher == "mpirun":
+                run_mpirun(spec_path, args.ranks)
+            else:
+                run_cluster(spec_path, args.ranks, link)
+        except LaunchError as exc:
+            print(f"gradq-bench: {exc}", file=sys.stderr)
+            return 1
+        runs = json.loads(Path(spec["result_path"]).read_text())["runs"]
+    rows = summarize(runs)
+    checks = check_targets(rows)
+    print(f"\n{title}: {runs[0]['params']:,} parameters, {args.steps} steps ({args.warmup} warm-up), seed {args.seed}")
+    print(table(rows))
+    print(f"\n{LEGEND}")
+    if checks:
+        print("\nTargets (set for mlp25m on 4 hosts at 1 Gbit/s; elsewhere informative):")
+        for name, ok in checks.items():
+            print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    results = {
+        "schema": SCHEMA,
+        "command": shlex.join(["gradq-bench", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "elapsed_s": time.perf_counter() - started,
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {
+            "workload": workload.name, "model": args.model, "ranks": args.ranks, "steps": args.steps,
+            "warmup": args.warmup, "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
+            "launcher": launcher, "link": None if link is None else {"rate": link.rate, "delay": link.delay},
+            "batch_per_rank": workload.batch_size, "lr": workload.lr, "momentum": workload.momentum,
+            "target_accuracy": workload.target_accuracy, "methods": methods,
+        },
+        "runs": runs,
+        "summary": rows,
+        "checks": checks,
+    }  # fmt: skip
+    (args.output / "results.json").write_text(json.dumps(results, indent=1))
+    plots = plot(runs, args.output, title)
+    print(f"\nwrote {args.output / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def entry() -> None:
+    """Console-script entry: ``gradq-bench``."""
+    sys.exit(main())

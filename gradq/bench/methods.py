@@ -1,0 +1,112 @@
+"""What gradq-bench compares: PyTorch's own DDP communication (the baselines) and gradq's hook.
+
+Every method is attached to a DDP model and then reports, per finished step, the bytes this rank's
+collectives carried and the seconds spent compressing. gradq's figures come from its hook statistics.
+For PyTorch's hooks the bytes are those of a bandwidth-optimal ring allreduce of what they hand to
+allreduce (2 (W-1) / W x message bytes), which is what Gloo's ring sends; the wire counters measure it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks, default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import comm_hooks
+from gradq.allreduce import MODES
+from gradq.compressors import available_compressors
+
+FLOOR = "noop"
+TORCH_METHODS = {
+    FLOOR: "no communication (noop_hook)",
+    "fp32": "fp32 allreduce (DDP default)",
+    "torch-fp16": "PyTorch fp16_compress_hook",
+    "powersgd": "PyTorch PowerSGD rank 1",
+}
+DEFAULT_METHODS = ("fp32", "torch-fp16", "powersgd", "onebit", "terngrad", "qsgd")
+START_ITER = 2  # gradq and PowerSGD run plain allreduce for steps 0 and 1 (DDP rebuilds buckets after step 0)
+
+
+def known_methods() -> list[str]:
+    """Every name --compressors accepts (gradq names may end in :two_phase or :allgather)."""
+    return [*[m for m in TORCH_METHODS if m != FLOOR], *available_compressors()]
+
+
+def check_method(name: str) -> str:
+    """``name`` if it is a method, else ValueError naming the accepted ones."""
+    compressor, _, mode = name.partition(":")
+    if name in TORCH_METHODS and name != FLOOR:
+        return name
+    if compressor in available_compressors() and (not mode or mode in MODES):
+        return name
+    raise ValueError(
+        f"unknown compressor {name!r}; choose from {', '.join(known_methods())} (gradq ones may end in "
+        f":{' or :'.join(MODES)}); the no-communication floor always runs"
+    )
+
+
+def describe(name: str) -> str:
+    """A short human label for the table."""
+    if name in TORCH_METHODS:
+        return TORCH_METHODS[name]
+    compressor, _, mode = name.partition(":")
+    return f"gradq {compressor} ({(mode or 'two_phase').replace('_', '-')})"
+
+
+def single_bucket(name: str) -> bool:
+    """PowerSGD issues collectives from future callbacks and crashes on Gloo with several buckets."""
+    return name == "powersgd"
+
+
+@dataclass
+class StepFigures:
+    """A method's figures for one finished step: bytes this rank sent, seconds (de)compressing (None: n/a)."""
+
+    bytes_sent: int
+    codec_seconds: float | None
+
+
+class Meter:
+    """Attaches a method to a DDP model; ``step()`` after each optimizer step gives its :class:`StepFigures`."""
+
+    def __init__(self, ddp: DDP, name: str, *, seed: int) -> None:
+        self.name = name
+        world = dist.get_world_size()
+        numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
+        self._ring = 2 * (world - 1) / world
+        self.fp32_bytes_per_step = round(self._ring * 4 * numel)
+        self._gradq = None
+        self._powersgd = None
+        self._sent_numel = 0
+        if name == FLOOR:
+            ddp.register_comm_hook(None, debugging_hooks.noop_hook)
+        elif name == "torch-fp16":
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        elif name == "powersgd":
+            self._powersgd = powerSGD_hook.PowerSGDState(
+                process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=START_ITER, random_seed=seed
+            )
+            ddp.register_comm_hook(self._powersgd, powerSGD_hook.powerSGD_hook)
+        elif name != "fp32":
+            compressor, _, mode = name.partition(":")
+            self._gradq = comm_hooks.register(
+                ddp, compressor, mode=mode or "two_phase", start_iter=START_ITER, seed=seed
+            )
+
+    def step(self) -> StepFigures:
+        """Figures of the step that just finished."""
+        if self._gradq is not None:
+            stats = self._gradq.stats
+            return StepFigures(stats.bytes_sent_last_step, stats.codec_seconds_last_step)
+        if self.name == FLOOR:
+            return StepFigures(0, None)
+        if self.name == "torch-fp16":
+            return StepFigures(self.fp32_bytes_per_step // 2, None)
+        if self._powersgd is not None:
+            sent = self._powersgd.total_numel_after_compression - self._sent_numel
+            self._sent_numel = self._powersgd.total_numel_after_compression
+            # Before start_powerSGD_iter it allreduces the fp32 buckets and counts nothing.
+            return StepFigures(round(self._ring * 4 * sent) if sent else self.fp32_bytes_per_step, None)
+        return StepFigures(self.fp32_bytes_per_step, None)

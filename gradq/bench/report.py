@@ -1,0 +1,138 @@
+"""gradq-bench's derived figures, the table it prints and the plots it writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gradq.bench.methods import FLOOR
+
+MB = 1e6
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per run, the figures relative to fp32 allreduce and to the floor (None where a baseline is missing).
+
+    ``speedup_vs_fp32`` = fp32's median step time / this one's; ``x_floor`` = this / the floor's;
+    ``compression_ratio`` = fp32 bytes per step / this run's payload bytes per step (both per rank);
+    ``wire_ratio`` = fp32's measured wire bytes / this run's; ``accuracy_delta_vs_fp32`` in points.
+    """
+    by_method = {r["method"]: r for r in runs}
+    fp32, floor = by_method.get("fp32"), by_method.get(FLOOR)
+    rows = []
+    for r in runs:
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a is not None and b else None
+
+        delta = None
+        if fp32 and r["final_accuracy"] is not None and fp32["final_accuracy"] is not None and r is not floor:
+            delta = 100 * (r["final_accuracy"] - fp32["final_accuracy"])
+        rows.append({
+            "method": r["method"],
+            "label": r["label"],
+            "median_step_s": r["median_step_s"],
+            "x_floor": ratio(r["median_step_s"], floor and floor["median_step_s"]),
+            "speedup_vs_fp32": ratio(fp32 and fp32["median_step_s"], r["median_step_s"]),
+            "payload_bytes_per_step": r["payload_bytes_per_step"],
+            "wire_bytes_per_step": r["wire_bytes_per_step"],
+            "compression_ratio": ratio(r["fp32_bytes_per_step"], r["payload_bytes_per_step"]),
+            "wire_ratio": ratio(fp32 and fp32["wire_bytes_per_step"], r["wire_bytes_per_step"]),
+            "codec_s_per_step": r["codec_s_per_step"],
+            "final_loss": r["final_loss"] if r is not floor else None,
+            "final_accuracy": r["final_accuracy"] if r is not floor else None,
+            "accuracy_delta_vs_fp32": delta,
+            "time_to_target_s": r["time_to_target_s"] if r is not floor else None,
+        })  # fmt: skip
+    return rows
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+COLUMNS = (
+    ("method", "method", 20, "s"),
+    ("step s", "median_step_s", 8, ".3f"),
+    ("x floor", "x_floor", 8, ".2f"),
+    ("vs fp32", "speedup_vs_fp32", 8, ".2f"),
+    ("MB/step", "payload_bytes_per_step", 9, ".2f"),
+    ("ratio", "compression_ratio", 7, ".1f"),
+    ("wire MB", "wire_bytes_per_step", 9, ".2f"),
+    ("codec s", "codec_s_per_step", 8, ".3f"),
+    ("loss", "final_loss", 7, ".3f"),
+    ("acc %", "final_accuracy", 7, ".1f"),
+    ("to target s", "time_to_target_s", 12, ".1f"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    """The summary rows as an aligned text table."""
+    scale = {"payload_bytes_per_step": 1 / MB, "wire_bytes_per_step": 1 / MB, "final_accuracy": 100}
+    lines = ["".join(f"{title:<{w}}" if i == 0 else f"{title:>{w}}" for i, (title, _, w, _) in enumerate(COLUMNS))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        cells = []
+        for i, (_, key, width, fmt) in enumerate(COLUMNS):
+            value = row[key]
+            if isinstance(value, float | int) and key in scale:
+                value = value * scale[key]
+            text = value if fmt == "s" else _cell(value, fmt)
+            cells.append(f"{text:<{width}}" if i == 0 else f"{text:>{width}}")
+        lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+LEGEND = """\
+step s: median step time after warm-up (rank 0); x floor: / the no-communication step (noop hook);
+vs fp32: speedup over fp32 allreduce; MB/step: payload bytes each rank sends per step (gradq: its hook
+statistics; PyTorch's hooks: a ring allreduce of what they reduce); ratio: fp32 bytes / MB/step;
+wire MB: bytes each rank's network interface sent per step (kernel counter; on loopback all ranks'
+traffic / ranks, headers and other local traffic included); codec s: gradq's (de)compression time per
+step; loss, acc %: on the test set after the last step; to target s: training time until the test
+accuracy first reached the target (checked every --eval-every steps)."""
+
+
+def plot(runs: list[dict], output: Path, title: str) -> list[Path]:
+    """curves.png (train loss vs step and vs bytes sent, test accuracy vs step) and step_time.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [r for r in runs if r["method"] != FLOOR]
+    fig, (loss_ax, bytes_ax, acc_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in trained:
+        steps = range(1, len(r["train_loss"]) + 1)
+        sent, total = [], 0
+        for b in r["bytes_per_step"]:
+            total += b
+            sent.append(total / MB)
+        loss_ax.plot(steps, r["train_loss"], label=r["label"], linewidth=1)
+        bytes_ax.plot(sent, r["train_loss"], label=r["label"], linewidth=1)
+        if r["evals"]:
+            acc_ax.plot([e["step"] for e in r["evals"]], [100 * e["accuracy"] for e in r["evals"]], marker=".")
+    loss_ax.set(xlabel="step", ylabel="train loss (mean over ranks)", title="loss vs step", yscale="log")
+    bytes_ax.set(xlabel="MB sent per rank (cumulative)", ylabel="train loss", title="loss vs bytes sent",
+                 xscale="log", yscale="log")  # fmt: skip
+    acc_ax.set(xlabel="step", ylabel="test accuracy %", title="test accuracy")
+    loss_ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    curves = output / "curves.png"
+    fig.savefig(curves, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(runs) + 1.5))
+    labels = [r["label"] for r in runs]
+    ax.barh(labels, [r["median_step_s"] for r in runs], color="tab:blue")
+    floor = next((r for r in runs if r["method"] == FLOOR), None)
+    if floor is not None:
+        ax.axvline(floor["median_step_s"], color="black", linestyle="--", label="no-communication floor")
+        ax.legend()
+    ax.invert_yaxis()
+    ax.set(xlabel="median step time (s)", title=title)
+    fig.tight_layout()
+    step_time = output / "step_time.png"
+    fig.savefig(step_time, dpi=110)
+    plt.close(fig)
+    return [curves, step_time]

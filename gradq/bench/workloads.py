@@ -1,0 +1,123 @@
+"""Workloads for gradq-bench: a model and its data, built the same way on every rank."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A classification task for data-parallel training.
+
+    ``build_model()`` is called on every rank after ``torch.manual_seed(seed)``. ``train_x``/``train_y``
+    (float inputs, int64 labels; first dimension = samples) are sharded over ranks; ``test_x``/``test_y``
+    are evaluated on every rank (None: no accuracy). ``batch_size`` is per rank. SGD with ``lr`` and
+    ``momentum``; ``target_accuracy`` is the test accuracy whose time to reach the benchmark reports.
+    """
+
+    name: str
+    build_model: Callable[[], torch.nn.Module]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    batch_size: int = 32
+    lr: float = 0.1
+    momentum: float = 0.0
+    target_accuracy: float | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.train_x) != len(self.train_y) or len(self.train_x) == 0:
+            raise ValueError(f"workload {self.name!r}: train_x and train_y need the same, non-zero number of rows")
+        if (self.test_x is None) != (self.test_y is None):
+            raise ValueError(f"workload {self.name!r}: give both test_x and test_y, or neither")
+        if self.batch_size < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"workload {self.name!r}: need batch_size >= 1, lr > 0 and 0 <= momentum < 1")
+
+
+def _mlp(widths: tuple[int, ...]) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def digits() -> Workload:
+    """Convergence workload: scikit-learn's bundled 8x8 digits (1,797 images, no download), an MLP
+    64-256-10; 80/20 split with a fixed permutation; lr 0.1, momentum 0.5 (1-bit error feedback is stable
+    there, see benchmarks/RESULTS.md), batch 32 per rank; target 95% test accuracy."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(x))
+    train, test = order[:cut], order[cut:]
+    return Workload(
+        "digits",
+        lambda: _mlp((64, 256, 10)),
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        batch_size=32,
+        lr=0.1,
+        momentum=0.5,
+        target_accuracy=0.95,
+    )
+
+
+MLP25M_WIDTHS = (2048, 4096, 4096, 128)
+
+
+def mlp25m() -> Workload:
+    """Communication-bound workload: the MLP 2048-4096-4096-128 (25,698,432 parameters, 103 MB of fp32
+    gradients) on synthetic data whose labels a fixed random linear teacher assigns (so it is learnable);
+    batch 128 per rank, lr 0.01, momentum 0.5; target 50% test accuracy."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(MLP25M_WIDTHS[0], MLP25M_WIDTHS[-1], generator=gen)
+    x = torch.randn(4608, MLP25M_WIDTHS[0], generator=gen)
+    y = (x @ teacher).argmax(1)
+    return Workload(
+        "mlp25m",
+        lambda: _mlp(MLP25M_WIDTHS),
+        x[:4096],
+        y[:4096],
+        x[4096:],
+        y[4096:],
+        batch_size=128,
+        lr=0.01,
+        momentum=0.5,
+        target_accuracy=0.5,
+    )
+
+
+BUILTIN = {"digits": digits, "mlp25m": mlp25m}
+
+
+def load_workload(spec: str) -> Workload:
+    """A built-in workload by name, or ``module:function`` returning a :class:`Workload`."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(
+            f"unknown workload {spec!r}: use one of {', '.join(BUILTIN)} or module:function (a function of no "
+            "arguments that returns a gradq.bench.Workload)"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--model {spec}: {module_name} has no function {function_name!r}")
+    workload = function()
+    if not isinstance(workload, Workload):
+        raise ValueError(f"--model {spec}: {function_name}() returned {type(workload).__name__}, not a Workload")
+    return workload
