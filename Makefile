@@ -1,4 +1,4 @@
-# gradq developer commands. `make demo` and `make test` both set up .venv first (idempotent).
+# gradq developer commands. `make bench` (the main job) and `make test` both set up .venv first (idempotent).
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(VENV)/bin/mpirun --oversubscribe \
 	--mca btl_tcp_if_include lo -x GLOO_SOCKET_IFNAME=lo
 
-.PHONY: setup horovod demo test bench-kernels bench-ddp clean
+.PHONY: setup horovod bench demo test bench-kernels bench-ddp bench-cluster clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp)
 	$(PY) -c "import gradq; assert gradq.native_available(), 'native kernels failed to build'; print('gradq ready, native kernels built')"
 	touch $@
 
+# The main job: gradq-bench's quick default (digits, 4 local ranks, every compressor; a few minutes).
+bench: setup
+	$(VENV)/bin/gradq-bench
+
 demo: setup
 	$(PY) -m gradq.demo
 
@@ -41,7 +45,12 @@ bench-kernels: setup
 	$(PY) benchmarks/kernels.py --output benchmarks/results/kernels.json
 
 bench-ddp: setup
-	$(PY) benchmarks/ddp.py --output benchmarks/results/ddp.json
+	$(PY) benchmarks/ddp.py --output benchmarks/results/ddp
+
+# 4 emulated hosts on 1 Gbit/s links (needs root), the communication-bound 25.7M-parameter MLP.
+bench-cluster: setup
+	$(VENV)/bin/gradq-bench --workload mlp25m --cluster 4 --link 1gbit --output benchmarks/results/cluster \
+		--compressors fp32,torch-fp16,powersgd,onebit,terngrad,qsgd,qsgd:levels=1
 
 clean:
 	rm -rf $(VENV) build *.egg-info gradq/_C*.so

@@ -1,6 +1,6 @@
 """Where two-phase onebit's compression time goes, on one uncontended process, next to compute and copy.
 
-For the 25.7M-parameter MLP of benchmarks/ddp.py and W = 4 ranks, times (one thread, median of
+For gradq-bench's 25.7M-parameter MLP workload (mlp25m) and W = 4 ranks, times (one thread, median of
 ``--repeats``): each kernel of the two-phase onebit codec on the shapes one rank sees (worker
 compress with error feedback of the 4 chunks, the fused server step, the decode into the bucket), the
 whole codec through ``CompressedAllreduce`` with an in-process transport that hands every rank's
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ddp import MODELS, build_model
 
 import gradq
 from gradq.allreduce import CompressedAllreduce
+from gradq.bench.workloads import mlp25m
 
 WORLD = 4
 
@@ -59,7 +59,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    model = build_model(MODELS["mlp25m"])
+    workload = mlp25m()
+    torch.manual_seed(0)
+    model = workload.build_model()
     n = sum(p.numel() for p in model.parameters())
     chunk = -(-n // (WORLD * 8)) * 8
     block = gradq.OneBit().block
@@ -87,8 +89,7 @@ def main() -> None:
     def whole() -> None:
         codec.append(reducer(x, EchoTransport(), key="bucket", step=0, out=out).codec_seconds)
 
-    inputs = torch.randn(128, MODELS["mlp25m"][0])
-    labels = torch.randint(0, MODELS["mlp25m"][-1], (128,))
+    inputs, labels = workload.train_x[:128], workload.train_y[:128]
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
     def compute() -> None:

@@ -139,6 +139,8 @@ def mpirun_command(cluster: Cluster, command: list[str], agent: Path) -> list[st
         "ip", "netns", "exec", cluster.hosts[0],
         "env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",
         mpirun, "-n", str(len(cluster.hosts)), "-H", ",".join(cluster.hosts),
+        # Every emulated host shares this machine's cores: binding would pin all ranks to the same core.
+        "--bind-to", "none",
         "--mca", "plm_rsh_agent", str(agent),
         "--mca", "btl_tcp_if_include", cluster.subnet,
         "--prtemca", "prte_if_include", cluster.subnet,

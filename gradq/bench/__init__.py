@@ -4,7 +4,14 @@ Run ``gradq-bench --help`` (or ``python -m gradq.bench``). A user's own model pl
 ``--model module:function`` where the function returns a :class:`Workload`.
 """
 
-from gradq.bench.cli import main
 from gradq.bench.workloads import Workload
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line (see ``gradq-bench --help``); returns the exit status."""
+    from gradq.bench.cli import main as cli_main  # imported late: ranks start as python -m gradq.bench.worker
+
+    return cli_main(argv)
+
 
 __all__ = ["Workload", "main"]

@@ -61,7 +61,7 @@ def _worker_command(spec_path: Path) -> list[str]:
 def run_mpirun(spec_path: Path, ranks: int) -> None:
     """``mpirun -n ranks`` on this machine, traffic on loopback."""
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    command = [_mpirun(), "--oversubscribe", "-n", str(ranks), "--mca", "btl_tcp_if_include", "lo",
+    command = [_mpirun(), "--oversubscribe", "--bind-to", "none", "-n", str(ranks), "--mca", "btl_tcp_if_include", "lo",
                "-x", "GLOO_SOCKET_IFNAME=lo", *_worker_command(spec_path)]  # fmt: skip
     completed = subprocess.run(command, env=env, check=False)
     if completed.returncode:

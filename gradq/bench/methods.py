@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import comm_hooks
 from gradq.allreduce import MODES
-from gradq.compressors import available_compressors
+from gradq.compressors import available_compressors, get_compressor
 
 FLOOR = "noop"
 TORCH_METHODS = {
@@ -30,29 +30,57 @@ START_ITER = 2  # gradq and PowerSGD run plain allreduce for steps 0 and 1 (DDP 
 
 
 def known_methods() -> list[str]:
-    """Every name --compressors accepts (gradq names may end in :two_phase or :allgather)."""
+    """Every method name --compressors accepts (gradq ones take :mode and :option=value suffixes)."""
     return [*[m for m in TORCH_METHODS if m != FLOOR], *available_compressors()]
+
+
+def parse_gradq_method(name: str) -> tuple[str, str, dict[str, int | float]]:
+    """``compressor[:mode][:option=value ...]`` -> (compressor, mode, options), e.g. ``qsgd:levels=2``.
+
+    Raises ValueError naming the accepted methods, modes or the compressor's complaint about an option.
+    """
+    compressor, *suffixes = name.split(":")
+    if compressor not in available_compressors():
+        raise ValueError(
+            f"unknown compressor {name!r}; choose from {', '.join(known_methods())} (gradq ones may add "
+            f":{' or :'.join(MODES)} and :option=value, e.g. qsgd:levels=2); the no-communication floor always runs"
+        )
+    mode, options = "two_phase", {}
+    for suffix in suffixes:
+        key, eq, value = suffix.partition("=")
+        if not eq:
+            if suffix not in MODES:
+                raise ValueError(f"{name!r}: {suffix!r} is neither a mode ({', '.join(MODES)}) nor option=value")
+            mode = suffix
+            continue
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                raise ValueError(f"{name!r}: option {key} needs a number, got {value!r}") from None
+    try:
+        get_compressor(compressor, **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name!r}: {exc}") from None
+    return compressor, mode, options
 
 
 def check_method(name: str) -> str:
     """``name`` if it is a method, else ValueError naming the accepted ones."""
-    compressor, _, mode = name.partition(":")
-    if name in TORCH_METHODS and name != FLOOR:
-        return name
-    if compressor in available_compressors() and (not mode or mode in MODES):
-        return name
-    raise ValueError(
-        f"unknown compressor {name!r}; choose from {', '.join(known_methods())} (gradq ones may end in "
-        f":{' or :'.join(MODES)}); the no-communication floor always runs"
-    )
+    if name not in TORCH_METHODS or name == FLOOR:
+        parse_gradq_method(name)
+    return name
 
 
 def describe(name: str) -> str:
     """A short human label for the table."""
     if name in TORCH_METHODS:
         return TORCH_METHODS[name]
-    compressor, _, mode = name.partition(":")
-    return f"gradq {compressor} ({(mode or 'two_phase').replace('_', '-')})"
+    compressor, mode, options = parse_gradq_method(name)
+    settings = ", ".join([mode.replace("_", "-"), *(f"{k}={v}" for k, v in options.items())])
+    return f"gradq {compressor} ({settings})"
 
 
 def single_bucket(name: str) -> bool:
@@ -75,8 +103,8 @@ class Meter:
         self.name = name
         world = dist.get_world_size()
         numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
-        self._ring = 2 * (world - 1) / world
-        self.fp32_bytes_per_step = round(self._ring * 4 * numel)
+        self._world, self._numel = world, numel
+        self.fp32_bytes_per_step = self._ring_bytes(4 * numel)
         self._gradq = None
         self._powersgd = None
         self._sent_numel = 0
@@ -90,10 +118,12 @@ class Meter:
             )
             ddp.register_comm_hook(self._powersgd, powerSGD_hook.powerSGD_hook)
         elif name != "fp32":
-            compressor, _, mode = name.partition(":")
-            self._gradq = comm_hooks.register(
-                ddp, compressor, mode=mode or "two_phase", start_iter=START_ITER, seed=seed
-            )
+            compressor, mode, options = parse_gradq_method(name)
+            self._gradq = comm_hooks.register(ddp, compressor, mode=mode, start_iter=START_ITER, seed=seed, **options)
+
+    def _ring_bytes(self, message_bytes: int) -> int:
+        """Bytes one rank sends in a ring allreduce of ``message_bytes`` (as gradq's HookStats counts fp32)."""
+        return 2 * (self._world - 1) * message_bytes // self._world
 
     def step(self) -> StepFigures:
         """Figures of the step that just finished."""
@@ -103,10 +133,10 @@ class Meter:
         if self.name == FLOOR:
             return StepFigures(0, None)
         if self.name == "torch-fp16":
-            return StepFigures(self.fp32_bytes_per_step // 2, None)
+            return StepFigures(self._ring_bytes(2 * self._numel), None)
         if self._powersgd is not None:
             sent = self._powersgd.total_numel_after_compression - self._sent_numel
             self._sent_numel = self._powersgd.total_numel_after_compression
             # Before start_powerSGD_iter it allreduces the fp32 buckets and counts nothing.
-            return StepFigures(round(self._ring * 4 * sent) if sent else self.fp32_bytes_per_step, None)
+            return StepFigures(self._ring_bytes(4 * sent) if sent else self.fp32_bytes_per_step, None)
         return StepFigures(self.fp32_bytes_per_step, None)

@@ -14,7 +14,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 
     ``speedup_vs_fp32`` = fp32's median step time / this one's; ``x_floor`` = this / the floor's;
     ``compression_ratio`` = fp32 bytes per step / this run's payload bytes per step (both per rank);
-    ``wire_ratio`` = fp32's measured wire bytes / this run's; ``accuracy_delta_vs_fp32`` in points.
+    ``wire_ratio`` = fp32's measured wire bytes / this run's; ``codec_share_of_floor`` = (de)compression
+    seconds per step / the floor's step; ``accuracy_delta_vs_fp32`` in points.
     """
     by_method = {r["method"]: r for r in runs}
     fp32, floor = by_method.get("fp32"), by_method.get(FLOOR)
@@ -38,6 +39,7 @@ def summarize(runs: list[dict]) -> list[dict]:
             "compression_ratio": ratio(r["fp32_bytes_per_step"], r["payload_bytes_per_step"]),
             "wire_ratio": ratio(fp32 and fp32["wire_bytes_per_step"], r["wire_bytes_per_step"]),
             "codec_s_per_step": r["codec_s_per_step"],
+            "codec_share_of_floor": ratio(r["codec_s_per_step"], floor and floor["median_step_s"]),
             "final_loss": r["final_loss"] if r is not floor else None,
             "final_accuracy": r["final_accuracy"] if r is not floor else None,
             "accuracy_delta_vs_fp32": delta,
@@ -52,13 +54,13 @@ def _cell(value: float | None, fmt: str) -> str:
 
 COLUMNS = (
     ("method", "method", 20, "s"),
-    ("step s", "median_step_s", 8, ".3f"),
+    ("step s", "median_step_s", 9, ".4g"),
     ("x floor", "x_floor", 8, ".2f"),
     ("vs fp32", "speedup_vs_fp32", 8, ".2f"),
-    ("MB/step", "payload_bytes_per_step", 9, ".2f"),
+    ("MB/step", "payload_bytes_per_step", 9, ".3g"),
     ("ratio", "compression_ratio", 7, ".1f"),
-    ("wire MB", "wire_bytes_per_step", 9, ".2f"),
-    ("codec s", "codec_s_per_step", 8, ".3f"),
+    ("wire MB", "wire_bytes_per_step", 9, ".3g"),
+    ("codec s", "codec_s_per_step", 9, ".3g"),
     ("loss", "final_loss", 7, ".3f"),
     ("acc %", "final_accuracy", 7, ".1f"),
     ("to target s", "time_to_target_s", 12, ".1f"),

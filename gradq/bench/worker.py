@@ -48,7 +48,7 @@ def _batches(workload: Workload, rank: int, world: int, seed: int):  # noqa: ANN
     """This rank's shard of the training set, reshuffled every epoch, in batches of batch_size."""
     shard = torch.arange(rank, len(workload.train_x), world)
     gen = torch.Generator().manual_seed(seed * 7919 + rank)
-    size = min(workload.batch_size, len(shard))
+    size = workload.batch_size  # the CLI checked that a shard holds a batch
     while True:
         order = shard[torch.randperm(len(shard), generator=gen)]
         for i in range(0, len(order) - size + 1, size):

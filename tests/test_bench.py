@@ -1,0 +1,240 @@
+"""gradq-bench end to end (real processes, Gloo on loopback, real mpirun), its arithmetic and its usage errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradq
+from gradq.bench import cli
+from gradq.bench.methods import describe
+from gradq.bench.report import summarize
+from gradq.bench.workloads import digits
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["fp32", "torch-fp16", "powersgd", "onebit", "terngrad", "qsgd", "qsgd:levels=1", "onebit:allgather"]
+STEPS, WARMUP, EVERY, RANKS = 8, 3, 4, 2
+
+
+def run_bench(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "gradq.bench", "--quiet", "--output", str(tmp_path), *flags],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def chunk_payload(name: str, numel: int, world: int) -> int:
+    """Bytes one rank sends per step in two-phase mode: 2 (W-1) chunk payloads (chunks padded to 8 values)."""
+    compressor = gradq.get_compressor(name)
+    chunk = -(-numel // (world * 8)) * 8
+    return 2 * (world - 1) * compressor.payload_nbytes(chunk)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    flags = [
+        "--ranks",
+        str(RANKS),
+        "--steps",
+        str(STEPS),
+        "--eval-every",
+        str(EVERY),
+        "--compressors",
+        ",".join(METHODS),
+    ]
+    completed = run_bench(out, *flags)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return out, completed, json.loads((out / "results.json").read_text())
+
+
+def test_results_json_schema(local_run):
+    _, _, results = local_run
+    assert results["schema"] == "gradq-bench/1"
+    assert results["command"].startswith("gradq-bench ") and "--compressors" in results["command"]
+    assert {"cpu", "cores", "platform", "hostname"} <= results["machine"].keys()
+    assert results["versions"]["gradq"] == gradq.__version__ and results["versions"]["torch"] == torch.__version__
+    settings = results["settings"]
+    assert (settings["ranks"], settings["steps"], settings["warmup"], settings["launcher"]) == (2, 8, 3, "local")
+    assert settings["methods"] == ["noop", *METHODS]
+    assert [r["method"] for r in results["runs"]] == ["noop", *METHODS]
+    assert [r["method"] for r in results["summary"]] == ["noop", *METHODS]
+    numel = 64 * 256 + 256 + 256 * 10 + 10
+    for run in results["runs"]:
+        assert run["label"] == describe(run["method"])
+        assert run["params"] == numel
+        for key in ("step_seconds", "train_loss", "bytes_per_step"):
+            assert len(run[key]) == STEPS, key
+        assert all(t > 0 for t in run["step_seconds"])
+        assert run["median_step_s"] == sorted(run["step_seconds"][WARMUP:])[(STEPS - WARMUP) // 2]
+        assert [e["step"] for e in run["evals"]] == [4, 8]
+        assert all(0 <= e["accuracy"] <= 1 and e["loss"] > 0 for e in run["evals"])
+        assert run["evals"][-1]["bytes_sent"] == sum(run["bytes_per_step"])
+        assert run["final_accuracy"] == run["evals"][-1]["accuracy"]
+        reached = [e for e in run["evals"] if e["accuracy"] >= digits().target_accuracy]
+        assert run["time_to_target_s"] == (reached[0]["train_seconds"] if reached else None)
+
+
+def test_bytes_match_the_compressors(local_run):
+    """Payload bytes per rank and step are exactly what the compressors' sizes give; ratios follow."""
+    _, _, results = local_run
+    runs = {r["method"]: r for r in results["runs"]}
+    summary = {r["method"]: r for r in results["summary"]}
+    numel = runs["fp32"]["params"]
+    fp32 = 2 * (RANKS - 1) * 4 * numel // RANKS
+    assert runs["noop"]["bytes_per_step"] == [0] * STEPS
+    assert runs["fp32"]["bytes_per_step"] == [fp32] * STEPS
+    assert runs["torch-fp16"]["bytes_per_step"] == [fp32 // 2] * STEPS
+    for name, option_free in (("onebit", "onebit"), ("terngrad", "terngrad"), ("qsgd", "qsgd")):
+        expected = chunk_payload(option_free, numel, RANKS)
+        # steps 0 and 1 are plain fp32 allreduce (start_iter = 2), then the compressed payloads
+        assert runs[name]["bytes_per_step"] == [fp32, fp32] + [expected] * (STEPS - 2), name
+        assert summary[name]["compression_ratio"] == pytest.approx(fp32 / expected)
+    qsgd1 = gradq.QSGD(levels=1)
+    chunk = -(-numel // (RANKS * 8)) * 8
+    assert runs["qsgd:levels=1"]["payload_bytes_per_step"] == 2 * (RANKS - 1) * qsgd1.payload_nbytes(chunk)
+    # allgather sends the whole payload to the W-1 others
+    assert runs["onebit:allgather"]["payload_bytes_per_step"] == (RANKS - 1) * gradq.OneBit().payload_nbytes(numel)
+    assert summary["onebit"]["compression_ratio"] > 25 and summary["terngrad"]["compression_ratio"] > 12
+    # PowerSGD rank 1 on one bucket: P and Q per matrix, the biases uncompressed
+    powersgd = 64 + 256 + 256 + 10 + 256 + 10
+    assert runs["powersgd"]["payload_bytes_per_step"] == 2 * (RANKS - 1) * 4 * powersgd // RANKS
+
+
+def test_wire_counters_agree_with_payloads(local_run):
+    """The loopback counter (all ranks' TCP bytes / W) sees the savings: headers and Gloo's small control
+    messages add at most a few KB per step, so fp32 lands within 10% + 8 KB of its payload and onebit far below."""
+    _, _, results = local_run
+    runs = {r["method"]: r for r in results["runs"]}
+    fp32 = runs["fp32"]
+    assert fp32["payload_bytes_per_step"] <= fp32["wire_bytes_per_step"] <= 1.1 * fp32["payload_bytes_per_step"] + 8e3
+    onebit = runs["onebit"]
+    assert onebit["payload_bytes_per_step"] <= onebit["wire_bytes_per_step"] <= onebit["payload_bytes_per_step"] + 8e3
+    assert onebit["wire_bytes_per_step"] < fp32["wire_bytes_per_step"] / 4
+
+
+def test_table_and_plots(local_run):
+    out, completed, results = local_run
+    lines = completed.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("method"))
+    rows = lines[header + 2 : header + 3 + len(METHODS)]
+    assert [row.split()[0] for row in rows] == ["noop", *METHODS]
+    fp32 = rows[1].split()
+    assert float(fp32[1]) == pytest.approx(results["runs"][1]["median_step_s"], rel=1e-3) and fp32[3] == "1.00"
+    assert "step s" in completed.stdout and "Targets" in completed.stdout
+    import matplotlib.image
+
+    for name in ("curves.png", "step_time.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_summary_arithmetic():
+    def run(method, step, payload, wire, acc, target_time=None):
+        return {"method": method, "label": method, "median_step_s": step, "payload_bytes_per_step": payload,
+                "fp32_bytes_per_step": 800, "wire_bytes_per_step": wire, "codec_s_per_step": None,
+                "final_loss": 0.5, "final_accuracy": acc, "time_to_target_s": target_time}  # fmt: skip
+
+    rows = summarize(
+        [run("noop", 0.5, 0, 0, 0.1), run("fp32", 2.0, 800, 1000, 0.9, 3.0), run("onebit", 0.6, 25, 40, 0.895)]
+    )
+    noop, fp32, onebit = rows
+    assert noop["x_floor"] == 1.0 and noop["final_accuracy"] is None and noop["compression_ratio"] is None
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["x_floor"] == 4.0 and fp32["compression_ratio"] == 1.0
+    assert onebit["speedup_vs_fp32"] == pytest.approx(2.0 / 0.6) and onebit["x_floor"] == pytest.approx(1.2)
+    assert onebit["compression_ratio"] == 32.0 and onebit["wire_ratio"] == 25.0
+    assert onebit["accuracy_delta_vs_fp32"] == pytest.approx(-0.5)
+    checks = cli.check_targets(rows, "mlp25m")
+    assert checks["onebit payload <= 1/25 of fp32"] and checks["onebit wire bytes <= 1/25 of fp32"]
+    assert checks["onebit step <= 1.3x floor"] and checks["onebit >= 3x faster than fp32"]
+    assert cli.check_targets(rows, "digits") == {"onebit accuracy within 1 point of fp32": True}
+    assert cli.check_targets(rows, "user-mlp") == {}
+    slow = summarize(
+        [run("noop", 0.5, 0, 0, 0.1), run("fp32", 1.0, 800, 1000, 0.9), run("terngrad", 0.8, 50, 60, 0.88)]
+    )
+    checks = cli.check_targets(slow, "mlp25m")
+    assert not checks["terngrad step <= 1.5x floor"] and checks["terngrad payload <= 1/12 of fp32"]
+    assert cli.check_targets(slow, "digits") == {"terngrad accuracy within 1 point of fp32": False}
+
+
+def test_user_model(tmp_path):
+    completed = run_bench(tmp_path, "--model", "tests.bench_workload:workload", "--ranks", "2", "--steps", "6",
+                          "--compressors", "fp32,onebit")  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        results["settings"]["workload"] == "user-mlp"
+        and results["settings"]["model"] == "tests.bench_workload:workload"
+    )
+    assert results["runs"][1]["params"] == 16 * 32 + 32 + 32 * 4 + 4
+    assert results["settings"]["batch_per_rank"] == 16
+
+
+def test_mpirun_launcher(tmp_path):
+    completed = run_bench(tmp_path, "--launcher", "mpirun", "--ranks", "2", "--steps", "5", "--compressors", "onebit")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["launcher"] == "mpirun"
+    onebit = results["runs"][1]
+    numel = onebit["params"]
+    assert onebit["bytes_per_step"][2:] == [chunk_payload("onebit", numel, 2)] * 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--compressors", "fp32,zip"], "unknown compressor 'zip'; choose from fp32, torch-fp16, powersgd"),
+        (["--compressors", "qsgd:levels=500"], "levels must be"),
+        (["--compressors", "onebit,onebit"], "names a method twice"),
+        (["--compressors", ","], "--compressors is empty"),
+        (["--ranks", "1"], "--ranks must be >= 2"),
+        (["--steps", "3"], "--steps must exceed --warmup (3)"),
+        (["--warmup", "1"], "--warmup must be >= 3"),
+        (["--batch", "0"], "--batch must be >= 1"),
+        (["--batch", "1000"], "--batch 1000 exceeds the 359 training samples each of 4 ranks holds"),
+        (["--link", "1gbit"], "--link shapes the emulated cluster's links; it needs --cluster N"),
+        (["--cluster", "4", "--ranks", "2"], "one rank per host; drop --ranks or make it 4"),
+        (["--cluster", "1"], "--cluster needs at least 2 hosts"),
+        (["--cluster", "4", "--link", "fast"], "the rate must look like 1gbit"),
+        (["--cluster", "4", "--launcher", "mpirun"], "drop --launcher"),
+        (["--model", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+        (["--model", "tests.bench_workload:not_a_workload"], "returned int, not a Workload"),
+        (["--model", "justaname"], "unknown workload 'justaname'"),
+        (["--workload", "imagenet"], "invalid choice: 'imagenet'"),
+        (["--model", "a:b", "--workload", "digits"], "not allowed with argument"),
+    ],
+)
+def test_usage_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: gradq-bench" in err and message in err
+
+
+def test_cluster_without_root_is_a_clear_message(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["--cluster", "4", "--output", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--cluster needs root" in err and "sudo" in err and "Traceback" not in err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_failing_rank_is_reported(tmp_path):
+    """A model that fails to build on rank 1: exit status 1 with that rank's error, not a hang or a traceback."""
+    completed = run_bench(tmp_path, "--model", "tests.bench_workload:broken_on_rank_1", "--ranks", "2", "--steps", "4",
+                          "--compressors", "fp32")  # fmt: skip
+    assert completed.returncode == 1
+    assert "gradq-bench: a rank failed" in completed.stderr and "model broken on rank 1" in completed.stderr
+    assert not (tmp_path / "results.json").exists()
