@@ -123,6 +123,7 @@ def test_wire_counters_agree_with_payloads(local_run):
 
 def test_table_and_plots(local_run):
     out, completed, results = local_run
+    assert (out / "table.txt").read_text() in completed.stdout
     lines = completed.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("method"))
     rows = lines[header + 2 : header + 3 + len(METHODS)]

@@ -236,13 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = json.loads(Path(spec["result_path"]).read_text())["runs"]
     rows = summarize(runs)
     checks = check_targets(rows, workload.name)
-    print(f"\n{title}: {runs[0]['params']:,} parameters, {args.steps} steps ({args.warmup} warm-up), seed {args.seed}")
-    print(table(rows))
-    print(f"\n{LEGEND}")
+    heading = f"{title}: {runs[0]['params']:,} parameters, {args.steps} steps ({args.warmup} warm-up), seed {args.seed}"
+    report = [heading, table(rows), "", LEGEND]
     if checks:
-        print(f"\nTargets for {workload.name} (step times: set for 4 hosts at 1 Gbit/s):")
-        for name, ok in checks.items():
-            print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+        report += ["", f"Targets for {workload.name} (step times: set for 4 hosts at 1 Gbit/s):"]
+        report += [f"  {'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks.items()]
+    print("\n" + "\n".join(report))
+    (args.output / "table.txt").write_text("\n".join(report) + "\n")
     results = {
         "schema": SCHEMA,
         "command": shlex.join(["gradq-bench", *(sys.argv[1:] if argv is None else argv)]),
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
     plots = plot(runs, args.output, title)
-    print(f"\nwrote {args.output / 'results.json'} and {', '.join(str(p) for p in plots)}")
+    print(f"\nwrote {args.output}/: results.json, table.txt, {', '.join(p.name for p in plots)}")
     return 0
 
 

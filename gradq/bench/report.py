@@ -49,7 +49,11 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 def _cell(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    if value is None:
+        return "-"
+    if fmt == "mb":  # 3 significant digits; under 500 bytes reads as 0
+        return "0" if abs(value) < 5e-4 else format(value, ".3g")
+    return format(value, fmt)
 
 
 COLUMNS = (
@@ -57,9 +61,9 @@ COLUMNS = (
     ("step s", "median_step_s", 9, ".4g"),
     ("x floor", "x_floor", 8, ".2f"),
     ("vs fp32", "speedup_vs_fp32", 8, ".2f"),
-    ("MB/step", "payload_bytes_per_step", 9, ".3g"),
+    ("MB/step", "payload_bytes_per_step", 9, "mb"),
     ("ratio", "compression_ratio", 7, ".1f"),
-    ("wire MB", "wire_bytes_per_step", 9, ".3g"),
+    ("wire MB", "wire_bytes_per_step", 9, "mb"),
     ("codec s", "codec_s_per_step", 9, ".3g"),
     ("loss", "final_loss", 7, ".3f"),
     ("acc %", "final_accuracy", 7, ".1f"),
