@@ -14,6 +14,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def evaluate(model: torch.nn.Module, workload: Workload) -> tuple[float, float]:
     return loss / len(workload.test_y), correct / len(workload.test_y)
 
 
-def _batches(workload: Workload, rank: int, world: int, seed: int):  # noqa: ANN202 (a generator)
+def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's shard of the training set, reshuffled every epoch, in batches of batch_size."""
     shard = torch.arange(rank, len(workload.train_x), world)
     gen = torch.Generator().manual_seed(seed * 7919 + rank)
