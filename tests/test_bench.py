@@ -203,6 +203,8 @@ def test_mpirun_launcher(tmp_path):
         (["--steps", "3"], "--steps must exceed --warmup (3)"),
         (["--warmup", "1"], "--warmup must be >= 3"),
         (["--batch", "0"], "--batch must be >= 1"),
+        (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+        (["--output", str(ROOT / "pyproject.toml")], "pyproject.toml is a file; name a directory"),
         (["--batch", "1000"], "--batch 1000 exceeds the 359 training samples each of 4 ranks holds"),
         (["--link", "1gbit"], "--link shapes the emulated cluster's links; it needs --cluster N"),
         (["--cluster", "4", "--ranks", "2"], "one rank per host; drop --ranks or make it 4"),

@@ -107,6 +107,10 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         parser.error(f"--batch must be >= 1, got {args.batch}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not 0 <= args.seed < 2**63:
+        parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.output.exists() and not args.output.is_dir():
+        parser.error(f"--output {args.output} is a file; name a directory (it is created if missing)")
     if args.warmup < START_ITER + 1:
         parser.error(f"--warmup must be >= {START_ITER + 1}: compression starts at step {START_ITER}")
     if args.model is None and args.workload is None:
