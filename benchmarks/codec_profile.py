@@ -17,11 +17,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from kernels import time_runs
 
 import gradq
 from gradq.allreduce import CompressedAllreduce
@@ -43,13 +43,7 @@ class EchoTransport:
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(time_runs(fn, repeats, warmup=1))
 
 
 def main() -> None:

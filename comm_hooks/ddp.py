@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, ring_allreduce_bytes
 from gradq.compressors import Compressor
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -187,10 +187,10 @@ def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Fu
     if not state._agreed:
         state.check_agreement()
     world = state.transport.world_size
-    fp32_bytes = 2 * (world - 1) * 4 * buffer.numel() // world
+    fp32_bytes = ring_allreduce_bytes(4 * buffer.numel(), world)
     if state.iteration < state.start_iter or buffer.numel() < state.min_numel:
         dist.all_reduce(buffer, group=state.process_group)
-        state.stats.add(2 * (world - 1) * buffer.element_size() * buffer.numel() // world, fp32_bytes, 0.0)
+        state.stats.add(ring_allreduce_bytes(buffer.element_size() * buffer.numel(), world), fp32_bytes, 0.0)
         result = _completed(buffer.div_(world))
     else:
         key = state.bucket_key(bucket)

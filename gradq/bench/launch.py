@@ -80,11 +80,11 @@ def require_root_for_cluster() -> None:
 def run_cluster(spec_path: Path, hosts: int, link: Link) -> None:
     """One rank per emulated host (``comm_hooks.cluster``), started with mpirun over the shaped links.
 
-    The cluster is brought up for the run and removed afterwards unless the same one was already up.
+    Needs root (the CLI checks first: :func:`require_root_for_cluster`). The cluster is brought up for the
+    run and removed afterwards unless the same one was already up.
     """
     from comm_hooks import cluster
 
-    require_root_for_cluster()
     before = cluster.load()
     try:
         cluster.up(hosts, link.rate, link.delay)

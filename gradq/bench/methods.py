@@ -15,7 +15,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import debugging_hooks, default
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import comm_hooks
-from gradq.allreduce import MODES
+from gradq.allreduce import MODES, ring_allreduce_bytes
 from gradq.compressors import available_compressors, get_compressor
 
 FLOOR = "noop"
@@ -104,7 +104,7 @@ class Meter:
         world = dist.get_world_size()
         numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
         self._world, self._numel = world, numel
-        self.fp32_bytes_per_step = self._ring_bytes(4 * numel)
+        self.fp32_bytes_per_step = ring_allreduce_bytes(4 * numel, world)
         self._gradq = None
         self._powersgd = None
         self._sent_numel = 0
@@ -121,10 +121,6 @@ class Meter:
             compressor, mode, options = parse_gradq_method(name)
             self._gradq = comm_hooks.register(ddp, compressor, mode=mode, start_iter=START_ITER, seed=seed, **options)
 
-    def _ring_bytes(self, message_bytes: int) -> int:
-        """Bytes one rank sends in a ring allreduce of ``message_bytes`` (as gradq's HookStats counts fp32)."""
-        return 2 * (self._world - 1) * message_bytes // self._world
-
     def step(self) -> StepFigures:
         """Figures of the step that just finished."""
         if self._gradq is not None:
@@ -133,10 +129,10 @@ class Meter:
         if self.name == FLOOR:
             return StepFigures(0, None)
         if self.name == "torch-fp16":
-            return StepFigures(self._ring_bytes(2 * self._numel), None)
+            return StepFigures(ring_allreduce_bytes(2 * self._numel, self._world), None)
         if self._powersgd is not None:
             sent = self._powersgd.total_numel_after_compression - self._sent_numel
             self._sent_numel = self._powersgd.total_numel_after_compression
             # Before start_powerSGD_iter it allreduces the fp32 buckets and counts nothing.
-            return StepFigures(self._ring_bytes(4 * sent) if sent else self.fp32_bytes_per_step, None)
+            return StepFigures(ring_allreduce_bytes(4 * sent, self._world) if sent else self.fp32_bytes_per_step, None)
         return StepFigures(self.fp32_bytes_per_step, None)

@@ -9,6 +9,10 @@ from gradq.bench.methods import FLOOR
 MB = 1e6
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Per run, the figures relative to fp32 allreduce and to the floor (None where a baseline is missing).
 
@@ -21,10 +25,6 @@ def summarize(runs: list[dict]) -> list[dict]:
     fp32, floor = by_method.get("fp32"), by_method.get(FLOOR)
     rows = []
     for r in runs:
-
-        def ratio(a: float | None, b: float | None) -> float | None:
-            return a / b if a is not None and b else None
-
         delta = None
         if fp32 and r["final_accuracy"] is not None and fp32["final_accuracy"] is not None and r is not floor:
             delta = 100 * (r["final_accuracy"] - fp32["final_accuracy"])
@@ -32,14 +32,14 @@ def summarize(runs: list[dict]) -> list[dict]:
             "method": r["method"],
             "label": r["label"],
             "median_step_s": r["median_step_s"],
-            "x_floor": ratio(r["median_step_s"], floor and floor["median_step_s"]),
-            "speedup_vs_fp32": ratio(fp32 and fp32["median_step_s"], r["median_step_s"]),
+            "x_floor": _ratio(r["median_step_s"], floor and floor["median_step_s"]),
+            "speedup_vs_fp32": _ratio(fp32 and fp32["median_step_s"], r["median_step_s"]),
             "payload_bytes_per_step": r["payload_bytes_per_step"],
             "wire_bytes_per_step": r["wire_bytes_per_step"],
-            "compression_ratio": ratio(r["fp32_bytes_per_step"], r["payload_bytes_per_step"]),
-            "wire_ratio": ratio(fp32 and fp32["wire_bytes_per_step"], r["wire_bytes_per_step"]),
+            "compression_ratio": _ratio(r["fp32_bytes_per_step"], r["payload_bytes_per_step"]),
+            "wire_ratio": _ratio(fp32 and fp32["wire_bytes_per_step"], r["wire_bytes_per_step"]),
             "codec_s_per_step": r["codec_s_per_step"],
-            "codec_share_of_floor": ratio(r["codec_s_per_step"], floor and floor["median_step_s"]),
+            "codec_share_of_floor": _ratio(r["codec_s_per_step"], floor and floor["median_step_s"]),
             "final_loss": r["final_loss"] if r is not floor else None,
             "final_accuracy": r["final_accuracy"] if r is not floor else None,
             "accuracy_delta_vs_fp32": delta,
