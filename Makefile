@@ -50,7 +50,7 @@ bench-ddp: setup
 # 4 emulated hosts on 1 Gbit/s links (needs root), the communication-bound 25.7M-parameter MLP.
 bench-cluster: setup
 	$(VENV)/bin/gradq-bench --workload mlp25m --cluster 4 --link 1gbit --output benchmarks/results/cluster \
-		--compressors fp32,torch-fp16,powersgd,onebit,terngrad,qsgd,qsgd:levels=1
+		--compressors fp32,torch-fp16,powersgd,onebit,onebit:sync,terngrad,qsgd,qsgd:levels=1
 
 clean:
 	rm -rf $(VENV) build *.egg-info gradq/_C*.so

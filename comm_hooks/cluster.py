@@ -141,6 +141,9 @@ def mpirun_command(cluster: Cluster, command: list[str], agent: Path) -> list[st
         mpirun, "-n", str(len(cluster.hosts)), "-H", ",".join(cluster.hosts),
         # Every emulated host shares this machine's cores: binding would pin all ranks to the same core.
         "--bind-to", "none",
+        # The hosts share one hostname (no UTS namespace); Open MPI's hierarchical collectives (han) then
+        # deadlock in their first bcast on 2 hosts.
+        "--mca", "coll", "^han",
         "--mca", "plm_rsh_agent", str(agent),
         "--mca", "btl_tcp_if_include", cluster.subnet,
         "--prtemca", "prte_if_include", cluster.subnet,

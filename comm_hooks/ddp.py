@@ -2,11 +2,20 @@
 
 The hook returns the bucket's mean gradient. Until ``start_iter`` (and for buckets under ``min_numel``
 elements) it is a plain fp32 allreduce; after that the bucket goes through gradq's compressed allreduce.
-Both phases of a compressed bucket are issued inside the hook call itself, one after the other, so every
-rank issues its collectives in the same order whatever the timing (PyTorch's PowerSGD and quantization
-hooks issue them from future callbacks, and crash on Gloo with several buckets).
+
+A bucket's whole reduction (compression, both phases' collectives, decoding) is one job. With
+``overlap=True`` (the default, for CPU buckets) the hook hands the job to one background thread per hook
+and returns at once, so backward goes on computing the next buckets' gradients meanwhile; DDP waits for
+the jobs at the end of backward. Jobs run one at a time in the order DDP hands out buckets, the same on
+every rank, so every rank issues its collectives in the same order whatever the timing (PyTorch's
+PowerSGD and quantization hooks issue them from future callbacks, and crash on Gloo with several
+buckets). ``overlap=False`` runs the job inside the hook call.
 """
 
+import functools
+import queue
+import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -104,6 +113,7 @@ class GradqState:
         *,
         start_iter: int,
         min_numel: int,
+        overlap: bool,
         process_group: dist.ProcessGroup | None,
         parameter_names: dict[int, str],
         parameter_numels: dict[str, int],
@@ -114,6 +124,8 @@ class GradqState:
         self.layouts: dict[frozenset[str], tuple[str, ...]] = {}
         self.start_iter = start_iter
         self.min_numel = min_numel
+        self.overlap = overlap
+        self.jobs = _JobThread()
         self.process_group = process_group
         self.transport = TorchTransport(process_group)
         self.iteration = 0
@@ -174,40 +186,93 @@ class GradqState:
         device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
         self.allreduce.load_state_dict(state["residuals"], device)
 
+    def reduce_bucket(self, buffer: torch.Tensor, key: tuple[str, ...], iteration: int, last: bool) -> torch.Tensor:
+        """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group."""
+        if not self._agreed:
+            self.check_agreement()
+        world = self.transport.world_size
+        fp32_bytes = ring_allreduce_bytes(4 * buffer.numel(), world)
+        if iteration < self.start_iter or buffer.numel() < self.min_numel:
+            dist.all_reduce(buffer, group=self.process_group)
+            self.stats.add(ring_allreduce_bytes(buffer.element_size() * buffer.numel(), world), fp32_bytes, 0.0)
+            mean = buffer.div_(world)
+        else:
+            canonical = self.layout(key)
+            if canonical == key:  # the mean overwrites the bucket in place
+                out = self.allreduce(buffer, self.transport, key=key, step=iteration, out=buffer)
+                mean = out.mean
+            else:
+                flat = self.reorder(buffer, key, canonical)
+                out = self.allreduce(flat, self.transport, key=canonical, step=iteration, out=flat)
+                mean = self.reorder(out.mean, canonical, key)
+            self.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
+        if last:
+            self.stats.end_step()
+        return mean
 
-def _completed(value: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    future.set_result(value)
-    return future
+
+class _JobThread:
+    """A daemon thread that runs submitted jobs one at a time in submission order. Started on the first job."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
+        """A future of ``job()``'s result; if the job raises, waiting on the future raises its message (DDP
+        raises it from backward)."""
+        done: torch.futures.Future[tuple[torch.Tensor | None, BaseException | None]] = torch.futures.Future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gradq-ddp-hook", daemon=True)
+            self._thread.start()
+        self._jobs.put((job, done))
+        # An exception raised in a then() callback marks the chained future failed for C++ waiters too;
+        # Future.set_exception would instead hand DDP the exception object as the bucket's value.
+        return done.then(_unwrap)
+
+    def _run(self) -> None:
+        while True:
+            job, done = self._jobs.get()
+            try:
+                outcome = (job(), None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by _unwrap for whoever waits
+                outcome = (None, exc)
+            done.set_result(outcome)
+
+
+def _unwrap(done: torch.futures.Future) -> torch.Tensor:
+    result, exc = done.value()
+    if exc is not None:
+        raise exc
+    return result
+
+
+def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    """A new process group over ``group``'s ranks (only they take part in making it), with its timeout: the
+    overlapped hook's collectives run on it, so they never interleave with DDP's own collectives on
+    ``group`` (e.g. the unused-parameter allreduce of ``find_unused_parameters=True``) in a rank-dependent
+    order."""
+    group = group or dist.group.WORLD
+    options = getattr(group._get_backend(torch.device("cpu")), "options", None)
+    return dist.new_group(
+        dist.get_process_group_ranks(group),
+        timeout=getattr(options, "_timeout", None),
+        backend=dist.get_backend(group),
+        use_local_synchronization=True,
+    )
 
 
 def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the mean of ``bucket``'s gradients over the process group."""
     buffer = bucket.buffer()
-    if not state._agreed:
-        state.check_agreement()
-    world = state.transport.world_size
-    fp32_bytes = ring_allreduce_bytes(4 * buffer.numel(), world)
-    if state.iteration < state.start_iter or buffer.numel() < state.min_numel:
-        dist.all_reduce(buffer, group=state.process_group)
-        state.stats.add(ring_allreduce_bytes(buffer.element_size() * buffer.numel(), world), fp32_bytes, 0.0)
-        result = _completed(buffer.div_(world))
-    else:
-        key = state.bucket_key(bucket)
-        canonical = state.layout(key)
-        if canonical == key:  # the mean overwrites the bucket in place
-            out = state.allreduce(buffer, state.transport, key=key, step=state.iteration, out=buffer)
-            mean = out.mean
-        else:
-            flat = state.reorder(buffer, key, canonical)
-            out = state.allreduce(flat, state.transport, key=canonical, step=state.iteration, out=flat)
-            mean = state.reorder(out.mean, canonical, key)
-        state.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
-        result = _completed(mean)
+    job = functools.partial(state.reduce_bucket, buffer, state.bucket_key(bucket), state.iteration, bucket.is_last())
     if bucket.is_last():
         state.iteration += 1
-        state.stats.end_step()
-    return result
+    if state.overlap:
+        return state.jobs.submit(job)
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(job())
+    return future
 
 
 def register(
@@ -219,6 +284,7 @@ def register(
     min_numel: int = 1024,
     error_feedback: bool | None = None,
     seed: int = 0,
+    overlap: bool = True,
     process_group: dist.ProcessGroup | None = None,
     **compressor_options: object,
 ) -> GradqState:
@@ -229,7 +295,10 @@ def register(
     (>= 1: DDP rebuilds its buckets after iteration 0): plain fp32 allreduce before it. ``min_numel``:
     smaller buckets go uncompressed. ``error_feedback``: default on for onebit (biased but contractive); off
     for terngrad/qsgd, which are unbiased but not contractive, so a residual can grow without bound.
-    ``seed`` keys the stochastic compressors' random streams (per rank). Call before the first backward.
+    ``seed`` keys the stochastic compressors' random streams (per rank). ``overlap`` (CPU models): reduce
+    buckets on a background thread while backward goes on, over a process group of the hook's own made
+    here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
+    in the hook call. Call ``register`` on every rank of ``process_group``, before the first backward.
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
@@ -242,11 +311,15 @@ def register(
         raise ValueError(f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
+    if not isinstance(overlap, bool):
+        raise TypeError(f"overlap must be True or False, got {overlap!r}")
+    overlap = overlap and ddp_model.device_type == "cpu"
     state = GradqState(
         CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options),
         start_iter=start_iter,
         min_numel=min_numel,
-        process_group=process_group,
+        overlap=overlap,
+        process_group=_own_group(process_group) if overlap else process_group,
         parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},
         parameter_numels={name: p.numel() for name, p in ddp_model.module.named_parameters()},
     )

@@ -647,13 +647,16 @@ torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tenso
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The kernels touch no Python object: they release the GIL, so a DDP hook's background thread can
+  // compress while the autograd thread calls the next hook.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "gradq native CPU kernels (see docs/kernels.md)";
-  m.def("pack_bits", &pack_bits, "pack k-bit codes");
-  m.def("unpack_bits", &unpack_bits, "unpack k-bit codes");
-  m.def("philox_uniform", &philox_uniform, "Philox4x32-10 uniforms");
-  m.def("sign_compress", &sign_compress, "1-bit sign code with error feedback");
-  m.def("sign_decompress", &sign_decompress, "decode a 1-bit sign code");
-  m.def("sign_mean_compress", &sign_mean_compress, "mean of W sign codes, re-encoded with error feedback");
-  m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code");
-  m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code");
+  m.def("pack_bits", &pack_bits, "pack k-bit codes", no_gil);
+  m.def("unpack_bits", &unpack_bits, "unpack k-bit codes", no_gil);
+  m.def("philox_uniform", &philox_uniform, "Philox4x32-10 uniforms", no_gil);
+  m.def("sign_compress", &sign_compress, "1-bit sign code with error feedback", no_gil);
+  m.def("sign_decompress", &sign_decompress, "decode a 1-bit sign code", no_gil);
+  m.def("sign_mean_compress", &sign_mean_compress, "mean of W sign codes, re-encoded with error feedback", no_gil);
+  m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code", no_gil);
+  m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code", no_gil);
 }

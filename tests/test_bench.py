@@ -16,7 +16,17 @@ from gradq.bench.report import summarize
 from gradq.bench.workloads import digits
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["fp32", "torch-fp16", "powersgd", "onebit", "terngrad", "qsgd", "qsgd:levels=1", "onebit:allgather"]
+METHODS = [
+    "fp32",
+    "torch-fp16",
+    "powersgd",
+    "onebit",
+    "terngrad",
+    "qsgd",
+    "qsgd:levels=1",
+    "onebit:allgather",
+    "qsgd:sync",
+]
 STEPS, WARMUP, EVERY, RANKS = 8, 3, 4, 2
 
 
@@ -104,6 +114,13 @@ def test_bytes_match_the_compressors(local_run):
     # allgather sends the whole payload to the W-1 others
     assert runs["onebit:allgather"]["payload_bytes_per_step"] == (RANKS - 1) * gradq.OneBit().payload_nbytes(numel)
     assert summary["onebit"]["compression_ratio"] > 25 and summary["terngrad"]["compression_ratio"] > 12
+    # the hook reducing inside its call instead of on its thread trains identically
+    for key in ("bytes_per_step", "train_loss", "evals"):
+        sync, overlapped = runs["qsgd:sync"][key], runs["qsgd"][key]
+        if key == "evals":
+            sync, overlapped = ([(e["loss"], e["accuracy"]) for e in x] for x in (sync, overlapped))
+        assert sync == overlapped, key
+    assert describe("qsgd:sync") == "gradq qsgd (two-phase, sync)"
     # PowerSGD rank 1 on one bucket: P and Q per matrix, the biases uncompressed
     powersgd = 64 + 256 + 256 + 10 + 256 + 10
     assert runs["powersgd"]["payload_bytes_per_step"] == 2 * (RANKS - 1) * 4 * powersgd // RANKS
@@ -197,6 +214,7 @@ def test_mpirun_launcher(tmp_path):
     [
         (["--compressors", "fp32,zip"], "unknown compressor 'zip'; choose from fp32, torch-fp16, powersgd"),
         (["--compressors", "qsgd:levels=500"], "levels must be"),
+        (["--compressors", "onebit:fast"], "'fast' is neither a mode (two_phase, allgather), 'sync' nor"),
         (["--compressors", "onebit,onebit"], "names a method twice"),
         (["--compressors", ","], "--compressors is empty"),
         (["--ranks", "1"], "--ranks must be >= 2"),

@@ -116,11 +116,11 @@ def test_resuming_from_a_checkpoint_continues_exactly(name, tmp_path):
         assert torch.equal(a, b)
 
 
-def _many_buckets(rank, world, workdir, mode):
+def _many_buckets(rank, world, workdir, mode, overlap=True):
     out = {}
     for name in ("onebit", "qsgd", "none"):
         ddp = DDP(mlp(seed=2, hidden=256, extra=True), bucket_cap_mb=0.01, find_unused_parameters=True)
-        state = comm_hooks.register(ddp, name, mode=mode, min_numel=0)
+        state = comm_hooks.register(ddp, name, mode=mode, min_numel=0, overlap=overlap)
         x, y, *_ = digits(rank, world)
         losses = []
         opt = sgd(ddp)
@@ -132,19 +132,33 @@ def _many_buckets(rank, world, workdir, mode):
             opt.step()
             losses.append(float(loss))
         flat = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
-        out[name] = (state.stats.buckets_last_step, flat, losses, state.iteration)
+        thread = state.jobs._thread
+        out[name] = (state.stats.buckets_last_step, flat, losses, state.iteration, thread and thread.name)
     return out
 
 
 @pytest.mark.parametrize("mode", ["two_phase", "allgather"])
 def test_many_buckets_and_unused_parameters_on_gloo(mode):
     results = distributed.run(_many_buckets, 3, mode)
-    for name, (buckets, flat, losses, iterations) in results[0].items():
+    for name, (buckets, flat, losses, iterations, thread) in results[0].items():
         assert buckets >= 4, f"expected many buckets, got {buckets}"
         assert iterations == 25
+        assert thread == "gradq-ddp-hook"  # the buckets were reduced on the hook's background thread
         for other in results[1:]:
             assert torch.equal(other[name][1], flat), f"{name}: ranks diverged"
         assert sum(losses[-5:]) < sum(losses[:5]), name
+
+
+def test_overlapped_and_synchronous_hooks_train_bit_for_bit_alike():
+    """Reducing buckets on the background thread (DDP meanwhile computing further gradients and issuing its
+    own unused-parameter allreduce) changes only the timing: same parameters and losses on every rank."""
+    overlapped = distributed.run(_many_buckets, 3, "two_phase", True)
+    synchronous = distributed.run(_many_buckets, 3, "two_phase", False)
+    for rank, (mine, theirs) in enumerate(zip(overlapped, synchronous, strict=True)):
+        for name, (_, flat, losses, _, thread) in theirs.items():
+            assert thread is None  # overlap=False never starts the thread
+            assert torch.equal(mine[name][1], flat), f"rank {rank} {name}: parameters differ"
+            assert mine[name][2] == losses, f"rank {rank} {name}: losses differ"
 
 
 def _mismatch(rank, world, workdir):
@@ -171,6 +185,7 @@ def _bad_registration(rank, world, workdir):
         "unknown": lambda: comm_hooks.register(ddp, "topk"),
         "mode": lambda: comm_hooks.register(ddp, mode="ring"),
         "start_iter": lambda: comm_hooks.register(ddp, start_iter=0),
+        "overlap": lambda: comm_hooks.register(ddp, overlap="yes"),
         "not ddp": lambda: comm_hooks.register(mlp(seed=0)),
     }.items():
         try:
@@ -197,6 +212,7 @@ def test_bad_registrations_raise_clear_errors():
     assert errors["unknown"].startswith("ValueError: unknown compressor 'topk'; registered:")
     assert "mode must be one of" in errors["mode"]
     assert "start_iter must be an int >= 1" in errors["start_iter"]
+    assert errors["overlap"] == "TypeError: overlap must be True or False, got 'yes'"
     assert errors["not ddp"].startswith("TypeError: register needs a torch.nn.parallel.DistributedDataParallel")
     assert "already registered" in errors["twice"]
     assert errors["onebit error feedback"] is True and errors["qsgd error feedback"] is False  # defaults resolved

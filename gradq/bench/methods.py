@@ -34,8 +34,21 @@ def known_methods() -> list[str]:
     return [*[m for m in TORCH_METHODS if m != FLOOR], *available_compressors()]
 
 
-def parse_gradq_method(name: str) -> tuple[str, str, dict[str, int | float]]:
-    """``compressor[:mode][:option=value ...]`` -> (compressor, mode, options), e.g. ``qsgd:levels=2``.
+SYNC = "sync"  # method suffix: run the hook's reductions inside the hook call (register(overlap=False))
+
+
+@dataclass(frozen=True)
+class GradqMethod:
+    """A gradq method name, parsed: what :func:`comm_hooks.register` is called with."""
+
+    compressor: str
+    mode: str
+    overlap: bool
+    options: dict[str, int | float]
+
+
+def parse_gradq_method(name: str) -> GradqMethod:
+    """``compressor[:mode][:sync][:option=value ...]`` -> :class:`GradqMethod`, e.g. ``qsgd:levels=2``.
 
     Raises ValueError naming the accepted methods, modes or the compressor's complaint about an option.
     """
@@ -43,15 +56,21 @@ def parse_gradq_method(name: str) -> tuple[str, str, dict[str, int | float]]:
     if compressor not in available_compressors():
         raise ValueError(
             f"unknown compressor {name!r}; choose from {', '.join(known_methods())} (gradq ones may add "
-            f":{' or :'.join(MODES)} and :option=value, e.g. qsgd:levels=2); the no-communication floor always runs"
+            f":{' or :'.join(MODES)}, :{SYNC} and :option=value, e.g. qsgd:levels=2); the no-communication floor "
+            "always runs"
         )
-    mode, options = "two_phase", {}
+    mode, overlap, options = "two_phase", True, {}
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if not eq:
-            if suffix not in MODES:
-                raise ValueError(f"{name!r}: {suffix!r} is neither a mode ({', '.join(MODES)}) nor option=value")
-            mode = suffix
+            if suffix == SYNC:
+                overlap = False
+            elif suffix in MODES:
+                mode = suffix
+            else:
+                raise ValueError(
+                    f"{name!r}: {suffix!r} is neither a mode ({', '.join(MODES)}), {SYNC!r} nor option=value"
+                )
             continue
         try:
             options[key] = int(value)
@@ -64,7 +83,7 @@ def parse_gradq_method(name: str) -> tuple[str, str, dict[str, int | float]]:
         get_compressor(compressor, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name!r}: {exc}") from None
-    return compressor, mode, options
+    return GradqMethod(compressor, mode, overlap, options)
 
 
 def check_method(name: str) -> str:
@@ -78,9 +97,10 @@ def describe(name: str) -> str:
     """A short human label for the table."""
     if name in TORCH_METHODS:
         return TORCH_METHODS[name]
-    compressor, mode, options = parse_gradq_method(name)
-    settings = ", ".join([mode.replace("_", "-"), *(f"{k}={v}" for k, v in options.items())])
-    return f"gradq {compressor} ({settings})"
+    method = parse_gradq_method(name)
+    settings = [method.mode.replace("_", "-"), *([] if method.overlap else [SYNC])]
+    settings += [f"{k}={v}" for k, v in method.options.items()]
+    return f"gradq {method.compressor} ({', '.join(settings)})"
 
 
 def single_bucket(name: str) -> bool:
@@ -118,8 +138,16 @@ class Meter:
             )
             ddp.register_comm_hook(self._powersgd, powerSGD_hook.powerSGD_hook)
         elif name != "fp32":
-            compressor, mode, options = parse_gradq_method(name)
-            self._gradq = comm_hooks.register(ddp, compressor, mode=mode, start_iter=START_ITER, seed=seed, **options)
+            method = parse_gradq_method(name)
+            self._gradq = comm_hooks.register(
+                ddp,
+                method.compressor,
+                mode=method.mode,
+                start_iter=START_ITER,
+                seed=seed,
+                overlap=method.overlap,
+                **method.options,
+            )
 
     def step(self) -> StepFigures:
         """Figures of the step that just finished."""
