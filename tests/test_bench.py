@@ -183,6 +183,14 @@ def test_summary_arithmetic():
     )
     checks = cli.check_targets(slow, "mlp25m")
     assert not checks["terngrad step <= 1.5x floor"] and checks["terngrad payload <= 1/12 of fp32"]
+    # the codec share is judged on onebit:sync when it ran (overlapped, its wall time includes backward's)
+    overlapped, synchronous = run("onebit", 0.6, 25, 40, 0.9), run("onebit:sync", 0.62, 25, 40, 0.9)
+    overlapped["codec_s_per_step"], synchronous["codec_s_per_step"] = 0.1, 0.07
+    both = summarize([run("noop", 0.5, 0, 0, 0.1), overlapped, synchronous])
+    assert both[2]["codec_share_of_floor"] == pytest.approx(0.14)
+    checks = cli.check_targets(both, "mlp25m")
+    assert checks["onebit:sync codec < 15% of the floor step"] and "onebit codec < 15% of the floor step" not in checks
+    assert cli.check_targets(both[:2], "mlp25m")["onebit codec < 15% of the floor step"] is False
     assert cli.check_targets(slow, "digits") == {"terngrad accuracy within 1 point of fp32": False}
 
 

@@ -183,8 +183,10 @@ def check_targets(rows: list[dict], workload: str) -> dict[str, bool]:
         at_most("onebit payload <= 1/25 of fp32", 1 / onebit["compression_ratio"], 1 / 25)
         if onebit["wire_ratio"]:
             at_most("onebit wire bytes <= 1/25 of fp32", 1 / onebit["wire_ratio"], 1 / 25)
-        if onebit["codec_share_of_floor"] is not None:
-            checks["onebit codec < 15% of the floor step"] = onebit["codec_share_of_floor"] < 0.15
+        # On onebit:sync when it ran: overlapped, the codec's wall time includes backward's share of the core.
+        codec = by.get("onebit:sync", onebit)
+        if codec["codec_share_of_floor"] is not None:
+            checks[f"{codec['method']} codec < 15% of the floor step"] = codec["codec_share_of_floor"] < 0.15
         at_most("onebit step <= 1.3x floor", onebit["x_floor"], 1.3)
         if onebit["speedup_vs_fp32"] is not None:
             checks["onebit >= 3x faster than fp32"] = onebit["speedup_vs_fp32"] >= 3

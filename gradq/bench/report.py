@@ -93,8 +93,9 @@ step s: median step time after warm-up (rank 0); x floor: / the no-communication
 vs fp32: speedup over fp32 allreduce; MB/step: payload bytes each rank sends per step (gradq: its hook
 statistics; PyTorch's hooks: a ring allreduce of what they reduce); ratio: fp32 bytes / MB/step;
 wire MB: bytes each rank's network interface sent per step (kernel counter; on loopback all ranks'
-traffic / ranks, headers and other local traffic included); codec s: gradq's (de)compression time per
-step; loss, acc %: on the test set after the last step; to target s: training time until the test
+traffic / ranks, headers and other local traffic included); codec s: gradq's (de)compression wall time
+per step (on the hook's thread, sharing the core with backward, unless the method ends in :sync);
+loss, acc %: on the test set after the last step; to target s: training time until the test
 accuracy first reached the target (checked every --eval-every steps)."""
 
 
