@@ -15,6 +15,7 @@ buckets). ``overlap=False`` runs the job inside the hook call.
 import functools
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -212,7 +213,8 @@ class GradqState:
 
 
 class _JobThread:
-    """A daemon thread that runs submitted jobs one at a time in submission order. Started on the first job."""
+    """A daemon thread that runs submitted jobs one at a time in submission order. Started on the first job;
+    it ends when this object is garbage-collected (with the hook state that owns it)."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -223,21 +225,25 @@ class _JobThread:
         raises it from backward)."""
         done: torch.futures.Future[tuple[torch.Tensor | None, BaseException | None]] = torch.futures.Future()
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="gradq-ddp-hook", daemon=True)
+            self._thread = threading.Thread(target=_run_jobs, args=(self._jobs,), name="gradq-ddp-hook", daemon=True)
             self._thread.start()
+            weakref.finalize(self, self._jobs.put, None)
         self._jobs.put((job, done))
         # An exception raised in a then() callback marks the chained future failed for C++ waiters too;
         # Future.set_exception would instead hand DDP the exception object as the bucket's value.
         return done.then(_unwrap)
 
-    def _run(self) -> None:
-        while True:
-            job, done = self._jobs.get()
-            try:
-                outcome = (job(), None)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by _unwrap for whoever waits
-                outcome = (None, exc)
-            done.set_result(outcome)
+
+def _run_jobs(jobs: queue.SimpleQueue) -> None:
+    while (item := jobs.get()) is not None:
+        job, done = item
+        try:
+            outcome = (job(), None)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by _unwrap for whoever waits
+            outcome = (None, exc)
+        del job, item  # the job holds the hook state: keep no reference to it while waiting for the next one
+        done.set_result(outcome)
+        del done, outcome
 
 
 def _unwrap(done: torch.futures.Future) -> torch.Tensor:

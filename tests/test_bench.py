@@ -1,5 +1,6 @@
 """gradq-bench end to end (real processes, Gloo on loopback, real mpirun), its arithmetic and its usage errors."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -267,3 +268,22 @@ def test_a_failing_rank_is_reported(tmp_path):
     assert completed.returncode == 1
     assert "gradq-bench: a rank failed" in completed.stderr and "model broken on rank 1" in completed.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_combining_repeated_runs_takes_each_figures_median_per_method():
+    spec = importlib.util.spec_from_file_location("combine_runs", ROOT / "benchmarks" / "combine_runs.py")
+    combine_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(combine_runs)
+
+    def summary(floor, onebit):
+        return [
+            {"method": "noop", "median_step_s": floor, "x_floor": 1.0, "speedup_vs_fp32": None},
+            {"method": "onebit", "median_step_s": onebit, "x_floor": onebit / floor, "speedup_vs_fp32": 2.0},
+        ]
+
+    rows = combine_runs.combine([summary(0.5, 0.6), summary(0.6, 0.9), summary(0.4, 0.6)])
+    assert [row["method"] for row in rows] == ["noop", "onebit"]
+    assert rows[0]["median_step_s"] == {"runs": [0.5, 0.6, 0.4], "median": 0.5}
+    assert rows[0]["speedup_vs_fp32"] == {"runs": [], "median": None}
+    assert rows[1]["median_step_s"]["median"] == 0.6
+    assert rows[1]["x_floor"]["median"] == pytest.approx(1.5)  # of the ratios 1.2, 1.5, 1.5; not 0.6 / 0.5

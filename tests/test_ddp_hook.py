@@ -220,15 +220,22 @@ def test_bad_registrations_raise_clear_errors():
 
 
 def _stats(rank, world, workdir):
+    import gc
+
     ddp = DDP(mlp(seed=0, hidden=128))
     state = comm_hooks.register(ddp, "onebit", start_iter=1)
     train(rank, world, ddp, steps=3)
     numel = sum(p.numel() for p in ddp.parameters())
-    return state.stats.as_dict(), numel
+    stats, thread = state.stats.as_dict(), state.jobs._thread
+    del ddp, state
+    gc.collect()
+    thread.join(timeout=10)
+    return stats, numel, thread.is_alive()
 
 
 def test_statistics_report_the_bytes_each_step_sent():
-    (stats, numel), _ = distributed.run(_stats, 2)
+    (stats, numel, thread_alive), _ = distributed.run(_stats, 2)
+    assert not thread_alive  # the hook's thread ends with its model
     chunk = -(-numel // 16) * 8
     assert stats["steps"] == 3
     assert stats["bytes_sent_last_step"] == 2 * gradq.OneBit().payload_nbytes(chunk)
