@@ -161,6 +161,34 @@ def test_overlapped_and_synchronous_hooks_train_bit_for_bit_alike():
             assert mine[name][2] == losses, f"rank {rank} {name}: losses differ"
 
 
+def _subgroup(rank, world, workdir):
+    """Ranks 0 and 1 train a DDP model on their own process group; rank 2 takes no part in it."""
+    pair = dist.new_group([0, 1])
+    if rank == 2:
+        return None
+    x, y, *_ = digits(rank, world)
+    plain = mlp(seed=3)
+    ddp = DDP(mlp(seed=3), process_group=pair)
+    state = comm_hooks.register(ddp, "none", start_iter=1, min_numel=0, process_group=pair)
+    for step in range(2):  # step 0 plain allreduce, step 1 through the overlapped compressed path
+        for model in (plain, ddp):
+            model.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[step * 8 : step * 8 + 8]), y[step * 8 : step * 8 + 8]).backward()
+    local = torch.cat([p.grad.reshape(-1) for p in plain.parameters()])
+    both = [torch.empty_like(local) for _ in range(2)]
+    dist.all_gather(both, local, group=pair)
+    reduced = torch.cat([p.grad.reshape(-1) for p in ddp.parameters()])
+    return torch.equal(reduced, (both[0] + both[1]) / 2), state.process_group is not pair, state.stats.steps
+
+
+def test_overlapped_hook_on_a_subgroup_reduces_over_it_alone():
+    results = distributed.run(_subgroup, 3)
+    assert results[2] is None
+    for exact, own_group, steps in results[:2]:
+        assert exact  # "none" sends fp32: the mean of the pair's gradients, bit for bit
+        assert own_group and steps == 2
+
+
 def _mismatch(rank, world, workdir):
     ddp = DDP(mlp(seed=0))
     comm_hooks.register(ddp, "onebit" if rank == 0 else "terngrad")
