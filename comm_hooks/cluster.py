@@ -21,6 +21,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from comm_hooks.launch import find_mpirun
+
 PREFIX = "gq"
 BRIDGE = f"{PREFIX}br0"
 SUBNET = "10.213.0"
@@ -134,7 +136,7 @@ def tx_bytes(cluster: Cluster) -> dict[str, int]:
 
 def mpirun_command(cluster: Cluster, command: list[str], agent: Path) -> list[str]:
     """mpirun inside the first host, one rank per host, MPI and Gloo on the cluster's links."""
-    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
+    mpirun = find_mpirun() or "mpirun"
     return [
         "ip", "netns", "exec", cluster.hosts[0],
         "env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1",

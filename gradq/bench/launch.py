@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
+from comm_hooks.launch import find_mpirun
 from gradq.bench.worker import local_entry
 
 
@@ -48,7 +48,7 @@ def run_local(spec_path: Path, ranks: int) -> None:
 
 
 def _mpirun() -> str:
-    found = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    found = find_mpirun()
     if found is None:
         raise LaunchError("--launcher mpirun: no mpirun found; install Open MPI (pip install 'gradq[mpi]')")
     return found
