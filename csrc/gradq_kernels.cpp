@@ -495,8 +495,16 @@ inline double sum_squares(const float* xb, int64_t len) {
 #endif
 }
 
+// The l2 norm rounded up to fp32, so that sum((x_i / scale)^2) <= 1 also for a subnormal scale: the
+// bound that caps the escapes of a block (docs/kernels.md).
+inline float l2_scale(const float* xb, int64_t len) {
+  const double norm = std::sqrt(sum_squares(xb, len));
+  const float s = static_cast<float>(norm);
+  return static_cast<double>(s) < norm ? std::nextafter(s, std::numeric_limits<float>::infinity()) : s;
+}
+
 inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
-  if (l2) return static_cast<float>(std::sqrt(sum_squares(xb, len)));
+  if (l2) return l2_scale(xb, len);
   float mx = 0.0f;
   bool nan = false;
   int64_t q = 0;
@@ -529,27 +537,77 @@ inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
   return mx;
 }
 
+// The 8 field bytes of a group (one per byte, each level | sign << lbits) as 2-bit symbols of the
+// escape code, one per byte: the field itself for level 0 or 1 (sign in bit 1), 0b10 for an escape
+// (level >= 2). Returns the symbols; `escaped` gets 0x01 in the byte of each escape.
+inline uint64_t escape_symbols(uint64_t fields, int lbits, uint64_t& escaped) {
+  constexpr uint64_t ones = 0x0101010101010101ull;
+  const uint64_t level = fields & (ones * ((1u << lbits) - 1));
+  const uint64_t high = level & ~ones;  // level bits above bit 0: nonzero iff level >= 2 (each byte < 0x80)
+  escaped = ((high + ones * 0x7F) >> 7) & ones;
+  const uint64_t sym = (level & ones) | (((fields >> lbits) & ones) << 1);
+  return (sym & ~(escaped * 3)) | (escaped << 1);
+}
+
+// Packs a block's escape entries (`count` of `capacity`, the rest zero) as k-bit fields at out.
+inline void pack_escapes(const uint8_t* entries, int64_t count, int64_t capacity, int k, uint8_t* out) {
+  uint8_t group[8];
+  for (int64_t g = 0; g < capacity; g += kGroup) {
+    for (int64_t l = 0; l < kGroup; ++l) group[l] = g + l < count ? entries[g + l] : 0;
+    pack_group(group, kGroup, k, out + (g / kGroup) * k);
+  }
+}
+
+inline int64_t escape_area_offset(int64_t n) { return packed_nbytes(n, 2); }
+
 std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t levels, int64_t block, bool l2,
-                                            double clip, uint64_t seed, uint64_t offset) {
+                                            double clip, uint64_t seed, uint64_t offset, int64_t escapes) {
   const int64_t n = x.numel();
   const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
   const int k = lbits + 1;
+  const int kw = escapes ? 2 : k;  // width of the main code stream
   const int64_t nblocks = (n + block - 1) / block;
-  auto packed = torch::empty({packed_nbytes(n, k)}, x.options().dtype(torch::kUInt8));
+  const int64_t nbytes = packed_nbytes(n, kw) + nblocks * escapes * k / 8;
+  auto packed = torch::empty({nbytes}, x.options().dtype(torch::kUInt8));
   auto scales = torch::empty({nblocks}, x.options());
   const float* xp = x.data_ptr<float>();
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
   const Philox rng(seed, offset);
   const float flevels = static_cast<float>(levels);
-  [[maybe_unused]] const uint64_t mask = byte_fields_mask(k);
+  [[maybe_unused]] const uint64_t mask = byte_fields_mask(kw);
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
     const float* xb = xp + start;
     const float s = block_scale(xb, len, l2, clip);
     sp[b] = s;
     const bool valid = std::isfinite(s) && s > 0.0f;
-    uint8_t* pb = pp + (start / kGroup) * k;
+    uint8_t* pb = pp + (start / kGroup) * kw;
+    thread_local std::vector<uint8_t> entries;
+    if (static_cast<int64_t>(entries.size()) < escapes) entries.resize(escapes);
+    int64_t nescaped = 0;
+    // Writes one group's fields (one per byte) to the stream, diverting escapes to `entries`.
+    auto emit = [&](uint64_t fields, int64_t p, int64_t count) {
+      if (escapes) {
+        uint64_t escaped;
+        const uint64_t symbols = escape_symbols(fields, lbits, escaped);
+        for (; escaped; escaped &= escaped - 1) {
+          // The l2 bound allows at most min(levels^2, block) escapes per block (docs/kernels.md).
+          TORCH_CHECK(nescaped < escapes, "gradq: more than ", escapes, " escapes in block ", b);
+          entries[nescaped++] = static_cast<uint8_t>(fields >> (8 * (__builtin_ctzll(escaped) / 8)));
+        }
+        fields = symbols;
+      }
+#if defined(__BMI2__)
+      if (count == kGroup) {
+        pack_full_group(fields, kw, mask, pb + (p / kGroup) * kw);
+        return;
+      }
+#endif
+      uint8_t bytes[8];
+      std::memcpy(bytes, &fields, 8);
+      pack_group(bytes, count, kw, pb + (p / kGroup) * kw);
+    };
     float u[kUniformBatch];
 #if defined(__AVX2__)
     const __m256 vs = _mm256_set1_ps(s), vlevels = _mm256_set1_ps(flevels), zero = _mm256_setzero_ps();
@@ -558,7 +616,7 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
 #endif
     for (int64_t p = 0; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
-      alignas(32) uint8_t fields[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      uint64_t fields = 0;
       if (valid) {
         if (p % kUniformBatch == 0) rng.uniforms<kUniformBatch / 32>(start + p, u);
         const float* ug = u + p % kUniformBatch;
@@ -575,13 +633,7 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
           const __m256i field = _mm256_or_si256(level, _mm256_and_si256(negative, _mm256_set1_epi32(1 << lbits)));
           // 8 x int32 -> 8 x uint8 (values < 256): pack to 16 then 8 bits within lanes, then gather halves.
           const __m128i f16 = _mm_packus_epi32(_mm256_castsi256_si128(field), _mm256_extracti128_si256(field, 1));
-#if defined(__BMI2__)
-          pack_full_group(static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_packus_epi16(f16, f16))), k, mask,
-                          pb + (p / kGroup) * k);
-#else
-          _mm_storel_epi64(reinterpret_cast<__m128i*>(fields), _mm_packus_epi16(f16, f16));
-          pack_group(fields, count, k, pb + (p / kGroup) * k);
-#endif
+          emit(static_cast<uint64_t>(_mm_cvtsi128_si64(_mm_packus_epi16(f16, f16))), p, count);
           continue;
         }
 #endif
@@ -590,20 +642,30 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
           const float t = std::floor((std::fabs(v) / s) * flevels + ug[l]);
           const uint32_t level = t >= flevels ? static_cast<uint32_t>(levels) : static_cast<uint32_t>(t);
           const uint32_t neg = (v < 0.0f) && level > 0;
-          fields[l] = static_cast<uint8_t>(level | (neg << lbits));
+          fields |= static_cast<uint64_t>(level | (neg << lbits)) << (8 * l);
         }
       }
-      pack_group(fields, count, k, pb + (p / kGroup) * k);
+      emit(fields, p, count);
     }
+    if (escapes)
+      pack_escapes(entries.data(), nescaped, escapes, k, pp + escape_area_offset(n) + b * escapes * k / 8);
   });
   return {packed, scales};
 }
 
+// Escape entry e (k bits) of a block's escape area at area.
+inline uint64_t escape_entry(const uint8_t* area, int64_t e, int k) {
+  const int64_t bit = e * k;
+  const int shift = static_cast<int>(bit % 8);
+  return (load_le(area + bit / 8, (shift + k + 7) / 8) >> shift) & ((1u << k) - 1);
+}
+
 torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t levels,
                                  int64_t block, int64_t n, const c10::optional<torch::Tensor>& out_opt,
-                                 bool accumulate) {
+                                 bool accumulate, int64_t escapes) {
   const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
   const int k = lbits + 1;
+  const int kw = escapes ? 2 : k;
   const uint32_t lmask = (1u << lbits) - 1;
   auto out = output_for(out_opt, n, scales);
   const uint8_t* pp = packed.data_ptr<uint8_t>();
@@ -611,32 +673,60 @@ torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tenso
   const float* sp = scales.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const float flevels = static_cast<float>(levels);
-  [[maybe_unused]] const uint64_t mask = byte_fields_mask(k);
+  [[maybe_unused]] const uint64_t mask = byte_fields_mask(kw);
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
     const float step = sp[b] / flevels;
-    const uint8_t* pb = pp + (start / kGroup) * k;
+    const uint8_t* pb = pp + (start / kGroup) * kw;
+    const uint8_t* area = pp + escape_area_offset(n) + b * escapes * k / 8;
+    int64_t nescaped = 0;
     float* ob = o + start;
-    int64_t p = 0;
-#if defined(__AVX2__) && defined(__BMI2__)
+    // The fields of the group at p, one per byte (zero beyond count), escapes resolved.
+    auto group_fields = [&](int64_t p, int64_t count) {
+      uint64_t fields = 0;
+#if defined(__BMI2__)
+      if (count == kGroup)
+        fields = unpack_full_group(pb + (p / kGroup) * kw, end, kw, mask);
+      else
+#endif
+      {
+        uint8_t bytes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        unpack_group(pb + (p / kGroup) * kw, count, kw, bytes);
+        std::memcpy(&fields, bytes, 8);
+      }
+      if (!escapes) return fields;
+      constexpr uint64_t ones = 0x0101010101010101ull;
+      uint64_t escaped = (fields >> 1) & ~fields & ones;  // symbol 0b10
+      uint64_t resolved = (fields & ones) | (((fields >> 1) & ones) << lbits);
+      for (; escaped; escaped &= escaped - 1) {
+        const int shift = 8 * (__builtin_ctzll(escaped) / 8);
+        TORCH_CHECK_VALUE(nescaped < escapes, "corrupt sign-magnitude payload: block ", b, " has more than ",
+                          escapes, " escape symbols");
+        resolved = (resolved & ~(0xFFull << shift)) | (escape_entry(area, nescaped++, k) << shift);
+      }
+      return resolved;
+    };
+#if defined(__AVX2__)
     // magnitude = level * step, negated by flipping the sign bit: the same bits as the scalar path.
     const __m256 vstep = _mm256_set1_ps(step);
     const __m256i vlmask = _mm256_set1_epi32(static_cast<int>(lmask));
-    for (; p + kGroup <= len; p += kGroup) {
-      const uint64_t fields = unpack_full_group(pb + (p / kGroup) * k, end, k, mask);
-      const __m256i f = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(fields)));
-      const __m256 magnitude = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(f, vlmask)), vstep);
-      const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(f, lbits), 31));
-      const __m256 v = _mm256_xor_ps(magnitude, sign);
-      _mm256_storeu_ps(ob + p, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ob + p), v) : v);
-    }
 #endif
-    for (; p < len; p += kGroup) {
+    for (int64_t p = 0; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
-      uint8_t fields[8];
-      unpack_group(pb + (p / kGroup) * k, count, k, fields);
+      const uint64_t fields = group_fields(p, count);
+#if defined(__AVX2__)
+      if (count == kGroup) {
+        const __m256i f = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<int64_t>(fields)));
+        const __m256 magnitude = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(f, vlmask)), vstep);
+        const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_srli_epi32(f, lbits), 31));
+        const __m256 v = _mm256_xor_ps(magnitude, sign);
+        _mm256_storeu_ps(ob + p, accumulate ? _mm256_add_ps(_mm256_loadu_ps(ob + p), v) : v);
+        continue;
+      }
+#endif
       for (int64_t l = 0; l < count; ++l) {
-        const float magnitude = static_cast<float>(fields[l] & lmask) * step;
-        const float v = (fields[l] >> lbits) ? -magnitude : magnitude;
+        const uint32_t field = static_cast<uint32_t>(fields >> (8 * l)) & 0xFF;
+        const float magnitude = static_cast<float>(field & lmask) * step;
+        const float v = (field >> lbits) ? -magnitude : magnitude;
         ob[p + l] = accumulate ? ob[p + l] + v : v;
       }
     }

@@ -28,6 +28,8 @@ from gradq.kernels import (
     signmag_bits,
     signmag_compress,
     signmag_decompress,
+    signmag_escapes,
+    signmag_packed_nbytes,
     unpack_bits,
 )
 from gradq.memory import ErrorFeedback
@@ -76,5 +78,7 @@ __all__ = [
     "signmag_bits",
     "signmag_compress",
     "signmag_decompress",
+    "signmag_escapes",
+    "signmag_packed_nbytes",
     "unpack_bits",
 ]

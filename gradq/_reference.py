@@ -163,9 +163,11 @@ def sign_mean_compress(
 
 
 def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.Tensor:
-    """Per-block fp32 scale: the l2 norm, or max |x| (lowered to clip * rms when clip > 0)."""
+    """Per-block fp32 scale: the l2 norm rounded up, or max |x| (lowered to clip * rms when clip > 0)."""
     if l2:
-        return block_lane_sum(x.to(torch.float64).square(), block).sqrt().to(torch.float32)
+        norm = block_lane_sum(x.to(torch.float64).square(), block).sqrt()
+        scales = norm.to(torch.float32)
+        return torch.where(scales.to(torch.float64) < norm, torch.nextafter(scales, scales.new_tensor(torch.inf)), scales)
     scales = _block_view(x.abs(), block).amax(dim=1)
     if clip > 0:
         counts = block_counts(x.numel(), block, x.device).to(torch.float64)
@@ -173,6 +175,16 @@ def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.
         threshold = (clip * (sumsq / counts).sqrt()).to(torch.float32)
         scales = torch.where(scales > threshold, threshold, scales)
     return scales
+
+
+def _escape_ranks(escaped: torch.Tensor, block: int, nblocks: int) -> tuple[torch.Tensor, ...]:
+    """Escapes (bool mask over elements) as (element index, block, rank within its block, most in a block)."""
+    index = escaped.nonzero().squeeze(1)
+    blocks = index // block
+    per_block = torch.bincount(blocks, minlength=nblocks)
+    first = per_block.cumsum(0) - per_block
+    most = int(per_block.max()) if nblocks else 0
+    return index, blocks, torch.arange(index.numel(), device=escaped.device) - first[blocks], most
 
 
 def signmag_compress(
@@ -183,12 +195,15 @@ def signmag_compress(
     clip: float,
     seed: int,
     offset: int,
+    escapes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic sign-magnitude code (TernGrad: levels=1, absmax; QSGD: l2); returns (packed, scales).
 
     y = (|x| / scale) * levels in fp32; level = min(floor(y + u), levels) with u = philox_uniform;
     level = 0 for a block whose scale is 0 or non-finite. Field = level | (x < 0 and level > 0) << lbits,
-    lbits = bit_length(levels), width = lbits + 1.
+    lbits = bit_length(levels), width k = lbits + 1. With ``escapes`` = E > 0 (the escape code, l2 only):
+    a 2-bit symbol per value (the field of a level-0/1 value, 0b10 for level >= 2), then per block E
+    k-bit entries holding the fields of its escaped values in element order, zero-filled.
     """
     n = x.numel()
     lbits = levels.bit_length()
@@ -199,7 +214,17 @@ def signmag_compress(
     valid = torch.isfinite(s) & (s > 0)
     level = torch.where(valid, t.clamp(max=levels), 0.0).to(torch.uint8)
     neg = ((x < 0) & (level > 0)).to(torch.uint8)
-    return pack_bits(level | (neg << lbits), lbits + 1), scales
+    fields = level | (neg << lbits)
+    if not escapes:
+        return pack_bits(fields, lbits + 1), scales
+    escaped = level >= 2
+    symbols = torch.where(escaped, 2, level | (neg << 1)).to(torch.uint8)
+    index, blocks, rank, most = _escape_ranks(escaped, block, scales.numel())
+    if most > escapes:  # impossible for the l2 rule with escapes >= min(levels**2, block) (docs/kernels.md)
+        raise RuntimeError(f"gradq: more than {escapes} escapes in a block")
+    entries = torch.zeros(scales.numel(), escapes, dtype=torch.uint8, device=x.device)
+    entries[blocks, rank] = fields[index]
+    return torch.cat((pack_bits(symbols, 2), pack_bits(entries.reshape(-1), lbits + 1))), scales
 
 
 def signmag_decompress(
@@ -210,10 +235,22 @@ def signmag_decompress(
     n: int,
     out: torch.Tensor | None,
     accumulate: bool,
+    escapes: int = 0,
 ) -> torch.Tensor:
-    """fp32 values of a sign-magnitude code: ±level * (scale / levels), in fp32."""
+    """fp32 values of a sign-magnitude code: ±level * (scale / levels), in fp32; ``escapes`` as in
+    :func:`signmag_compress`. Raises ``ValueError`` when a block has more escape symbols than entries."""
     lbits = levels.bit_length()
-    fields = unpack_bits(packed, lbits + 1, n)
+    if escapes:
+        stream = (2 * n + 7) // 8
+        symbols = unpack_bits(packed[:stream], 2, n)
+        entries = unpack_bits(packed[stream:], lbits + 1, scales.numel() * escapes).view(-1, escapes)
+        fields = (symbols & 1) | ((symbols >> 1) << lbits)
+        index, blocks, rank, most = _escape_ranks(symbols == 2, block, scales.numel())
+        if most > escapes:
+            raise ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols")
+        fields[index] = entries[blocks, rank]
+    else:
+        fields = unpack_bits(packed, lbits + 1, n)
     step = _per_element(scales / float(levels), n, block)
     v = (fields & ((1 << lbits) - 1)).to(torch.float32) * step
     return _emit(torch.where((fields >> lbits).bool(), -v, v), out, accumulate)

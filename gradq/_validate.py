@@ -49,3 +49,10 @@ def check_block(block: object) -> int:
     if block % 8:
         raise ValueError(f"block must be a multiple of 8, got {block}")
     return block
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Raise TypeError unless ``value`` is a bool."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradq._backend import kernels_for
-from gradq._validate import check_bits, check_block, check_int, check_tensor
+from gradq._validate import check_bits, check_block, check_flag, check_int, check_tensor
 
 _U64_MAX = 2**64 - 1
 SIGNMAG_RULES = ("absmax", "l2")
@@ -164,6 +164,32 @@ def signmag_bits(levels: int) -> int:
     return check_int("levels", levels, lo=1, hi=127).bit_length() + 1
 
 
+def signmag_escapes(levels: int, block: int) -> int:
+    """Escape entries per block of the escape code: min(levels**2, block) rounded up to a multiple of 8.
+
+    With the l2 rule, sum_i ((|x_i| / scale) * levels)**2 <= levels**2 in each block, and a level >= 2
+    needs (|x_i| / scale) * levels > 1 - 2**-23, so a block has fewer than levels**2 + 1 such values
+    (docs/kernels.md). 0 for levels = 1, where the escape code is the plain 2-bit code.
+    """
+    check_block(block)
+    if signmag_bits(levels) == 2:
+        return 0
+    return -(-min(levels * levels, block) // 8) * 8
+
+
+def signmag_packed_nbytes(numel: int, levels: int, block: int, *, escape: bool = False) -> int:
+    """Bytes of the packed codes of a sign-magnitude code (scales not included).
+
+    Plain: ``packed_nbytes(numel, signmag_bits(levels))``. Escape code: a 2-bit symbol per value, then
+    ``signmag_escapes(levels, block)`` entries of ``signmag_bits(levels)`` bits per block.
+    """
+    bits = signmag_bits(levels)
+    if not escape:
+        return packed_nbytes(numel, bits)
+    nblocks = -(-check_int("numel", numel, lo=0) // check_block(block))
+    return packed_nbytes(numel, 2) + nblocks * signmag_escapes(levels, block) * bits // 8
+
+
 def signmag_compress(
     x: torch.Tensor,
     *,
@@ -173,6 +199,7 @@ def signmag_compress(
     seed: int,
     offset: int = 0,
     clip: float = 0.0,
+    escape: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastic sign-magnitude code of ``x``; returns (packed codes, fp32 scale per block).
 
@@ -181,6 +208,9 @@ def signmag_compress(
     min(floor((|x_i| / scale) * levels + u_i), levels) in fp32, u = :func:`philox_uniform` (seed, offset):
     an unbiased estimate of levels * |x_i| / scale inside the clipping range. Codes are
     ``signmag_bits(levels)`` wide: level | (negative and level > 0) << bit_length(levels).
+
+    ``escape=True`` (rule "l2" only) packs the same levels with the escape code: 2 bits per value, the
+    rare levels >= 2 in a per-block area of :func:`signmag_escapes` entries (docs/format.md).
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
     signmag_bits(levels)
@@ -191,9 +221,13 @@ def signmag_compress(
         raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")
     if clip and rule != "absmax":
         raise ValueError("clip applies to rule='absmax' only")
+    check_flag("escape", escape)
+    if escape and rule != "l2":
+        raise ValueError("escape=True needs rule='l2': only the l2 norm bounds the number of levels >= 2 per block")
     _check_seed("seed", seed)
     _check_seed("offset", offset)
-    return kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset)
+    escapes = signmag_escapes(levels, block) if escape else 0
+    return kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
 
 
 def signmag_decompress(
@@ -205,18 +239,24 @@ def signmag_decompress(
     numel: int,
     out: torch.Tensor | None = None,
     accumulate: bool = False,
+    escape: bool = False,
 ) -> torch.Tensor:
     """fp32 values (numel,) of a sign-magnitude code: ±level * (scale / levels), computed in fp32.
 
-    ``out`` and ``accumulate`` as in :func:`sign_decompress`.
+    ``out`` and ``accumulate`` as in :func:`sign_decompress`; ``escape`` as given to
+    :func:`signmag_compress`. A block with more escape symbols than entries raises ``ValueError``.
     """
     bits = signmag_bits(levels)
     check_block(block)
     check_tensor("packed", packed, dtypes=(torch.uint8,), dim=1)
-    if packed.numel() != packed_nbytes(numel, bits):
-        raise ValueError(
-            f"packed has {packed.numel()} bytes but {numel} codes of {bits} bits need {packed_nbytes(numel, bits)}"
-        )
+    check_flag("escape", escape)
+    expected = signmag_packed_nbytes(numel, levels, block, escape=escape)
+    if packed.numel() != expected:
+        code = "the escape code" if escape else f"codes of {bits} bits"
+        raise ValueError(f"packed has {packed.numel()} bytes but {numel} values in {code} need {expected}")
     _check_scales(scales, numel, block, packed)
     _check_out(out, numel, packed)
-    return kernels_for(packed).signmag_decompress(packed, scales, levels, block, numel, out, bool(accumulate))
+    escapes = signmag_escapes(levels, block) if escape else 0
+    return kernels_for(packed).signmag_decompress(
+        packed, scales, levels, block, numel, out, bool(accumulate), escapes
+    )

@@ -189,6 +189,23 @@ def test_error_feedback_is_kept_per_block_where_a_value_is_not_finite():
             ValueError,
             "packed has 3 bytes",
         ),
+        (
+            lambda: gradq.signmag_compress(torch.ones(8), levels=4, block=8, rule="absmax", seed=0, escape=True),
+            ValueError,
+            "escape=True needs rule='l2'",
+        ),
+        (
+            lambda: gradq.signmag_compress(torch.ones(8), levels=4, block=8, rule="l2", seed=0, escape=1),
+            TypeError,
+            "escape must be True or False",
+        ),
+        (
+            lambda: gradq.signmag_decompress(
+                torch.zeros(4, dtype=torch.uint8), torch.ones(1), levels=4, block=8, numel=8, escape=True
+            ),
+            ValueError,
+            "packed has 4 bytes but 8 values in the escape code need 6",
+        ),
         (lambda: gradq.philox_uniform(-1, 0), ValueError, "numel"),
         (
             lambda: gradq.kernels.sign_mean_compress(
@@ -209,3 +226,12 @@ def test_error_feedback_is_kept_per_block_where_a_value_is_not_finite():
 def test_kernel_bad_input(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+def test_escape_code_sizes():
+    """Entries per block: min(levels**2, block) rounded up to 8 (0 at one level); bytes follow format.md."""
+    cases = {(1, 64): 0, (2, 64): 8, (3, 8): 8, (4, 512): 16, (8, 16): 16, (127, 4096): 4096}
+    assert {key: gradq.signmag_escapes(*key) for key in cases} == cases
+    assert gradq.signmag_packed_nbytes(1000, 4, 512, escape=True) == 250 + 2 * 16 * 4 // 8
+    assert gradq.signmag_packed_nbytes(1000, 4, 512) == 500
+    assert gradq.signmag_packed_nbytes(9, 1, 8, escape=True) == gradq.signmag_packed_nbytes(9, 1, 8) == 3

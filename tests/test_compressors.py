@@ -63,7 +63,12 @@ def test_payload_sizes_give_the_expected_compression():
     assert gradq.get_compressor("none").payload_nbytes(n) / gradq.TernGrad().payload_nbytes(n) == pytest.approx(
         16, 0.01
     )
-    assert gradq.get_compressor("none").payload_nbytes(n) / gradq.QSGD().payload_nbytes(n) == pytest.approx(8, 0.1)
+    # QSGD at 4 levels, blocks of 512: 2-bit symbols + 16 escape entries of 4 bits + a scale per block
+    assert gradq.QSGD().escape and gradq.QSGD().payload_nbytes(n) == n // 4 + (n // 512) * (8 + 4)
+    assert gradq.get_compressor("none").payload_nbytes(n) / gradq.QSGD().payload_nbytes(n) == pytest.approx(14.63, 1e-3)
+    # levels=1 is the plain 2-bit code; at 127 levels the escape code would be larger, so the plain 8 bits
+    assert not gradq.QSGD(levels=1).escape and gradq.QSGD(levels=1).payload_nbytes(n) == n // 4 + n // 128
+    assert not gradq.QSGD(levels=127).escape and gradq.QSGD(levels=127).payload_nbytes(n) == n + n // 128
     assert gradq.get_compressor("fp16").payload_nbytes(n) == 2 * n
 
 
@@ -76,7 +81,7 @@ def test_half_precision_input_is_accepted():
 def test_decompress_rejects_mismatched_payloads():
     comp = gradq.QSGD()
     payload = comp.compress(grad(1000, 0), seed=0)
-    with pytest.raises(ValueError, match="payload has 508 bytes but qsgd needs 2032 for 4000 values"):
+    with pytest.raises(ValueError, match="payload has 274 bytes but qsgd needs 1096 for 4000 values"):
         comp.decompress(payload, 4000)
     with pytest.raises(TypeError, match="x must have dtype"):
         comp.compress(torch.arange(10))

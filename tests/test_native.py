@@ -111,16 +111,76 @@ def test_sign_compress_overflowing_sum_keeps_that_blocks_residual(native):
 )
 @pytest.mark.parametrize("n", ODD_LENGTHS)
 def test_signmag_compress_and_decompress(native, n, levels, block, l2, clip, nonfinite):
+    """Plain code and (l2 rule) escape code; both decode to the same values."""
     x = sample(n, n * levels, nonfinite)
     seed, offset = 2**64 - 3 - n, n * 31
-    packed, scales = native.signmag_compress(x, levels, block, l2, clip, seed, offset)
-    ref_packed, ref_scales = _reference.signmag_compress(x, levels, block, l2, clip, seed, offset)
-    assert_same_bits(packed, ref_packed)
-    assert_same_bits(scales, ref_scales)
-    assert_same_bits(
-        native.signmag_decompress(packed, scales, levels, block, n, None, False),
-        _reference.signmag_decompress(packed, scales, levels, block, n, None, False),
-    )
+    decoded = []
+    for escapes in (0, gradq.signmag_escapes(levels, block)) if l2 else (0,):
+        packed, scales = native.signmag_compress(x, levels, block, l2, clip, seed, offset, escapes)
+        ref_packed, ref_scales = _reference.signmag_compress(x, levels, block, l2, clip, seed, offset, escapes)
+        assert_same_bits(packed, ref_packed)
+        assert_same_bits(scales, ref_scales)
+        decoded.append(native.signmag_decompress(packed, scales, levels, block, n, None, False, escapes))
+        assert_same_bits(decoded[-1], _reference.signmag_decompress(packed, scales, levels, block, n, None, False, escapes))
+    assert_same_bits(decoded[0], decoded[-1])
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_escape_capacity_is_enforced(native, backend):
+    """Levels >= 2 go to the escape entries; more escapes than entries fail loudly on both sides."""
+    kernels = native if backend == "native" else _reference
+    x = torch.tensor([1.0] * 4 + [0.0] * 12)  # ||x|| = 2: y = 2 exactly at 4 levels, so level 2 (escaped)
+    packed, scales = kernels.signmag_compress(x, 4, 16, True, 0.0, 0, 0, 16)
+    assert packed[:4].tolist() == [0b10101010, 0, 0, 0]  # four escape symbols, then level 0
+    assert packed[4:].tolist() == [0x22, 0x22, 0, 0, 0, 0, 0, 0]  # entries: field 2 (level 2, sign 0) x 4
+    assert_same_bits(kernels.signmag_decompress(packed, scales, 4, 16, 16, None, False, 16), x)
+    # 16 equal values at 8 levels: y = 2 for all 16, twice the 8 entries passed (the bound would give 16).
+    with pytest.raises(RuntimeError, match="more than 8 escapes"):
+        kernels.signmag_compress(torch.ones(16), 8, 16, True, 0.0, 0, 0, 8)
+    corrupt = torch.cat((torch.full((4,), 0b10101010, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="corrupt sign-magnitude payload.*more than 8 escape symbols"):
+        kernels.signmag_decompress(corrupt, torch.ones(1), 4, 16, 16, None, False, 8)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_l2_scale_is_the_norm_rounded_up(native, backend):
+    """The smallest fp32 >= the float64 norm, also where round-to-nearest would go below it (subnormals)."""
+    kernels = native if backend == "native" else _reference
+    d = 2.0**-149  # the smallest subnormal: ||(d, d)|| = 1.41 d, which rounds to nearest as 1 d
+    tiny = torch.tensor([d, d] + [0.0] * 6)
+    _, scales = kernels.signmag_compress(tiny, 4, 8, True, 0.0, 0, 0, 0)
+    assert scales.tolist() == [2 * d]
+    x = sample(1 << 16, 5, nonfinite=False)
+    _, scales = kernels.signmag_compress(x, 4, 64, True, 0.0, 0, 0, 0)
+    norms = torch.stack([c.double().square().sum().sqrt() for c in x.split(64)])
+    below = torch.nextafter(scales, torch.zeros_like(scales))
+    assert (scales.double() >= norms * (1 - 2**-40)).all()
+    assert ((below.double() < norms * (1 + 2**-40)) | (norms == 0)).all()  # nothing lower would do (0 stays 0)
+    assert (scales.double() > norms).any()  # some blocks did round up
+
+
+@pytest.mark.parametrize("levels", [2, 3, 4, 8])
+def test_escape_code_holds_every_block_the_l2_bound_allows(native, levels):
+    """m equal values per block (y = levels / sqrt(m)) for every m up to levels**2 + 1, tiny or subnormal:
+    the escapes fit signmag_escapes(levels, block) entries and decode to the plain code's values."""
+    block = 64
+    escapes = gradq.signmag_escapes(levels, block)
+    rows = []
+    for m in range(1, min(levels**2 + 1, block) + 1):
+        for magnitude in (1.0, 3e-39, 2.0**-147):
+            row = torch.zeros(block)
+            row[torch.randperm(block, generator=torch.Generator().manual_seed(m))[:m]] = magnitude
+            rows.append(row * torch.where(torch.arange(block) % 3 == 0, -1.0, 1.0))
+    x = torch.cat(rows)
+    for seed in range(5):
+        plain = native.signmag_compress(x, levels, block, True, 0.0, seed, 0, 0)
+        packed, scales = native.signmag_compress(x, levels, block, True, 0.0, seed, 0, escapes)
+        ref_packed, ref_scales = _reference.signmag_compress(x, levels, block, True, 0.0, seed, 0, escapes)
+        assert_same_bits(packed, ref_packed)
+        assert_same_bits(scales, ref_scales)
+        decoded = native.signmag_decompress(packed, scales, levels, block, x.numel(), None, False, escapes)
+        assert_same_bits(decoded, native.signmag_decompress(*plain, levels, block, x.numel(), None, False, 0))
+        assert (decoded.abs() > scales.repeat_interleave(block) * (1.5 / levels)).any()  # escapes did occur
 
 
 @pytest.mark.parametrize("nonfinite", [False, True])
@@ -147,17 +207,23 @@ def test_decompress_into_and_accumulating_into_an_output(native, n):
     x = sample(n, n, nonfinite=False)
     base = sample(n, n + 1, nonfinite=False)
     sign = native.sign_compress(x, None, 64)
-    signmag = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4)
+    signmag = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4, 0)
+    escaped = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4, 16)
+    cases = (
+        ("sign_decompress", (*sign, 64, n), ()),
+        ("signmag_decompress", (*signmag, 4, 64, n), (0,)),
+        ("signmag_decompress", (*escaped, 4, 64, n), (16,)),
+    )
     for accumulate in (False, True):
-        for kernel, args in (("sign_decompress", (*sign, 64, n)), ("signmag_decompress", (*signmag, 4, 64, n))):
+        for kernel, args, tail in cases:
             outs = [base.clone(), base.clone()]
             results = [
-                getattr(mod, kernel)(*args, out, accumulate)
+                getattr(mod, kernel)(*args, out, accumulate, *tail)
                 for mod, out in zip((native, _reference), outs, strict=True)
             ]
             assert all(r.data_ptr() == o.data_ptr() for r, o in zip(results, outs, strict=True))
             assert_same_bits(outs[0], outs[1])
-            fresh = getattr(_reference, kernel)(*args, None, False)
+            fresh = getattr(_reference, kernel)(*args, None, False, *tail)
             assert_same_bits(outs[0], base + fresh if accumulate else fresh)
 
 
@@ -170,8 +236,10 @@ def test_results_do_not_depend_on_thread_count(native):
             torch.set_num_threads(threads)
             r = torch.zeros_like(x)
             sign = native.sign_compress(x, r, 4096)
-            signmag = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1)
-            outputs.append((*sign, r, *signmag, native.philox_uniform(x.numel(), 99, 1)))
+            signmag = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 0)
+            escaped = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 16)
+            decoded = native.signmag_decompress(*escaped, 4, 512, x.numel(), None, False, 16)
+            outputs.append((*sign, r, *signmag, *escaped, decoded, native.philox_uniform(x.numel(), 99, 1)))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outputs, strict=True):
