@@ -33,6 +33,7 @@ from types import ModuleType
 import torch
 from tqdm import tqdm
 
+import gradq
 from gradq import _C, _reference
 
 PATHS: dict[str, ModuleType] = {"reference": _reference, "native": _C}
@@ -66,16 +67,27 @@ class Codec:
     block: int
     l2: bool
     clip: float
+    escape: bool = False
 
     @property
     def bits(self) -> int:
         """Code width: bit_length(levels) + 1 sign bit."""
         return self.levels.bit_length() + 1
 
+    @property
+    def escapes(self) -> int:
+        """Escape entries per block (0: the plain code)."""
+        return gradq.signmag_escapes(self.levels, self.block) if self.escape else 0
+
+    def packed_len(self, n: int) -> int:
+        """Bytes of the packed codes of n values."""
+        return gradq.signmag_packed_nbytes(n, self.levels, self.block, escape=self.escape)
+
 
 CODECS = (
     Codec("terngrad", levels=1, block=SIGN_BLOCK, l2=False, clip=2.5),
-    Codec("qsgd", levels=4, block=512, l2=True, clip=0.0),
+    Codec("qsgd", levels=4, block=512, l2=True, clip=0.0, escape=True),
+    Codec("qsgd-plain", levels=4, block=512, l2=True, clip=0.0),
 )
 
 
@@ -168,9 +180,9 @@ def sign_decompress_kernel() -> Kernel:
     )
 
 
-def signmag_args(codec: Codec) -> tuple[int, int, bool, float, int, int]:
+def signmag_args(codec: Codec) -> tuple[int, int, bool, float, int, int, int]:
     """Positional arguments of ``signmag_compress`` after the input, for ``codec``."""
-    return codec.levels, codec.block, codec.l2, codec.clip, SEED, OFFSET
+    return codec.levels, codec.block, codec.l2, codec.clip, SEED, OFFSET, codec.escapes
 
 
 def signmag_compress_kernel(codec: Codec) -> Kernel:
@@ -183,7 +195,7 @@ def signmag_compress_kernel(codec: Codec) -> Kernel:
         f"signmag_compress:{codec.name}",
         asdict(codec) | {"bits": codec.bits},
         "read x + write packed",
-        lambda n: n * 4 + packed_len(n, codec.bits),
+        lambda n: n * 4 + codec.packed_len(n),
         setup,
     )
 
@@ -193,14 +205,14 @@ def signmag_decompress_kernel(codec: Codec) -> Kernel:
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
         packed, scales = _C.signmag_compress(x, *signmag_args(codec))
-        args = packed, scales, codec.levels, codec.block, x.numel(), None, False
+        args = packed, scales, codec.levels, codec.block, x.numel(), None, False, codec.escapes
         return lambda mod: partial(mod.signmag_decompress, *args)
 
     return Kernel(
         f"signmag_decompress:{codec.name}",
         asdict(codec) | {"bits": codec.bits},
         "read packed + write n*4",
-        lambda n: packed_len(n, codec.bits) + n * 4,
+        lambda n: codec.packed_len(n) + n * 4,
         setup,
     )
 

@@ -167,7 +167,8 @@ def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.
     if l2:
         norm = block_lane_sum(x.to(torch.float64).square(), block).sqrt()
         scales = norm.to(torch.float32)
-        return torch.where(scales.to(torch.float64) < norm, torch.nextafter(scales, scales.new_tensor(torch.inf)), scales)
+        up = torch.nextafter(scales, scales.new_tensor(torch.inf))
+        return torch.where(scales.to(torch.float64) < norm, up, scales)
     scales = _block_view(x.abs(), block).amax(dim=1)
     if clip > 0:
         counts = block_counts(x.numel(), block, x.device).to(torch.float64)

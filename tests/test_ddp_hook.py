@@ -81,7 +81,7 @@ def test_four_rank_training_on_digits_converges_with_every_compressor():
     assert accuracies["vanilla"] > 0.9
     for name in GRADQ:
         assert accuracies[name] >= accuracies["vanilla"] - 0.02, (name, accuracies)
-    assert stats["onebit"]["compression_ratio"] > 25 and stats["qsgd"]["compression_ratio"] > 6
+    assert stats["onebit"]["compression_ratio"] > 25 and stats["qsgd"]["compression_ratio"] > 12
     assert stats["none"]["compression_ratio"] == pytest.approx(1.0, rel=0.01)
     assert stats["onebit"]["steps"] == 300 and stats["onebit"]["codec_seconds_total"] > 0
 
