@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gradq._validate import check_flag
 from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, ring_allreduce_bytes
 from gradq.compressors import Compressor
 
@@ -317,9 +318,7 @@ def register(
         raise ValueError(f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}")
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
-    if not isinstance(overlap, bool):
-        raise TypeError(f"overlap must be True or False, got {overlap!r}")
-    overlap = overlap and ddp_model.device_type == "cpu"
+    overlap = check_flag("overlap", overlap) and ddp_model.device_type == "cpu"
     state = GradqState(
         CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options),
         start_iter=start_iter,

@@ -54,5 +54,5 @@ def check_block(block: object) -> int:
 def check_flag(name: str, value: object) -> bool:
     """Raise TypeError unless ``value`` is a bool."""
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+        raise TypeError(f"{name} must be True or False, got {value!r}")
     return value

@@ -165,7 +165,10 @@ class _Blocked(Compressor):
 
     def payload_nbytes(self, numel: int) -> int:
         nblocks = -(-check_int("numel", numel, lo=0) // self.block)
-        return 4 * nblocks + kernels.packed_nbytes(numel, self.bits)
+        return 4 * nblocks + self._packed_nbytes(numel)
+
+    def _packed_nbytes(self, numel: int) -> int:
+        return kernels.packed_nbytes(numel, self.bits)
 
     def _join(self, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return torch.cat((scales.view(torch.uint8), packed))
@@ -220,9 +223,8 @@ class _SignMagnitude(_Blocked):
     clip: float
     escape: bool = False
 
-    def payload_nbytes(self, numel: int) -> int:
-        nblocks = -(-check_int("numel", numel, lo=0) // self.block)
-        return 4 * nblocks + kernels.signmag_packed_nbytes(numel, self.levels, self.block, escape=self.escape)
+    def _packed_nbytes(self, numel: int) -> int:
+        return kernels.signmag_packed_nbytes(numel, self.levels, self.block, escape=self.escape)
 
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
         packed, scales = kernels.signmag_compress(

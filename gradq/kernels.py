@@ -167,12 +167,13 @@ def signmag_bits(levels: int) -> int:
 def signmag_escapes(levels: int, block: int) -> int:
     """Escape entries per block of the escape code: min(levels**2, block) rounded up to a multiple of 8.
 
-    With the l2 rule, sum_i ((|x_i| / scale) * levels)**2 <= levels**2 in each block, and a level >= 2
-    needs (|x_i| / scale) * levels > 1 - 2**-23, so a block has fewer than levels**2 + 1 such values
+    With the l2 rule, sum_i ((|x_i| / scale) * levels)**2 <= levels**2 in each block (up to rounding), and
+    a level >= 2 needs (|x_i| / scale) * levels >= 1 - 2**-23, so a block has at most levels**2 such values
     (docs/kernels.md). 0 for levels = 1, where the escape code is the plain 2-bit code.
     """
+    signmag_bits(levels)
     check_block(block)
-    if signmag_bits(levels) == 2:
+    if levels == 1:
         return 0
     return -(-min(levels * levels, block) // 8) * 8
 
