@@ -119,6 +119,7 @@ class GradqState:
         process_group: dist.ProcessGroup | None,
         parameter_names: dict[int, str],
         parameter_numels: dict[str, int],
+        own_group_key: tuple | None = None,
     ) -> None:
         self.allreduce = allreduce
         self.parameter_names = parameter_names
@@ -129,10 +130,27 @@ class GradqState:
         self.overlap = overlap
         self.jobs = _JobThread()
         self.process_group = process_group
+        self._own_group_key = own_group_key  # set when process_group is the hook's own (see _own_group)
+        self.closed = False
         self.transport = TorchTransport(process_group)
         self.iteration = 0
         self.stats = HookStats()
         self._agreed = False
+
+    def close(self) -> None:
+        """Release what the hook holds: its background thread (after the jobs already handed to it) and the
+        process group that ``register`` made for it, which goes back to gradq for the next overlapped hook over
+        the same ranks (a group the caller passed in is left alone). Call it on every rank of the group, in the
+        same order as ``register``. Idempotent. DDP cannot remove a comm hook, so a backward through the model
+        after ``close`` raises; register on a new DDP model instead.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.jobs.close()
+        if self._own_group_key is not None:
+            _release_group(self._own_group_key, self.process_group)
+        self.process_group = None
 
     def bucket_key(self, bucket: dist.GradBucket) -> tuple[str, ...]:
         """The names of ``bucket``'s parameters in bucket order: its identity across steps and processes."""
@@ -215,11 +233,18 @@ class GradqState:
 
 class _JobThread:
     """A daemon thread that runs submitted jobs one at a time in submission order. Started on the first job;
-    it ends when this object is garbage-collected (with the hook state that owns it)."""
+    it ends on :meth:`close` or when this object is garbage-collected (with the hook state that owns it)."""
 
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+
+    def close(self) -> None:
+        """Wait for the submitted jobs to finish, then end the thread. Idempotent."""
+        if self._thread is not None:
+            self._stop()  # the finalizer's call, run now: it runs once
+            self._thread.join()
+            self._thread = None
 
     def submit(self, job: Callable[[], torch.Tensor]) -> torch.futures.Future[torch.Tensor]:
         """A future of ``job()``'s result; if the job raises, waiting on the future raises its message (DDP
@@ -228,7 +253,7 @@ class _JobThread:
         if self._thread is None:
             self._thread = threading.Thread(target=_run_jobs, args=(self._jobs,), name="gradq-ddp-hook", daemon=True)
             self._thread.start()
-            weakref.finalize(self, self._jobs.put, None)
+            self._stop = weakref.finalize(self, self._jobs.put, None)
         self._jobs.put((job, done))
         # An exception raised in a then() callback marks the chained future failed for C++ waiters too;
         # Future.set_exception would instead hand DDP the exception object as the bucket's value.
@@ -254,23 +279,49 @@ def _unwrap(done: torch.futures.Future) -> torch.Tensor:
     return result
 
 
-def _own_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
-    """A new process group over ``group``'s ranks (only they take part in making it), with its timeout: the
-    overlapped hook's collectives run on it, so they never interleave with DDP's own collectives on
-    ``group`` (e.g. the unused-parameter allreduce of ``find_unused_parameters=True``) in a rank-dependent
-    order."""
+# Groups of closed hooks, for reuse by later ones: (default group, parent ranks, backend, timeout) -> groups.
+# They are not destroyed because a locally synchronized group made after a destroyed one takes its name, and
+# so reads the destroyed group's stale rendezvous keys from the store. torch.distributed destroys them with
+# the default group; entries made under an earlier default group are dropped.
+_spare_groups: dict[tuple, list[dist.ProcessGroup]] = {}
+
+
+def _group_key(group: dist.ProcessGroup | None) -> tuple:
+    """What an own group over ``group`` (None: the default group) is made from, and reused by."""
     group = group or dist.group.WORLD
     options = getattr(group._get_backend(torch.device("cpu")), "options", None)
-    return dist.new_group(
-        dist.get_process_group_ranks(group),
-        timeout=getattr(options, "_timeout", None),
-        backend=dist.get_backend(group),
-        use_local_synchronization=True,
-    )
+    timeout = getattr(options, "_timeout", None)
+    return dist.group.WORLD, tuple(dist.get_process_group_ranks(group)), dist.get_backend(group), timeout
+
+
+def _own_group(key: tuple) -> dist.ProcessGroup:
+    """A process group over the ranks of the group that ``key`` (from ``_group_key``) describes, made by
+    them alone, with its backend and timeout, used by no other hook: the overlapped hook's collectives run on
+    it, so they never interleave with DDP's own collectives on the user's group (e.g. the unused-parameter
+    allreduce of ``find_unused_parameters=True``) in a rank-dependent order. A closed hook's group with the
+    same key is reused."""
+    for stale in [k for k in _spare_groups if k[0] is not key[0]]:
+        del _spare_groups[stale]
+    spare = _spare_groups.get(key)
+    if spare:
+        return spare.pop(0)
+    _, ranks, backend, timeout = key
+    return dist.new_group(list(ranks), timeout=timeout, backend=backend, use_local_synchronization=True)
+
+
+def _release_group(key: tuple, group: dist.ProcessGroup) -> None:
+    """Hand a closed hook's own group (made by ``_own_group(key)``) back for reuse."""
+    if dist.is_initialized() and key[0] is dist.group.WORLD:
+        _spare_groups.setdefault(key, []).append(group)
 
 
 def gradq_hook(state: "GradqState", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: the mean of ``bucket``'s gradients over the process group."""
+    if state.closed:
+        raise RuntimeError(
+            "this model's gradq hook was closed (GradqState.close()) and DDP cannot remove a comm hook; "
+            "wrap the module in a new DistributedDataParallel and register gradq on that"
+        )
     buffer = bucket.buffer()
     job = functools.partial(state.reduce_bucket, buffer, state.bucket_key(bucket), state.iteration, bucket.is_last())
     if bucket.is_last():
@@ -306,6 +357,8 @@ def register(
     buckets on a background thread while backward goes on, over a process group of the hook's own made
     here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
     in the hook call. Call ``register`` on every rank of ``process_group``, before the first backward.
+    ``state.close()`` releases the hook's thread and its own process group (for a process that goes on
+    to build more models).
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
@@ -319,12 +372,14 @@ def register(
     if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
         raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
     overlap = check_flag("overlap", overlap) and ddp_model.device_type == "cpu"
+    own_key = _group_key(process_group) if overlap else None
     state = GradqState(
         CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options),
         start_iter=start_iter,
         min_numel=min_numel,
         overlap=overlap,
-        process_group=_own_group(process_group) if overlap else process_group,
+        process_group=_own_group(own_key) if own_key else process_group,
+        own_group_key=own_key,
         parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},
         parameter_numels={name: p.numel() for name, p in ddp_model.module.named_parameters()},
     )

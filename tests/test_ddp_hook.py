@@ -272,6 +272,44 @@ def test_statistics_report_the_bytes_each_step_sent():
     assert stats["compression_ratio"] == pytest.approx(4 * numel / stats["bytes_sent_last_step"])
 
 
+def _close(rank, world, workdir):
+    pair = dist.new_group([0, 1])
+    hooks, groups, accuracies = [], [], []
+    for _ in range(3):  # three models one after the other, each closed before the next
+        ddp = DDP(mlp(seed=0), process_group=pair)
+        state = comm_hooks.register(ddp, "onebit", start_iter=1, process_group=pair)
+        accuracies.append(train(rank, world, ddp, steps=3)[1])
+        hooks.append((ddp, state, state.jobs._thread))
+        groups.append(state.process_group)
+        state.close()
+        state.close()  # idempotent
+    ddp, state, thread = hooks[0]
+    try:
+        train(rank, world, ddp, steps=1)
+        error = "no error"
+    except RuntimeError as exc:
+        error = str(exc)
+    open_a = comm_hooks.register(DDP(mlp(seed=0), process_group=pair), "onebit", process_group=pair)
+    open_b = comm_hooks.register(DDP(mlp(seed=0), process_group=pair), "onebit", process_group=pair)
+    return {
+        "threads alive": [t.is_alive() for _, _, t in hooks],
+        "groups after close": [s.process_group for _, s, _ in hooks],
+        "one group reused": all(g is groups[0] for g in groups) and groups[0] is not pair,
+        "open hooks' groups": (open_a.process_group is groups[0], open_b.process_group is not groups[0]),
+        "accuracies": accuracies,
+        "error": error,
+    }
+
+
+def test_close_ends_the_hooks_thread_and_a_later_hook_reuses_its_process_group():
+    for result in distributed.run(_close, 2):
+        assert result["threads alive"] == [False] * 3 and result["groups after close"] == [None] * 3
+        assert result["one group reused"]  # not one group per registration
+        assert result["open hooks' groups"] == (True, True)  # two open hooks never share a group
+        assert len(set(result["accuracies"])) == 1  # the reused group reduces the same way, bit for bit
+        assert "gradq hook was closed" in result["error"] and "new DistributedDataParallel" in result["error"]
+
+
 def _rank_dies(rank, world, store):
     import datetime
     import os

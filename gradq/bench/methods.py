@@ -164,3 +164,8 @@ class Meter:
             # Before start_powerSGD_iter it allreduces the fp32 buckets and counts nothing.
             return StepFigures(ring_allreduce_bytes(4 * sent, self._world) if sent else self.fp32_bytes_per_step, None)
         return StepFigures(self.fp32_bytes_per_step, None)
+
+    def close(self) -> None:
+        """Release the method's resources (a gradq hook's thread and process group); collective."""
+        if self._gradq is not None:
+            self._gradq.close()

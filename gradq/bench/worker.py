@@ -127,6 +127,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
         "time_to_target_s": reached[0]["train_seconds"] if reached else None,
     }
+    meter.close()
     del ddp, opt
     return result
 
