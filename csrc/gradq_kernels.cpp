@@ -560,25 +560,41 @@ inline void pack_escapes(const uint8_t* entries, int64_t count, int64_t capacity
 
 inline int64_t escape_area_offset(int64_t n) { return packed_nbytes(n, 2); }
 
-std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t levels, int64_t block, bool l2,
-                                            double clip, uint64_t seed, uint64_t offset, int64_t escapes) {
-  const int64_t n = x.numel();
-  const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
-  const int k = lbits + 1;
-  const int kw = escapes ? 2 : k;  // width of the main code stream
-  const int64_t nblocks = (n + block - 1) / block;
-  const int64_t nbytes = packed_nbytes(n, kw) + nblocks * escapes * k / 8;
-  auto packed = torch::empty({nbytes}, x.options().dtype(torch::kUInt8));
-  auto scales = torch::empty({nblocks}, x.options());
-  const float* xp = x.data_ptr<float>();
-  uint8_t* pp = packed.data_ptr<uint8_t>();
-  float* sp = scales.data_ptr<float>();
-  const Philox rng(seed, offset);
-  const float flevels = static_cast<float>(levels);
-  [[maybe_unused]] const uint64_t mask = byte_fields_mask(kw);
+// Escape entry e (k bits) of a block's escape area at area.
+inline uint64_t escape_entry(const uint8_t* area, int64_t e, int k) {
+  const int64_t bit = e * k;
+  const int shift = static_cast<int>(bit % 8);
+  return (load_le(area + bit / 8, (shift + k + 7) / 8) >> shift) & ((1u << k) - 1);
+}
 
-  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    const float* xb = xp + start;
+// A stochastic sign-magnitude code of n values (levels, escape entries per block, scale rule, random
+// stream), coded and decoded one block at a time.
+struct SignMagCode {
+  int64_t n, levels, escapes;
+  int lbits, k, kw;  // level bits, field width, width of the main code stream (2 with the escape code)
+  bool l2;
+  double clip;
+  Philox rng;
+  float flevels;
+  uint64_t mask;
+
+  SignMagCode(int64_t n, int64_t levels, int64_t escapes, bool l2, double clip, uint64_t seed, uint64_t offset)
+      : n(n), levels(levels), escapes(escapes), lbits(64 - __builtin_clzll(static_cast<uint64_t>(levels))),
+        k(lbits + 1), kw(escapes ? 2 : k), l2(l2), clip(clip), rng(seed, offset),
+        flevels(static_cast<float>(levels)), mask(byte_fields_mask(kw)) {}
+
+  int64_t nblocks(int64_t block) const { return (n + block - 1) / block; }
+  int64_t nbytes(int64_t block) const { return packed_nbytes(n, kw) + nblocks(block) * escapes * k / 8; }
+
+  // Codes block b (elements start .. start+len-1, values xb[0 .. len-1]) into the code at pp, its
+  // scale into sp[b]; uniform start+p goes to the value at p.
+  void compress_block(const float* xb, int64_t b, int64_t start, int64_t len, uint8_t* pp, float* sp) const {
+    // Copies of the members the loop reads: locals stay in registers across the byte stores.
+    const int lbits = this->lbits, k = this->k, kw = this->kw;
+    const int64_t escapes = this->escapes;
+    const uint64_t mask = this->mask;
+    const float flevels = this->flevels;
+    const Philox rng = this->rng;
     const float s = block_scale(xb, len, l2, clip);
     sp[b] = s;
     const bool valid = std::isfinite(s) && s > 0.0f;
@@ -647,39 +663,22 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
       }
       emit(fields, p, count);
     }
-    if (escapes)
-      pack_escapes(entries.data(), nescaped, escapes, k, pp + escape_area_offset(n) + b * escapes * k / 8);
-  });
-  return {packed, scales};
-}
+    if (escapes) pack_escapes(entries.data(), nescaped, escapes, k, pp + escape_area_offset(n) + b * escapes * k / 8);
+  }
 
-// Escape entry e (k bits) of a block's escape area at area.
-inline uint64_t escape_entry(const uint8_t* area, int64_t e, int k) {
-  const int64_t bit = e * k;
-  const int shift = static_cast<int>(bit % 8);
-  return (load_le(area + bit / 8, (shift + k + 7) / 8) >> shift) & ((1u << k) - 1);
-}
-
-torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t levels,
-                                 int64_t block, int64_t n, const c10::optional<torch::Tensor>& out_opt,
-                                 bool accumulate, int64_t escapes) {
-  const int lbits = 64 - __builtin_clzll(static_cast<uint64_t>(levels));
-  const int k = lbits + 1;
-  const int kw = escapes ? 2 : k;
-  const uint32_t lmask = (1u << lbits) - 1;
-  auto out = output_for(out_opt, n, scales);
-  const uint8_t* pp = packed.data_ptr<uint8_t>();
-  [[maybe_unused]] const uint8_t* end = pp + packed.numel();
-  const float* sp = scales.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  const float flevels = static_cast<float>(levels);
-  [[maybe_unused]] const uint64_t mask = byte_fields_mask(kw);
-  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+  // Decodes block b (elements start .. start+len-1) of the code at pp (end: one past its last byte), scales
+  // sp, into ob[0 .. len-1]: written, or added to with accumulate.
+  void decode_block(const uint8_t* pp, [[maybe_unused]] const uint8_t* end, const float* sp, int64_t b,
+                    int64_t start, int64_t len, float* ob, bool accumulate) const {
+    // Copies of the members the loop reads: locals stay in registers across the stores.
+    const int lbits = this->lbits, k = this->k, kw = this->kw;
+    const int64_t escapes = this->escapes;
+    const uint64_t mask = this->mask;
+    const uint32_t lmask = (1u << lbits) - 1;
     const float step = sp[b] / flevels;
     const uint8_t* pb = pp + (start / kGroup) * kw;
     const uint8_t* area = pp + escape_area_offset(n) + b * escapes * k / 8;
     int64_t nescaped = 0;
-    float* ob = o + start;
     // The fields of the group at p, one per byte (zero beyond count), escapes resolved.
     auto group_fields = [&](int64_t p, int64_t count) {
       uint64_t fields = 0;
@@ -730,8 +729,74 @@ torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tenso
         ob[p + l] = accumulate ? ob[p + l] + v : v;
       }
     }
+  }
+};
+
+std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t levels, int64_t block, bool l2,
+                                            double clip, uint64_t seed, uint64_t offset, int64_t escapes) {
+  const SignMagCode code(x.numel(), levels, escapes, l2, clip, seed, offset);
+  auto packed = torch::empty({code.nbytes(block)}, x.options().dtype(torch::kUInt8));
+  auto scales = torch::empty({code.nblocks(block)}, x.options());
+  const float* xp = x.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  for_blocks(code.n, block, [&](int64_t b, int64_t start, int64_t len) {
+    code.compress_block(xp + start, b, start, len, pp, sp);
+  });
+  return {packed, scales};
+}
+
+torch::Tensor signmag_decompress(const torch::Tensor& packed, const torch::Tensor& scales, int64_t levels,
+                                 int64_t block, int64_t n, const c10::optional<torch::Tensor>& out_opt,
+                                 bool accumulate, int64_t escapes) {
+  const SignMagCode code(n, levels, escapes, false, 0.0, 0, 0);
+  auto out = output_for(out_opt, n, scales);
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    code.decode_block(pp, pp + packed.numel(), sp, b, start, len, o + start, accumulate);
   });
   return out;
+}
+
+// The mean over W ranks of sign-magnitude codes (one per row of `packed_rows`/`scale_rows`, same
+// code), re-encoded: signmag_compress(mean, ...) where mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32
+// and d_r is row r decoded. A block's means go to a per-thread buffer, where the code reads them.
+std::vector<torch::Tensor> signmag_mean_compress(const torch::Tensor& packed_rows, const torch::Tensor& scale_rows,
+                                                 int64_t levels, int64_t block, int64_t n, bool l2, double clip,
+                                                 uint64_t seed, uint64_t offset, int64_t escapes) {
+  const SignMagCode code(n, levels, escapes, l2, clip, seed, offset);
+  const int64_t rows = packed_rows.size(0), row_bytes = packed_rows.size(1), nblocks = code.nblocks(block);
+  auto packed = torch::empty({code.nbytes(block)}, packed_rows.options());
+  auto scales = torch::empty({nblocks}, scale_rows.options());
+  const uint8_t* rp = packed_rows.data_ptr<uint8_t>();
+  const float* rs = scale_rows.data_ptr<float>();
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+    thread_local std::vector<float> means;
+    if (static_cast<int64_t>(means.size()) < len) means.resize(len);
+    float* m = means.data();
+    for (int64_t r = 0; r < rows; ++r) {
+      const uint8_t* row = rp + r * row_bytes;
+      code.decode_block(row, row + row_bytes, rs + r * nblocks, b, start, len, m, r > 0);
+    }
+    int64_t q = 0;
+#if defined(__AVX2__)
+    // x / W == x * (1/W) exactly when W is a power of two (both are the correctly rounded x / W).
+    const bool power_of_two = (rows & (rows - 1)) == 0;
+    const __m256 count = _mm256_set1_ps(static_cast<float>(rows));
+    const __m256 inverse = _mm256_set1_ps(1.0f / static_cast<float>(rows));
+    for (; q + 8 <= len; q += 8) {
+      const __m256 v = _mm256_loadu_ps(m + q);
+      _mm256_storeu_ps(m + q, power_of_two ? _mm256_mul_ps(v, inverse) : _mm256_div_ps(v, count));
+    }
+#endif
+    for (; q < len; ++q) m[q] /= static_cast<float>(rows);
+    code.compress_block(m, b, start, len, pp, sp);
+  });
+  return {packed, scales};
 }
 
 }  // namespace
@@ -749,4 +814,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_mean_compress", &sign_mean_compress, "mean of W sign codes, re-encoded with error feedback", no_gil);
   m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code", no_gil);
   m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code", no_gil);
+  m.def("signmag_mean_compress", &signmag_mean_compress, "mean of W sign-magnitude codes, re-encoded", no_gil);
 }

@@ -255,3 +255,23 @@ def signmag_decompress(
     step = _per_element(scales / float(levels), n, block)
     v = (fields & ((1 << lbits) - 1)).to(torch.float32) * step
     return _emit(torch.where((fields >> lbits).bool(), -v, v), out, accumulate)
+
+
+def signmag_mean_compress(
+    packed_rows: torch.Tensor,
+    scale_rows: torch.Tensor,
+    levels: int,
+    block: int,
+    n: int,
+    l2: bool,
+    clip: float,
+    seed: int,
+    offset: int,
+    escapes: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of W sign-magnitude codes (rows), re-encoded: signmag_compress(mean, ...) with
+    mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r the decoded row r."""
+    mean = signmag_decompress(packed_rows[0], scale_rows[0], levels, block, n, None, False, escapes)
+    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
+        mean += signmag_decompress(packed, scales, levels, block, n, None, False, escapes)
+    return signmag_compress(mean / packed_rows.shape[0], levels, block, l2, clip, seed, offset, escapes)

@@ -188,10 +188,11 @@ class CompressedAllreduce:
 
         start = time.perf_counter()
         residual = self.server_memory.residual(key, (chunk,), x.device) if self.error_feedback else None
-        reply = self.compressor.fused_mean_compress(received.view(world, -1), chunk, residual)
+        offset = stream_offset(step, key, rank, 1)
+        reply = self.compressor.fused_mean_compress(received.view(world, -1), chunk, residual, seed=seed, offset=offset)
         if reply is None:
             mine = self._mean_of_payloads(received, world, chunk, torch.empty(chunk, device=x.device))
-            reply = self._compress(self.server_memory, mine, key, seed, stream_offset(step, key, rank, 1))
+            reply = self._compress(self.server_memory, mine, key, seed, offset)
         codec += time.perf_counter() - start
         gathered = transport.all_gather(reply).view(world, -1)
 

@@ -54,11 +54,12 @@ class Compressor(ABC):
         return None
 
     def fused_mean_compress(
-        self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None
+        self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None, *, seed: int = 0, offset: int = 0
     ) -> torch.Tensor | None:
         """Payload of the mean of the W payloads (rows of ``payloads``) plus ``residual`` (updated), in one
-        pass; None when there is no fused kernel. Must equal decompress-sum-in-row-order / W, then
-        :meth:`fused_error_feedback` (or :meth:`compress` without a residual)."""
+        pass; None when there is no fused kernel for this case. Must equal decompress-sum-in-row-order / W,
+        then :meth:`fused_error_feedback` (or :meth:`compress` with ``seed`` and ``offset`` without a
+        residual)."""
         return None
 
     def config(self) -> dict[str, object]:
@@ -178,6 +179,13 @@ class _Blocked(Compressor):
         nscale_bytes = 4 * -(-numel // self.block)
         return payload[nscale_bytes:], payload[:nscale_bytes].clone().view(torch.float32)
 
+    def _split_rows(self, payloads: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """W payloads (rows) as contiguous (packed rows, fp32 scale rows)."""
+        for row in payloads:
+            self._check_payload(row, numel)
+        nscale_bytes = 4 * -(-numel // self.block)
+        return payloads[:, nscale_bytes:].contiguous(), payloads[:, :nscale_bytes].contiguous().view(torch.float32)
+
     def _as_fp32(self, x: torch.Tensor) -> torch.Tensor:
         return self._check_input(x).to(torch.float32)
 
@@ -208,12 +216,10 @@ class OneBit(_Blocked):
         packed, scales = self._split(payload, numel)
         return kernels.sign_decompress(packed, scales, block=self.block, numel=numel, out=out, accumulate=accumulate)
 
-    def fused_mean_compress(self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None) -> torch.Tensor:
-        for row in payloads:
-            self._check_payload(row, numel)
-        nscale_bytes = 4 * -(-numel // self.block)
-        scale_rows = payloads[:, :nscale_bytes].contiguous().view(torch.float32)
-        packed_rows = payloads[:, nscale_bytes:].contiguous()
+    def fused_mean_compress(
+        self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None, *, seed: int = 0, offset: int = 0
+    ) -> torch.Tensor:
+        packed_rows, scale_rows = self._split_rows(payloads, numel)
         return self._join(*kernels.sign_mean_compress(packed_rows, scale_rows, residual, block=self.block, numel=numel))
 
 
@@ -253,6 +259,26 @@ class _SignMagnitude(_Blocked):
             accumulate=accumulate,
             escape=self.escape,
         )
+
+    def fused_mean_compress(
+        self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None, *, seed: int = 0, offset: int = 0
+    ) -> torch.Tensor | None:
+        if residual is not None:  # error feedback (off by default here) takes the unfused path
+            return None
+        packed_rows, scale_rows = self._split_rows(payloads, numel)
+        packed, scales = kernels.signmag_mean_compress(
+            packed_rows,
+            scale_rows,
+            levels=self.levels,
+            block=self.block,
+            numel=numel,
+            rule=self.rule,
+            seed=seed,
+            offset=offset,
+            clip=self.clip,
+            escape=self.escape,
+        )
+        return self._join(packed, scales)
 
 
 @register_compressor

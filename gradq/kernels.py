@@ -191,6 +191,24 @@ def signmag_packed_nbytes(numel: int, levels: int, block: int, *, escape: bool =
     return packed_nbytes(numel, 2) + nblocks * signmag_escapes(levels, block) * bits // 8
 
 
+def _signmag_code(levels: int, block: int, rule: str, clip: float, escape: bool, seed: int, offset: int) -> int:
+    """Checks a sign-magnitude code's settings; returns its escape entries per block (0: plain code)."""
+    signmag_bits(levels)
+    check_block(block)
+    if rule not in SIGNMAG_RULES:
+        raise ValueError(f"rule must be one of {SIGNMAG_RULES}, got {rule!r}")
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or clip == float("inf"):
+        raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")
+    if clip and rule != "absmax":
+        raise ValueError("clip applies to rule='absmax' only")
+    check_flag("escape", escape)
+    if escape and rule != "l2":
+        raise ValueError("escape=True needs rule='l2': only the l2 norm bounds the number of levels >= 2 per block")
+    _check_seed("seed", seed)
+    _check_seed("offset", offset)
+    return signmag_escapes(levels, block) if escape else 0
+
+
 def signmag_compress(
     x: torch.Tensor,
     *,
@@ -214,20 +232,7 @@ def signmag_compress(
     rare levels >= 2 in a per-block area of :func:`signmag_escapes` entries (docs/format.md).
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
-    signmag_bits(levels)
-    check_block(block)
-    if rule not in SIGNMAG_RULES:
-        raise ValueError(f"rule must be one of {SIGNMAG_RULES}, got {rule!r}")
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0 or clip == float("inf"):
-        raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")
-    if clip and rule != "absmax":
-        raise ValueError("clip applies to rule='absmax' only")
-    check_flag("escape", escape)
-    if escape and rule != "l2":
-        raise ValueError("escape=True needs rule='l2': only the l2 norm bounds the number of levels >= 2 per block")
-    _check_seed("seed", seed)
-    _check_seed("offset", offset)
-    escapes = signmag_escapes(levels, block) if escape else 0
+    escapes = _signmag_code(levels, block, rule, clip, escape, seed, offset)
     return kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
 
 
@@ -258,6 +263,41 @@ def signmag_decompress(
     _check_scales(scales, numel, block, packed)
     _check_out(out, numel, packed)
     escapes = signmag_escapes(levels, block) if escape else 0
-    return kernels_for(packed).signmag_decompress(
-        packed, scales, levels, block, numel, out, bool(accumulate), escapes
+    return kernels_for(packed).signmag_decompress(packed, scales, levels, block, numel, out, bool(accumulate), escapes)
+
+
+def signmag_mean_compress(
+    packed_rows: torch.Tensor,
+    scale_rows: torch.Tensor,
+    *,
+    levels: int,
+    block: int,
+    numel: int,
+    rule: str,
+    seed: int,
+    offset: int = 0,
+    clip: float = 0.0,
+    escape: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of W sign-magnitude codes, re-encoded, in one pass over each block.
+
+    ``packed_rows`` (W, signmag_packed_nbytes(numel, levels, block, escape=escape)) uint8 and ``scale_rows``
+    (W, nblocks) fp32 hold W codes of ``numel`` values made with these ``levels``, ``block`` and ``escape``.
+    Equals :func:`signmag_compress` (same arguments) of mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32,
+    d_r = :func:`signmag_decompress` of row r, bit for bit; a row with more escape symbols in a block than
+    entries raises ``ValueError``. Two-phase TernGrad's and QSGD's server step.
+    """
+    check_int("numel", numel, lo=0)
+    escapes = _signmag_code(levels, block, rule, clip, escape, seed, offset)
+    check_tensor("packed_rows", packed_rows, dtypes=(torch.uint8,), dim=2)
+    check_tensor("scale_rows", scale_rows, dtypes=(torch.float32,), dim=2)
+    rows, nblocks = packed_rows.shape[0], -(-numel // block)
+    nbytes = signmag_packed_nbytes(numel, levels, block, escape=escape)
+    if rows < 1 or packed_rows.shape != (rows, nbytes) or scale_rows.shape != (rows, nblocks):
+        raise ValueError(
+            f"need packed_rows ({rows}, {nbytes}) and scale_rows ({rows}, {nblocks}) for {numel} values in "
+            f"blocks of {block}; got {tuple(packed_rows.shape)} and {tuple(scale_rows.shape)}"
+        )
+    return kernels_for(packed_rows).signmag_mean_compress(
+        packed_rows, scale_rows, levels, block, numel, rule == "l2", float(clip), seed, offset, escapes
     )

@@ -221,6 +221,34 @@ def test_error_feedback_is_kept_per_block_where_a_value_is_not_finite():
             ValueError,
             "packed_rows must be 2-D",
         ),
+        (
+            lambda: gradq.kernels.signmag_mean_compress(
+                torch.zeros(2, 5, dtype=torch.uint8), torch.ones(2, 1), levels=4, block=8, numel=8, rule="l2", seed=0
+            ),
+            ValueError,
+            r"need packed_rows \(2, 4\) and scale_rows \(2, 1\) for 8 values",
+        ),
+        (
+            lambda: gradq.kernels.signmag_mean_compress(
+                torch.zeros(2, 2, dtype=torch.uint8), torch.ones(2, 1), levels=1, block=8, numel=8, rule="max", seed=0
+            ),
+            ValueError,
+            "rule must be one of",
+        ),
+        (
+            lambda: gradq.kernels.signmag_mean_compress(
+                torch.zeros(2, 2, dtype=torch.uint8),
+                torch.ones(2, 1),
+                levels=1,
+                block=8,
+                numel=8,
+                rule="absmax",
+                seed=0,
+                escape=True,
+            ),
+            ValueError,
+            "escape=True needs rule='l2'",
+        ),
     ],
 )
 def test_kernel_bad_input(call, exc, words):

@@ -203,6 +203,38 @@ def test_sign_mean_compress(native, n, rows, nonfinite):
             assert_same_bits(r_native, r_ref)
 
 
+SIGNMAG_CODES = [(1, 64, False, 0.0), (1, 4096, False, 2.5), (4, 512, True, 0.0), (7, 8, True, 0.0)]
+
+
+@pytest.mark.parametrize("nonfinite", [False, True])
+@pytest.mark.parametrize("levels, block, l2, clip", SIGNMAG_CODES)
+@pytest.mark.parametrize("rows", [1, 3, 4])
+@pytest.mark.parametrize("n", [1, 9, 4097, 70_001])
+def test_signmag_mean_compress(native, n, rows, levels, block, l2, clip, nonfinite):
+    """The fused server step against the reference's decode, sum in row order, / W, re-encode."""
+    for escapes in (0, gradq.signmag_escapes(levels, block)) if l2 else (0,):
+        codes = [
+            native.signmag_compress(sample(n, n + r, nonfinite and r == 1), levels, block, l2, clip, r, 7, escapes)
+            for r in range(rows)
+        ]
+        packed_rows = torch.stack([c[0] for c in codes])
+        scale_rows = torch.stack([c[1] for c in codes])
+        args = (levels, block, n, l2, clip, 2**64 - 5, n, escapes)
+        out = native.signmag_mean_compress(packed_rows, scale_rows, *args)
+        ref = _reference.signmag_mean_compress(packed_rows, scale_rows, *args)
+        for a, b in zip(out, ref, strict=True):
+            assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_signmag_mean_compress_rejects_a_corrupt_row(native, backend):
+    kernels = native if backend == "native" else _reference
+    good = kernels.signmag_compress(torch.ones(16), 2, 16, True, 0.0, 0, 0, 8)[0]  # 4 + 8 entries x 3 bits
+    corrupt = torch.cat((torch.full((4,), 0b10101010, dtype=torch.uint8), torch.zeros(3, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="corrupt sign-magnitude payload.*more than 8 escape symbols"):
+        kernels.signmag_mean_compress(torch.stack((good, corrupt)), torch.ones(2, 1), 2, 16, 16, True, 0.0, 0, 0, 8)
+
+
 @pytest.mark.parametrize("n", [1, 63, 4097])
 def test_decompress_into_and_accumulating_into_an_output(native, n):
     x = sample(n, n, nonfinite=False)
@@ -230,6 +262,7 @@ def test_decompress_into_and_accumulating_into_an_output(native, n):
 
 def test_results_do_not_depend_on_thread_count(native):
     x = sample(1 << 20, 3, nonfinite=False)
+    signmag_rows = native.signmag_compress(sample(1 << 20, 4, nonfinite=False), 4, 512, True, 0.0, 1, 2, 16)
     before = torch.get_num_threads()
     outputs = []
     try:
@@ -240,7 +273,10 @@ def test_results_do_not_depend_on_thread_count(native):
             signmag = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 0)
             escaped = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 16)
             decoded = native.signmag_decompress(*escaped, 4, 512, x.numel(), None, False, 16)
-            outputs.append((*sign, r, *signmag, *escaped, decoded, native.philox_uniform(x.numel(), 99, 1)))
+            rows = [torch.stack(t) for t in zip(escaped, signmag_rows, strict=True)]
+            mean = native.signmag_mean_compress(*rows, 4, 512, x.numel(), True, 0.0, 5, 6, 16)
+            uniforms = native.philox_uniform(x.numel(), 99, 1)
+            outputs.append((*sign, r, *signmag, *escaped, decoded, *mean, uniforms))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outputs, strict=True):
