@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradq import _reference
+from tests import kernel_variants
 
 try:
     from gradq import _C
@@ -30,9 +31,12 @@ def assert_same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert mismatch.numel() == 0, f"{mismatch.shape[0]} elements differ, first at {mismatch[:5].flatten().tolist()}"
 
 
-@pytest.fixture
-def native():
-    """The native kernel module; fails (not skips) when it was not built."""
+@pytest.fixture(params=["built", *kernel_variants.VARIANTS])
+def native(request):
+    """The native kernel module as installed ("built"; fails, not skips, when it was not built), then the
+    same source compiled without AVX-512 ("avx2") and without AVX2/BMI2 ("scalar")."""
+    if request.param != "built":
+        return kernel_variants.build(request.param)
     assert _C is not None, "gradq._C is not built: reinstall with `pip install --no-build-isolation -e .`"
     return _C
 
