@@ -731,8 +731,9 @@ struct SignMagCode {
 
   // Decodes block b (elements start .. start+len-1) of the code at pp (end: one past its last byte), scales
   // sp, into ob[0 .. len-1]: written, or added to with accumulate.
-  void decode_block(const uint8_t* pp, [[maybe_unused]] const uint8_t* end, const float* sp, int64_t b,
-                    int64_t start, int64_t len, float* ob, bool accumulate) const {
+  __attribute__((always_inline)) inline void decode_block(const uint8_t* pp, [[maybe_unused]] const uint8_t* end,
+                                                          const float* sp, int64_t b, int64_t start, int64_t len,
+                                                          float* ob, bool accumulate) const {
     // Copies of the members the loop reads: locals stay in registers across the stores.
     const int lbits = this->lbits, k = this->k, kw = this->kw;
     const int64_t escapes = this->escapes;
