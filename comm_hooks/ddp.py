@@ -357,8 +357,8 @@ def register(
     buckets on a background thread while backward goes on, over a process group of the hook's own made
     here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
     in the hook call. Call ``register`` on every rank of ``process_group``, before the first backward.
-    ``state.close()`` releases the hook's thread and its own process group (for a process that goes on
-    to build more models).
+    ``state.close()`` ends the hook's thread and hands its own process group on to the next overlapped
+    hook over the same ranks (for a process that goes on to build more models).
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise TypeError(
