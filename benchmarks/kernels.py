@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import gradq
-from gradq import _C, _reference
+from gradq import _C, _reference, packed_nbytes
 
 PATHS: dict[str, ModuleType] = {"reference": _reference, "native": _C}
 SIGN_BLOCK = 65536
@@ -116,11 +116,6 @@ class Result:
         self.copy_fraction = self.moved_gbps / self.copy_gbps
 
 
-def packed_len(n: int, bits: int) -> int:
-    """Bytes of ``n`` codes of ``bits`` bits packed."""
-    return (n * bits + 7) // 8
-
-
 def random_codes(n: int, bits: int) -> torch.Tensor:
     """``n`` uniformly random uint8 codes below 2**bits."""
     return torch.randint(0, 1 << bits, (n,), dtype=torch.uint8)
@@ -133,7 +128,7 @@ def pack_kernel(bits: int) -> Kernel:
         codes = random_codes(x.numel(), bits)
         return lambda mod: partial(mod.pack_bits, codes, bits)
 
-    return Kernel("pack_bits", {"bits": bits}, "read n + write packed", lambda n: n + packed_len(n, bits), setup)
+    return Kernel("pack_bits", {"bits": bits}, "read n + write packed", lambda n: n + packed_nbytes(n, bits), setup)
 
 
 def unpack_kernel(bits: int) -> Kernel:
@@ -143,7 +138,7 @@ def unpack_kernel(bits: int) -> Kernel:
         packed = _C.pack_bits(random_codes(x.numel(), bits), bits)
         return lambda mod: partial(mod.unpack_bits, packed, bits, x.numel())
 
-    return Kernel("unpack_bits", {"bits": bits}, "read packed + write n", lambda n: packed_len(n, bits) + n, setup)
+    return Kernel("unpack_bits", {"bits": bits}, "read packed + write n", lambda n: packed_nbytes(n, bits) + n, setup)
 
 
 def philox_kernel() -> Kernel:
@@ -164,8 +159,8 @@ def sign_compress_kernel(residual: bool) -> Kernel:
     params = {"block": SIGN_BLOCK, "residual": residual}
     if residual:
         moved = "read x + read/write residual + write packed"
-        return Kernel("sign_compress", params, moved, lambda n: n * 12 + packed_len(n, 1), setup)
-    return Kernel("sign_compress", params, "read x + write packed", lambda n: n * 4 + packed_len(n, 1), setup)
+        return Kernel("sign_compress", params, moved, lambda n: n * 12 + packed_nbytes(n, 1), setup)
+    return Kernel("sign_compress", params, "read x + write packed", lambda n: n * 4 + packed_nbytes(n, 1), setup)
 
 
 def sign_decompress_kernel() -> Kernel:
@@ -176,7 +171,11 @@ def sign_decompress_kernel() -> Kernel:
         return lambda mod: partial(mod.sign_decompress, packed, scales, SIGN_BLOCK, x.numel(), None, False)
 
     return Kernel(
-        "sign_decompress", {"block": SIGN_BLOCK}, "read packed + write n*4", lambda n: packed_len(n, 1) + n * 4, setup
+        "sign_decompress",
+        {"block": SIGN_BLOCK},
+        "read packed + write n*4",
+        lambda n: packed_nbytes(n, 1) + n * 4,
+        setup,
     )
 
 

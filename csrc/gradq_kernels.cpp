@@ -36,29 +36,31 @@ constexpr int64_t kUniformBatch = 128;   // uniforms drawn per Philox call (4 in
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 struct Philox {
-  uint32_t k0, k1;
-  uint32_t c2, c3;  // high half of the counter: the stream offset
+  static constexpr int kRounds = 10;
+  static constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
+  static constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;  // key increments (Weyl)
+  uint32_t key0[kRounds], key1[kRounds];  // round r's key: (seed_lo + r W0, seed_hi + r W1) mod 2^32
+  uint32_t c2, c3;                        // high half of the counter: the stream offset
 
   Philox(uint64_t seed, uint64_t offset)
-      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)),
-        c2(static_cast<uint32_t>(offset)), c3(static_cast<uint32_t>(offset >> 32)) {}
+      : c2(static_cast<uint32_t>(offset)), c3(static_cast<uint32_t>(offset >> 32)) {
+    for (int r = 0; r < kRounds; ++r) {
+      key0[r] = static_cast<uint32_t>(seed) + static_cast<uint32_t>(r) * kW0;
+      key1[r] = static_cast<uint32_t>(seed >> 32) + static_cast<uint32_t>(r) * kW1;
+    }
+  }
 
   // Four 32-bit words for counter j (the 4 elements 4j .. 4j+3).
   inline void words(uint64_t j, uint32_t out[4]) const {
     uint32_t x0 = static_cast<uint32_t>(j), x1 = static_cast<uint32_t>(j >> 32), x2 = c2, x3 = c3;
-    uint32_t key0 = k0, key1 = k1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) {
-        key0 += 0x9E3779B9u;
-        key1 += 0xBB67AE85u;
-      }
-      const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * x0;
-      const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * x2;
+    for (int r = 0; r < kRounds; ++r) {
+      const uint64_t p0 = static_cast<uint64_t>(kM0) * x0;
+      const uint64_t p1 = static_cast<uint64_t>(kM1) * x2;
       const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
       const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-      x0 = hi1 ^ x1 ^ key0;
+      x0 = hi1 ^ x1 ^ key0[r];
       x1 = lo1;
-      x2 = hi0 ^ x3 ^ key1;
+      x2 = hi0 ^ x3 ^ key1[r];
       x3 = lo0;
     }
     out[0] = x0; out[1] = x1; out[2] = x2; out[3] = x3;
@@ -88,26 +90,22 @@ struct Philox {
       x2[v] = _mm512_set1_epi32(static_cast<int>(c2));
       x3[v] = _mm512_set1_epi32(static_cast<int>(c3));
     }
-    const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
-    const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kM0));
+    const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kM1));
     // Lane 2i of lo takes the low half of even product i, lane 2i+1 that of odd product i; hi the high halves.
     const __m512i lo_idx = _mm512_set_epi32(30, 14, 28, 12, 26, 10, 24, 8, 22, 6, 20, 4, 18, 2, 16, 0);
     const __m512i hi_idx = _mm512_set_epi32(31, 15, 29, 13, 27, 11, 25, 9, 23, 7, 21, 5, 19, 3, 17, 1);
-    uint32_t key0 = k0, key1 = k1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) {
-        key0 += 0x9E3779B9u;
-        key1 += 0xBB67AE85u;
-      }
-      const __m512i kv0 = _mm512_set1_epi32(static_cast<int>(key0)), kv1 = _mm512_set1_epi32(static_cast<int>(key1));
+    for (int r = 0; r < kRounds; ++r) {
+      const __m512i kv0 = _mm512_set1_epi32(static_cast<int>(key0[r]));
+      const __m512i kv1 = _mm512_set1_epi32(static_cast<int>(key1[r]));
       for (int v = 0; v < V; ++v) {
         const __m512i e0 = _mm512_mul_epu32(x0[v], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(x0[v], 32), m0);
         const __m512i e1 = _mm512_mul_epu32(x2[v], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(x2[v], 32), m1);
         const __m512i lo0 = _mm512_permutex2var_epi32(e0, lo_idx, o0), hi0 = _mm512_permutex2var_epi32(e0, hi_idx, o0);
         const __m512i lo1 = _mm512_permutex2var_epi32(e1, lo_idx, o1), hi1 = _mm512_permutex2var_epi32(e1, hi_idx, o1);
-        x0[v] = _mm512_ternarylogic_epi32(hi1, x1[v], kv0, 0x96);  // hi1 ^ x1 ^ key0
+        x0[v] = _mm512_ternarylogic_epi32(hi1, x1[v], kv0, 0x96);  // hi1 ^ x1 ^ key0[r]
         x1[v] = lo1;
-        x2[v] = _mm512_ternarylogic_epi32(hi0, x3[v], kv1, 0x96);  // hi0 ^ x3 ^ key1
+        x2[v] = _mm512_ternarylogic_epi32(hi0, x3[v], kv1, 0x96);  // hi0 ^ x3 ^ key1[r]
         x3[v] = lo0;
       }
     }
@@ -140,15 +138,11 @@ struct Philox {
       x2[b] = _mm256_set1_epi32(static_cast<int>(c2));
       x3[b] = _mm256_set1_epi32(static_cast<int>(c3));
     }
-    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
-    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-    uint32_t key0 = k0, key1 = k1;
-    for (int r = 0; r < 10; ++r) {
-      if (r) {
-        key0 += 0x9E3779B9u;
-        key1 += 0xBB67AE85u;
-      }
-      const __m256i kv0 = _mm256_set1_epi32(static_cast<int>(key0)), kv1 = _mm256_set1_epi32(static_cast<int>(key1));
+    const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kM0));
+    const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kM1));
+    for (int r = 0; r < kRounds; ++r) {
+      const __m256i kv0 = _mm256_set1_epi32(static_cast<int>(key0[r]));
+      const __m256i kv1 = _mm256_set1_epi32(static_cast<int>(key1[r]));
       for (int b = 0; b < B; ++b) {
         // 32x32 -> 64-bit products of the even lanes, then of the odd lanes shifted down.
         const __m256i e0 = _mm256_mul_epu32(x0[b], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(x0[b], 32), m0);

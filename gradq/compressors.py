@@ -165,8 +165,10 @@ class _Blocked(Compressor):
         self.block = check_block(block)
 
     def payload_nbytes(self, numel: int) -> int:
-        nblocks = -(-check_int("numel", numel, lo=0) // self.block)
-        return 4 * nblocks + self._packed_nbytes(numel)
+        return self._scale_nbytes(check_int("numel", numel, lo=0)) + self._packed_nbytes(numel)
+
+    def _scale_nbytes(self, numel: int) -> int:
+        return 4 * -(-numel // self.block)
 
     def _packed_nbytes(self, numel: int) -> int:
         return kernels.packed_nbytes(numel, self.bits)
@@ -176,14 +178,14 @@ class _Blocked(Compressor):
 
     def _split(self, payload: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_payload(payload, numel)
-        nscale_bytes = 4 * -(-numel // self.block)
+        nscale_bytes = self._scale_nbytes(numel)
         return payload[nscale_bytes:], payload[:nscale_bytes].clone().view(torch.float32)
 
     def _split_rows(self, payloads: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         """W payloads (rows) as contiguous (packed rows, fp32 scale rows)."""
         for row in payloads:
             self._check_payload(row, numel)
-        nscale_bytes = 4 * -(-numel // self.block)
+        nscale_bytes = self._scale_nbytes(numel)
         return payloads[:, nscale_bytes:].contiguous(), payloads[:, :nscale_bytes].contiguous().view(torch.float32)
 
     def _as_fp32(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,18 +234,13 @@ class _SignMagnitude(_Blocked):
     def _packed_nbytes(self, numel: int) -> int:
         return kernels.signmag_packed_nbytes(numel, self.levels, self.block, escape=self.escape)
 
+    def _code(self, seed: int, offset: int) -> dict[str, object]:
+        """Keyword arguments of the sign-magnitude compress kernels for this code and random stream."""
+        return {"levels": self.levels, "block": self.block, "rule": self.rule, "seed": seed, "offset": offset,
+                "clip": self.clip, "escape": self.escape}  # fmt: skip
+
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
-        packed, scales = kernels.signmag_compress(
-            self._as_fp32(x),
-            levels=self.levels,
-            block=self.block,
-            rule=self.rule,
-            seed=seed,
-            offset=offset,
-            clip=self.clip,
-            escape=self.escape,
-        )
-        return self._join(packed, scales)
+        return self._join(*kernels.signmag_compress(self._as_fp32(x), **self._code(seed, offset)))
 
     def decompress(
         self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
@@ -265,20 +262,8 @@ class _SignMagnitude(_Blocked):
     ) -> torch.Tensor | None:
         if residual is not None:  # error feedback (off by default here) takes the unfused path
             return None
-        packed_rows, scale_rows = self._split_rows(payloads, numel)
-        packed, scales = kernels.signmag_mean_compress(
-            packed_rows,
-            scale_rows,
-            levels=self.levels,
-            block=self.block,
-            numel=numel,
-            rule=self.rule,
-            seed=seed,
-            offset=offset,
-            clip=self.clip,
-            escape=self.escape,
-        )
-        return self._join(packed, scales)
+        rows = self._split_rows(payloads, numel)
+        return self._join(*kernels.signmag_mean_compress(*rows, numel=numel, **self._code(seed, offset)))
 
 
 @register_compressor
