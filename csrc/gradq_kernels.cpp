@@ -21,6 +21,13 @@
 #include <immintrin.h>
 #endif
 
+// GCC 12 reports -W(maybe-)uninitialized inside its avx512fintrin.h wherever the AVX-512 paths below
+// use an intrinsic that passes _mm512_undefined_*() (a deliberately uninitialized value) as the unused
+// merge source. A false positive, silenced for the kernels (not for the headers above).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace {
 
 constexpr int64_t kGroup = 8;            // elements per packing group: 8 codes of k bits = k bytes
@@ -30,11 +37,6 @@ constexpr int64_t kUniformBatch = 128;   // uniforms drawn per Philox call (4 in
 // ---------------------------------------------------------------------------------------------
 // Philox4x32-10 (Salmon et al., SC'11).
 
-// GCC 12 reports -Wmaybe-uninitialized inside its avx512fintrin.h for the AVX-512 path below: the
-// intrinsics pass _mm512_undefined_epi32() (a deliberately uninitialized value) as the unused merge
-// source. A false positive, silenced for this struct only.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 struct Philox {
   static constexpr int kRounds = 10;
   static constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;  // multipliers
@@ -180,7 +182,6 @@ struct Philox {
 #endif
   }
 };
-#pragma GCC diagnostic pop
 
 // ---------------------------------------------------------------------------------------------
 // Packing: a group of 8 codes of k bits is k little-endian bytes; code j sits at bits [jk, jk+k).
@@ -634,11 +635,18 @@ struct SignMagCode {
   Philox rng;
   float flevels;
   uint64_t mask;
+  // For streams of kw <= 4 bits: planes[j] has bit kw*l + j set for l = 0..15, the place of bit j of
+  // field l in the 2*kw little-endian bytes of two groups.
+  uint64_t planes[4] = {0, 0, 0, 0};
 
   SignMagCode(int64_t n, int64_t levels, int64_t escapes, bool l2, double clip, uint64_t seed, uint64_t offset)
       : n(n), levels(levels), escapes(escapes), lbits(64 - __builtin_clzll(static_cast<uint64_t>(levels))),
         k(lbits + 1), kw(escapes ? 2 : k), l2(l2), clip(clip), rng(seed, offset),
-        flevels(static_cast<float>(levels)), mask(byte_fields_mask(kw)) {}
+        flevels(static_cast<float>(levels)), mask(byte_fields_mask(kw)) {
+    if (kw <= 4)
+      for (int j = 0; j < kw; ++j)
+        for (int l = 0; l < 2 * kGroup; ++l) planes[j] |= 1ull << (kw * l + j);
+  }
 
   int64_t nblocks(int64_t block) const { return (n + block - 1) / block; }
   int64_t nbytes(int64_t block) const { return packed_nbytes(n, kw) + nblocks(block) * escapes * k / 8; }
@@ -682,12 +690,58 @@ struct SignMagCode {
       pack_group(bytes, count, kw, pb + (p / kGroup) * kw);
     };
     float u[kUniformBatch];
+    int64_t p = 0;
+#if defined(__AVX512F__) && defined(__BMI2__)
+    // Streams of at most 4 bits, 16 values (two groups) per step: each bit of the 16 fields comes out
+    // of a compare as a 16-bit mask, and one pdep puts it in place in the groups' 2*kw bytes. The same
+    // levels, fields and escape order as the 8-wide path below, whole uniform batches at a time.
+    if (valid && kw <= 4) {
+      const uint64_t plane0 = planes[0], plane1 = planes[1], plane2 = planes[2];
+      const uint64_t sign_plane = escapes ? 0 : planes[lbits];  // lbits = kw - 1 <= 3 without escapes
+      const __m512 vs = _mm512_set1_ps(s), vlevels = _mm512_set1_ps(flevels), zero = _mm512_setzero_ps();
+      const __m512i one = _mm512_set1_epi32(1), sign_bit = _mm512_set1_epi32(1 << lbits);
+      for (; p + kUniformBatch <= len; p += kUniformBatch) {
+        rng.uniforms<kUniformBatch / 32>(start + p, u);
+        for (int64_t q = p; q < p + kUniformBatch; q += 2 * kGroup) {
+          const __m512 v = _mm512_loadu_ps(xb + q);
+          const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_abs_ps(v), vs), vlevels);
+          const __m512 t = _mm512_roundscale_ps(_mm512_add_ps(y, _mm512_loadu_ps(u + (q - p))),
+                                                _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+          // t >= levels -> levels (also catches +inf); otherwise t is an exact small integer.
+          const __m512i level =
+              _mm512_cvttps_epi32(_mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, vlevels, _CMP_GE_OQ), t, vlevels));
+          const __mmask16 negative = static_cast<__mmask16>(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ) &
+                                                            _mm512_cmpgt_epi32_mask(level, _mm512_setzero_si512()));
+          uint64_t bits;
+          if (escapes) {
+            const __mmask16 single = _mm512_cmpeq_epi32_mask(level, one);
+            uint32_t escaped = _mm512_cmpgt_epi32_mask(level, one);
+            bits = _pdep_u64(single, plane0) | _pdep_u64((negative & single) | escaped, plane1);
+            if (escaped) {
+              alignas(64) int32_t fields[2 * kGroup];
+              _mm512_store_si512(fields, _mm512_mask_or_epi32(level, negative, level, sign_bit));
+              for (; escaped; escaped &= escaped - 1) {
+                TORCH_CHECK(nescaped < escapes, "gradq: more than ", escapes, " escapes in block ", b);
+                entries[nescaped++] = static_cast<uint8_t>(fields[__builtin_ctz(escaped)]);
+              }
+            }
+          } else {
+            bits = _pdep_u64(negative, sign_plane) |
+                   _pdep_u64(_mm512_test_epi32_mask(level, one), plane0);
+            if (lbits > 1) bits |= _pdep_u64(_mm512_test_epi32_mask(level, _mm512_set1_epi32(2)), plane1);
+            if (lbits > 2) bits |= _pdep_u64(_mm512_test_epi32_mask(level, _mm512_set1_epi32(4)), plane2);
+          }
+          store_low_bytes(pb + (q / kGroup) * kw, bits, 2 * kw);
+        }
+      }
+    }
+#endif
 #if defined(__AVX2__)
     const __m256 vs = _mm256_set1_ps(s), vlevels = _mm256_set1_ps(flevels), zero = _mm256_setzero_ps();
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     const __m256i izero = _mm256_setzero_si256();
 #endif
-    for (int64_t p = 0; p < len; p += kGroup) {
+    for (; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
       uint64_t fields = 0;
       if (valid) {
@@ -762,12 +816,63 @@ struct SignMagCode {
       }
       return resolved;
     };
+    int64_t p = 0;
+#if defined(__AVX512F__) && defined(__BMI2__)
+    // Streams of at most 4 bits, 16 values (two groups) per step: one pext per field bit gives that bit
+    // of the 16 fields as a mask. Escapes are resolved in order, as in group_fields.
+    if (kw <= 4) {
+      const uint64_t plane0 = planes[0], plane1 = planes[1], plane2 = planes[2];
+      const uint64_t sign_plane = escapes ? 0 : planes[lbits];  // lbits = kw - 1 <= 3 without escapes
+      const __m512 vstep = _mm512_set1_ps(step);
+      const __m512i vlmask = _mm512_set1_epi32(static_cast<int>(lmask)), one = _mm512_set1_epi32(1);
+      const __m512i sign_bit = _mm512_set1_epi32(1 << lbits);
+      for (; p + 2 * kGroup <= len; p += 2 * kGroup) {
+        const uint8_t* in = pb + (p / kGroup) * kw;
+        uint64_t word;  // bits beyond the 2*kw bytes are outside every plane
+        if (end - in >= 8)
+          std::memcpy(&word, in, 8);
+        else
+          word = load_le(in, 2 * kw);
+        __m512i f;
+        if (escapes) {
+          const __mmask16 s0 = static_cast<__mmask16>(_pext_u64(word, plane0));
+          const __mmask16 s1 = static_cast<__mmask16>(_pext_u64(word, plane1));
+          uint32_t escaped = s1 & ~s0 & 0xFFFFu;  // symbol 0b10
+          const __m512i level = _mm512_maskz_mov_epi32(s0, one);
+          f = _mm512_mask_or_epi32(level, s0 & s1, level, sign_bit);
+          if (escaped) {
+            alignas(64) int32_t fields[2 * kGroup];
+            _mm512_store_si512(fields, f);
+            for (; escaped; escaped &= escaped - 1) {
+              TORCH_CHECK_VALUE(nescaped < escapes, "corrupt sign-magnitude payload: block ", b, " has more than ",
+                                escapes, " escape symbols");
+              fields[__builtin_ctz(escaped)] = static_cast<int32_t>(escape_entry(area, nescaped++, k));
+            }
+            f = _mm512_load_si512(fields);
+          }
+        } else {
+          f = _mm512_maskz_mov_epi32(static_cast<__mmask16>(_pext_u64(word, sign_plane)), sign_bit);
+          f = _mm512_mask_or_epi32(f, static_cast<__mmask16>(_pext_u64(word, plane0)), f, one);
+          if (lbits > 1)
+            f = _mm512_mask_or_epi32(f, static_cast<__mmask16>(_pext_u64(word, plane1)), f, _mm512_set1_epi32(2));
+          if (lbits > 2)
+            f = _mm512_mask_or_epi32(f, static_cast<__mmask16>(_pext_u64(word, plane2)), f, _mm512_set1_epi32(4));
+        }
+        // magnitude = level * step, negated by flipping the sign bit: the same bits as the scalar path.
+        const __m512i magnitude =
+            _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_and_si512(f, vlmask)), vstep));
+        const __m512i sign = _mm512_slli_epi32(_mm512_srli_epi32(f, lbits), 31);
+        const __m512 v = _mm512_castsi512_ps(_mm512_xor_si512(magnitude, sign));
+        _mm512_storeu_ps(ob + p, accumulate ? _mm512_add_ps(_mm512_loadu_ps(ob + p), v) : v);
+      }
+    }
+#endif
 #if defined(__AVX2__)
     // magnitude = level * step, negated by flipping the sign bit: the same bits as the scalar path.
     const __m256 vstep = _mm256_set1_ps(step);
     const __m256i vlmask = _mm256_set1_epi32(static_cast<int>(lmask));
 #endif
-    for (int64_t p = 0; p < len; p += kGroup) {
+    for (; p < len; p += kGroup) {
       const int64_t count = std::min(kGroup, len - p);
       const uint64_t fields = group_fields(p, count);
 #if defined(__AVX2__)
@@ -858,6 +963,8 @@ std::vector<torch::Tensor> signmag_mean_compress(const torch::Tensor& packed_row
 }
 
 }  // namespace
+
+#pragma GCC diagnostic pop
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The kernels touch no Python object: they release the GIL, so a DDP hook's background thread can

@@ -107,7 +107,15 @@ def test_sign_compress_overflowing_sum_keeps_that_blocks_residual(native):
 @pytest.mark.parametrize("nonfinite", [False, True])
 @pytest.mark.parametrize(
     "levels, block, l2, clip",
-    [(1, 64, False, 0.0), (1, 4096, False, 2.5), (4, 512, True, 0.0), (7, 8, True, 0.0), (127, 4096, True, 0.0)],
+    [
+        (1, 64, False, 0.0),
+        (1, 4096, False, 2.5),
+        (3, 4096, False, 0.0),
+        (2, 512, True, 0.0),
+        (4, 512, True, 0.0),
+        (7, 8, True, 0.0),
+        (127, 4096, True, 0.0),
+    ],
 )
 @pytest.mark.parametrize("n", ODD_LENGTHS)
 def test_signmag_compress_and_decompress(native, n, levels, block, l2, clip, nonfinite):
@@ -138,6 +146,11 @@ def test_escape_capacity_is_enforced(native, backend):
     # 16 equal values at 8 levels: y = 2 for all 16, twice the 8 entries passed (the bound would give 16).
     with pytest.raises(RuntimeError, match="more than 8 escapes"):
         kernels.signmag_compress(torch.ones(16), 8, 16, True, 0.0, 0, 0, 8)
+    # The same 16 values at the start of a 256-block (16 values per step on AVX-512 there).
+    with pytest.raises(RuntimeError, match="more than 8 escapes"):
+        kernels.signmag_compress(
+            torch.cat((torch.ones(256), torch.ones(16), torch.zeros(240))), 8, 256, True, 0.0, 0, 0, 8
+        )
     corrupt = torch.cat((torch.full((4,), 0b10101010, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)))
     with pytest.raises(ValueError, match="corrupt sign-magnitude payload.*more than 8 escape symbols"):
         kernels.signmag_decompress(corrupt, torch.ones(1), 4, 16, 16, None, False, 8)
@@ -160,11 +173,11 @@ def test_l2_scale_is_the_norm_rounded_up(native, backend):
     assert (scales.double() > norms).any()  # some blocks did round up
 
 
+@pytest.mark.parametrize("block", [64, 200])
 @pytest.mark.parametrize("levels", [2, 3, 4, 8])
-def test_escape_code_holds_every_block_the_l2_bound_allows(native, levels):
+def test_escape_code_holds_every_block_the_l2_bound_allows(native, levels, block):
     """m equal values per block (y = levels / sqrt(m)) for every m up to levels**2 + 1, tiny or subnormal:
     the escapes fit signmag_escapes(levels, block) entries and decode to the plain code's values."""
-    block = 64
     escapes = gradq.signmag_escapes(levels, block)
     rows = []
     for m in range(1, min(levels**2 + 1, block) + 1):
