@@ -288,3 +288,28 @@ def test_combining_repeated_runs_takes_each_figures_median_per_method():
     assert rows[0]["speedup_vs_fp32"] == {"runs": [], "median": None}
     assert rows[1]["median_step_s"]["median"] == 0.6
     assert rows[1]["x_floor"]["median"] == pytest.approx(1.5)  # of the ratios 1.2, 1.5, 1.5; not 0.6 / 0.5
+
+
+def test_kernel_ab_times_both_builds_and_rejects_different_outputs(monkeypatch):
+    """benchmarks/kernels_ab.py: interleaved timings of two builds of a kernel, which must agree bit for bit."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    kernels_ab = importlib.import_module("kernels_ab")
+    (terngrad,) = [k for k in kernels_ab.all_kernels([1]) if kernels_ab.label(k) == "signmag_compress:terngrad"]
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    row = kernels_ab.compare(terngrad, x, gradq._C, repeats=4)
+    assert row["numel"] == 4096 and [len(t) for t in row["times_s"].values()] == [4, 4]
+    assert row["median_s"]["revision"] > 0 and row["median_s"]["installed"] > 0 and row["ratio"] > 0
+
+    class OneBitOff:
+        """The installed kernel with the last byte of its packed output changed."""
+
+        @staticmethod
+        def signmag_compress(*args):
+            packed, scales = gradq._C.signmag_compress(*args)
+            packed[-1] ^= 1
+            return packed, scales
+
+    with pytest.raises(SystemExit, match="signmag_compress:terngrad: .* different outputs"):
+        kernels_ab.compare(terngrad, x, OneBitOff, repeats=4)
+    assert kernels_ab.same_bits((torch.tensor([0.0]),), (torch.tensor([0.0]),))
+    assert not kernels_ab.same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))  # equal values, other bits
