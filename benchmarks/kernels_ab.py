@@ -1,11 +1,12 @@
 """The native kernels against those of an earlier git revision, timed interleaved in one process.
 
 On a shared machine two separate benchmark runs can differ by 2x, so a kernel change is measured here
-side by side: ``csrc/gradq_kernels.cpp`` as it was at REV is built with setup.py's flags into
-``build/kernels-ab/REV/``, and every selected kernel of ``benchmarks/kernels.py`` runs alternately on
-that build and on the installed ``gradq._C`` (the order flipped every repeat), on the same input. Each
-pair of calls must give the same outputs bit for bit. Reported per kernel: the median time of each side
-and the median of the per-pair ratios (revision / installed: > 1 means the installed kernel is faster).
+side by side: ``csrc/gradq_kernels.cpp`` as it was at REV and as it is in the working tree are both
+built the same way (setup.py's flags, into ``build/kernels-ab/``), and every selected kernel of
+``benchmarks/kernels.py`` runs alternately on the two builds (the order flipped every repeat), on the
+same input. Each pair of calls must give the same outputs bit for bit. Reported per kernel: the median
+time of each side and the median of the per-pair ratios (revision / tree: > 1 means the working tree's
+kernel is faster). Kernels that did not change come out near 1.0x, which shows the noise.
 
     .venv/bin/python benchmarks/kernels_ab.py REV [--sizes 1M,25M] [--repeats 15] [--kernels signmag]
                                                   [--output benchmarks/out/kernels_ab.json]
@@ -28,27 +29,35 @@ import torch
 from kernels import Kernel, all_kernels, cpu_model, format_size, label, parse_size
 from tqdm import tqdm
 
-from gradq import _C
-
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]  # as setup.py
 
 
-def build_revision(rev: str) -> ModuleType:
-    """The kernels of git revision ``rev``, compiled and imported as a module."""
+def build(text: str, name: str) -> ModuleType:
+    """Kernel source ``text`` compiled into build/kernels-ab/``name``/ and imported as a module."""
     from torch.utils.cpp_extension import load
 
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    directory = ROOT / "build" / "kernels-ab" / commit[:12]
+    directory = ROOT / "build" / "kernels-ab" / name
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / "gradq_kernels.cpp"
-    text = subprocess.run(["git", "show", f"{commit}:csrc/gradq_kernels.cpp"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout  # fmt: skip
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
-    return load(name=f"gradq_kernels_{commit[:12]}", sources=[str(source)], extra_cflags=FLAGS,
+    return load(name=f"gradq_kernels_ab_{name}", sources=[str(source)], extra_cflags=FLAGS,
                 build_directory=str(directory))  # fmt: skip
+
+
+def build_revision(rev: str) -> ModuleType:
+    """The kernels of git revision ``rev``."""
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    text = subprocess.run(["git", "show", f"{commit}:csrc/gradq_kernels.cpp"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout  # fmt: skip
+    return build(text, commit[:12])
+
+
+def build_tree() -> ModuleType:
+    """The kernels of the working tree, built as build_revision builds a revision's."""
+    return build((ROOT / "csrc" / "gradq_kernels.cpp").read_text(), "tree")
 
 
 def same_bits(a: object, b: object) -> bool:
@@ -60,19 +69,19 @@ def same_bits(a: object, b: object) -> bool:
     return len(a) == len(b) and all(same_bits(x, y) for x, y in zip(a, b, strict=True))
 
 
-def compare(kernel: Kernel, x: torch.Tensor, old: ModuleType, repeats: int) -> dict[str, object]:
-    """Interleaved timings of ``kernel`` on ``x``: the revision's build against the installed one."""
+def compare(kernel: Kernel, x: torch.Tensor, old: ModuleType, new: ModuleType, repeats: int) -> dict[str, object]:
+    """Interleaved timings of ``kernel`` on ``x``: build ``old`` (the revision) against ``new`` (the tree)."""
     make = kernel.setup(x)
-    sides = {"revision": make(old), "installed": make(_C)}
-    if not same_bits(sides["revision"](), sides["installed"]()):  # also the warm-up
-        raise SystemExit(f"{label(kernel)}: the revision and the installed kernels give different outputs")
-    times: dict[str, list[float]] = {"revision": [], "installed": []}
+    sides = {"revision": make(old), "tree": make(new)}
+    if not same_bits(sides["revision"](), sides["tree"]()):  # also the warm-up
+        raise SystemExit(f"{label(kernel)}: the revision's and the working tree's kernels give different outputs")
+    times: dict[str, list[float]] = {"revision": [], "tree": []}
     for r in range(repeats):
-        for side in ("revision", "installed") if r % 2 == 0 else ("installed", "revision"):
+        for side in ("revision", "tree") if r % 2 == 0 else ("tree", "revision"):
             start = time.perf_counter()
             sides[side]()
             times[side].append(time.perf_counter() - start)
-    ratios = [a / b for a, b in zip(times["revision"], times["installed"], strict=True)]
+    ratios = [a / b for a, b in zip(times["revision"], times["tree"], strict=True)]
     return {
         "kernel": label(kernel),
         "params": kernel.params,
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     """Build the revision, compare, print the table and write the JSON."""
     args = parse_args(argv)
     torch.set_num_threads(1)
-    old = build_revision(args.rev)
+    old, new = build_revision(args.rev), build_tree()
     kernels = [k for k in all_kernels([1, 2, 4]) if args.kernels in label(k)]
     if not kernels:
         raise SystemExit(f"no kernel label contains {args.kernels!r}; see benchmarks/kernels.py")
@@ -109,14 +118,14 @@ def main(argv: list[str] | None = None) -> None:
             x = torch.randn(n, generator=torch.Generator().manual_seed(n))
             for kernel in kernels:
                 bar.set_description(f"{format_size(n)} {label(kernel)}")
-                rows.append(compare(kernel, x, old, args.repeats))
+                rows.append(compare(kernel, x, old, new, args.repeats))
                 bar.update()
-    print(f"\n{args.rev} against the installed kernels, one thread, median of {args.repeats} interleaved calls")
-    print(f"{'size':>5} {'kernel':<34} {'rev ms':>9} {'now ms':>9} {'rev / now':>10}")
+    print(f"\n{args.rev} against the working tree's kernels, one thread, median of {args.repeats} interleaved calls")
+    print(f"{'size':>5} {'kernel':<34} {'rev ms':>9} {'tree ms':>9} {'rev / tree':>10}")
     for row in rows:
         med = row["median_s"]
         print(f"{format_size(row['numel']):>5} {row['kernel']:<34} {med['revision'] * 1e3:>9.3f} "
-              f"{med['installed'] * 1e3:>9.3f} {row['ratio']:>9.2f}x")  # fmt: skip
+              f"{med['tree'] * 1e3:>9.3f} {row['ratio']:>9.2f}x")  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

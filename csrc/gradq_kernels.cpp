@@ -652,8 +652,11 @@ struct SignMagCode {
   int64_t nbytes(int64_t block) const { return packed_nbytes(n, kw) + nblocks(block) * escapes * k / 8; }
 
   // Codes block b (elements start .. start+len-1, values xb[0 .. len-1]) into the code at pp, its
-  // scale into sp[b]; uniform start+p goes to the value at p.
-  void compress_block(const float* xb, int64_t b, int64_t start, int64_t len, uint8_t* pp, float* sp) const {
+  // scale into sp[b]; uniform start+p goes to the value at p. `next` (or nullptr): the values of the
+  // block coded next, prefetched line by line while this one is coded, so that its scale pass, which
+  // would otherwise wait on memory, reads them from cache.
+  void compress_block(const float* xb, int64_t b, int64_t start, int64_t len, uint8_t* pp, float* sp,
+                      const float* next) const {
     // Copies of the members the loop reads: locals stay in registers across the byte stores.
     const int lbits = this->lbits, k = this->k, kw = this->kw;
     const int64_t escapes = this->escapes;
@@ -703,6 +706,7 @@ struct SignMagCode {
       for (; p + kUniformBatch <= len; p += kUniformBatch) {
         rng.uniforms<kUniformBatch / 32>(start + p, u);
         for (int64_t q = p; q < p + kUniformBatch; q += 2 * kGroup) {
+          if (next) __builtin_prefetch(next + q, 0, 2);
           const __m512 v = _mm512_loadu_ps(xb + q);
           const __m512 y = _mm512_mul_ps(_mm512_div_ps(_mm512_abs_ps(v), vs), vlevels);
           const __m512 t = _mm512_roundscale_ps(_mm512_add_ps(y, _mm512_loadu_ps(u + (q - p))),
@@ -742,6 +746,7 @@ struct SignMagCode {
     const __m256i izero = _mm256_setzero_si256();
 #endif
     for (; p < len; p += kGroup) {
+      if (next && p % (2 * kGroup) == 0) __builtin_prefetch(next + p, 0, 2);
       const int64_t count = std::min(kGroup, len - p);
       uint64_t fields = 0;
       if (valid) {
@@ -904,7 +909,7 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
   for_blocks(code.n, block, [&](int64_t b, int64_t start, int64_t len) {
-    code.compress_block(xp + start, b, start, len, pp, sp);
+    code.compress_block(xp + start, b, start, len, pp, sp, start + len < code.n ? xp + start + len : nullptr);
   });
   return {packed, scales};
 }
@@ -957,7 +962,7 @@ std::vector<torch::Tensor> signmag_mean_compress(const torch::Tensor& packed_row
     }
 #endif
     for (; q < len; ++q) m[q] /= static_cast<float>(rows);
-    code.compress_block(m, b, start, len, pp, sp);
+    code.compress_block(m, b, start, len, pp, sp, nullptr);
   });
   return {packed, scales};
 }
