@@ -4,6 +4,7 @@ Each rank writes, for the compressed steps only, the bytes its host's eth0 sent 
 bytes gradq's hook says it sent, to OUTDIR/rank<r>.json.
 """
 
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def tx_bytes() -> int:
 
 
 def main(outdir: str) -> None:
-    rank, world, _ = init_from_mpi()
+    # Well under the test's own time limit, so that a rank that cannot connect fails with its error.
+    rank, world, _ = init_from_mpi(timeout=datetime.timedelta(seconds=90))
     torch.manual_seed(0)
     model = DDP(torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512)))
     state = comm_hooks.register(model, "onebit", start_iter=1)
@@ -38,6 +40,7 @@ def main(outdir: str) -> None:
     wire = tx_bytes() - sent_before  # read before any further collective
     dist.barrier()
     Path(outdir, f"rank{rank}.json").write_text(json.dumps({"wire": wire, "hook": hook, "world": world}))
+    state.close()
     dist.destroy_process_group()
 
 

@@ -29,13 +29,16 @@ def test_hosts_run_ddp_with_gradq_and_the_kernel_counters_agree(hosts, tmp_path,
         out.mkdir()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         job = [sys.executable, str(ROOT / "tests/cluster_job.py"), str(out)]
-        proc = subprocess.run(
-            [sys.executable, "-m", "comm_hooks.cluster", "run", "--", *job],
-            env={**env, "GRADQ_CLUSTER_STATE": str(tmp_path / "cluster.json")},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "comm_hooks.cluster", "run", "--", *job],
+                env={**env, "GRADQ_CLUSTER_STATE": str(tmp_path / "cluster.json")},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"the cluster job hung; its stderr ends:\n{(exc.stderr or b'').decode()[-6000:]}")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(hosts)]
         for r in results:
