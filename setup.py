@@ -4,15 +4,20 @@ If the compiler fails, the install still succeeds (``optional=True``) and gradq 
 pure-PyTorch reference kernels, saying so once at first use.
 """
 
+import runpy
+from pathlib import Path
+
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+FLAGS = runpy.run_path(str(Path(__file__).parent / "gradq" / "_native_build.py"))["FLAGS"]
 
 setup(
     ext_modules=[
         CppExtension(
             "gradq._C",
             ["csrc/gradq_kernels.cpp"],
-            extra_compile_args=["-O3", "-march=native", "-ffp-contract=off"],
+            extra_compile_args=FLAGS,
             optional=True,
         )
     ],

@@ -29,21 +29,19 @@ import torch
 from kernels import Kernel, all_kernels, cpu_model, format_size, label, parse_size
 from tqdm import tqdm
 
+from gradq import _native_build
+
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]  # as setup.py
 
 
 def build(text: str, name: str) -> ModuleType:
-    """Kernel source ``text`` compiled into build/kernels-ab/``name``/ and imported as a module."""
-    from torch.utils.cpp_extension import load
-
+    """Kernel source ``text`` compiled as setup.py compiles it into build/kernels-ab/``name``/, imported."""
     directory = ROOT / "build" / "kernels-ab" / name
     directory.mkdir(parents=True, exist_ok=True)
     source = directory / "gradq_kernels.cpp"
     if not source.exists() or source.read_text() != text:
         source.write_text(text)
-    return load(name=f"gradq_kernels_ab_{name}", sources=[str(source)], extra_cflags=FLAGS,
-                build_directory=str(directory))  # fmt: skip
+    return _native_build.build(f"gradq_kernels_ab_{name}", source, directory)
 
 
 def build_revision(rev: str) -> ModuleType:
