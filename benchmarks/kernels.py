@@ -38,6 +38,7 @@ from gradq import _C, _reference, packed_nbytes
 
 PATHS: dict[str, ModuleType] = {"reference": _reference, "native": _C}
 SIGN_BLOCK = 65536
+SERVER_ROWS = 4  # codes the server steps average: one per rank of a 4-rank run
 SEED, OFFSET = 1234, 5678
 COPY_TARGET = 0.5  # native sign_compress with residual: moved bytes >= 50% of copy bandwidth
 SPEEDUP_TARGET = 10.0  # ... and >= 10x faster than the reference
@@ -216,6 +217,47 @@ def signmag_decompress_kernel(codec: Codec) -> Kernel:
     )
 
 
+def server_rows(x: torch.Tensor, compress: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The codes of SERVER_ROWS different inputs derived from ``x``, stacked: (packed rows, scale rows)."""
+    inputs = (x, -x, x.flip(0), x.roll(1))[:SERVER_ROWS]
+    codes = [compress(v) for v in inputs]
+    return [torch.stack([c[0] for c in codes]), torch.stack([c[1] for c in codes])]
+
+
+def sign_mean_compress_kernel() -> Kernel:
+    """The onebit server step ``sign_mean_compress``: SERVER_ROWS sign codes of n values, with a residual."""
+
+    def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
+        rows = server_rows(x, lambda v: _C.sign_compress(v, None, SIGN_BLOCK))
+        return lambda mod: partial(mod.sign_mean_compress, *rows, torch.zeros_like(x), SIGN_BLOCK, x.numel())
+
+    return Kernel(
+        "sign_mean_compress",
+        {"block": SIGN_BLOCK, "rows": SERVER_ROWS},
+        "read rows + read/write residual + write packed",
+        lambda n: (SERVER_ROWS + 1) * packed_nbytes(n, 1) + n * 8,
+        setup,
+    )
+
+
+def signmag_mean_compress_kernel(codec: Codec) -> Kernel:
+    """The server step ``signmag_mean_compress`` of ``codec``: SERVER_ROWS codes of n values."""
+
+    def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
+        rows = server_rows(x, lambda v: _C.signmag_compress(v, *signmag_args(codec)))
+        levels, block, l2, clip, seed, offset, escapes = signmag_args(codec)
+        args = *rows, levels, block, x.numel(), l2, clip, seed, offset, escapes
+        return lambda mod: partial(mod.signmag_mean_compress, *args)
+
+    return Kernel(
+        f"signmag_mean_compress:{codec.name}",
+        asdict(codec) | {"bits": codec.bits, "rows": SERVER_ROWS},
+        "read rows + write packed",
+        lambda n: (SERVER_ROWS + 1) * codec.packed_len(n),
+        setup,
+    )
+
+
 def all_kernels(bits: list[int]) -> list[Kernel]:
     """Every kernel to benchmark; pack/unpack at each width in ``bits``."""
     return [
@@ -225,8 +267,10 @@ def all_kernels(bits: list[int]) -> list[Kernel]:
         sign_compress_kernel(residual=True),
         sign_compress_kernel(residual=False),
         sign_decompress_kernel(),
+        sign_mean_compress_kernel(),
         *(signmag_compress_kernel(c) for c in CODECS),
         *(signmag_decompress_kernel(c) for c in CODECS),
+        *(signmag_mean_compress_kernel(c) for c in CODECS),
     ]
 
 

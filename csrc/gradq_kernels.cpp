@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -321,6 +322,20 @@ void for_blocks(int64_t n, int64_t block, Fn fn) {
   });
 }
 
+// fn(b, start, len_a, len_b) for the pairs of blocks b, b+1 (b even), starting at element start; len_b
+// is 0 where block b is the last.
+template <typename Fn>
+void for_block_pairs(int64_t n, int64_t block, Fn fn) {
+  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t grain = std::max<int64_t>(1, (kGrain * kGroup) / (2 * block));
+  at::parallel_for(0, (nblocks + 1) / 2, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t pair = p0; pair < p1; ++pair) {
+      const int64_t start = 2 * pair * block;
+      fn(2 * pair, start, std::min(block, n - start), std::clamp<int64_t>(n - start - block, 0, block));
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1-bit sign with error feedback.
 
@@ -553,46 +568,110 @@ inline double sum_squares(const float* xb, int64_t len) {
 #endif
 }
 
-// The l2 norm rounded up to fp32, so that sum((x_i / scale)^2) <= 1 also for a subnormal scale: the
-// bound that caps the escapes of a block (docs/kernels.md).
-inline float l2_scale(const float* xb, int64_t len) {
-  const double norm = std::sqrt(sum_squares(xb, len));
+// sum_squares of two blocks of the same length, out[0] of xa and out[1] of xb. With AVX-512 each block's
+// 8 lanes are one vector, and the two blocks' additions, which sum_squares must do in sequence, overlap.
+inline void sum_squares2(const float* xa, const float* xb, int64_t len, double out[2]) {
+#if defined(__AVX512F__)
+  __m512d acc_a = _mm512_setzero_pd(), acc_b = _mm512_setzero_pd();
+  int64_t p = 0;
+  for (; p + 8 <= len; p += 8) {
+    const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(xa + p)), b = _mm512_cvtps_pd(_mm256_loadu_ps(xb + p));
+    acc_a = _mm512_add_pd(acc_a, _mm512_mul_pd(a, a));
+    acc_b = _mm512_add_pd(acc_b, _mm512_mul_pd(b, b));
+  }
+  double acc[2][8];
+  _mm512_storeu_pd(acc[0], acc_a);
+  _mm512_storeu_pd(acc[1], acc_b);
+  const float* x[2] = {xa, xb};
+  for (int i = 0; i < 2; ++i) {
+    for (int l = 0; p + l < len; ++l) {
+      const double v = x[i][p + l];
+      acc[i][l] += v * v;
+    }
+    double total = acc[i][0];
+    for (int l = 1; l < 8; ++l) total += acc[i][l];
+    out[i] = total;
+  }
+#else
+  out[0] = sum_squares(xa, len);
+  out[1] = sum_squares(xb, len);
+#endif
+}
+
+// The l2 norm (the square root of a sum of squares) rounded up to fp32, so that sum((x_i / scale)^2) <= 1
+// also for a subnormal scale: the bound that caps the escapes of a block (docs/kernels.md).
+inline float l2_scale(double sumsq) {
+  const double norm = std::sqrt(sumsq);
   const float s = static_cast<float>(norm);
   return static_cast<double>(s) < norm ? std::nextafter(s, std::numeric_limits<float>::infinity()) : s;
 }
 
-inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
-  if (l2) return l2_scale(xb, len);
-  float mx = 0.0f;
-  bool nan = false;
+// The largest |x| of a block, NaN if the block has one. Non-negative floats order as their bit patterns
+// do, and |NaN| is above |inf| as a pattern: an unsigned maximum of the patterns finds both, in any order,
+// so several accumulators can run side by side.
+inline float max_abs(const float* xb, int64_t len) {
+  constexpr uint32_t kAbs = 0x7FFFFFFFu, kInf = 0x7F800000u;
+  uint32_t top = 0;
   int64_t q = 0;
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
   {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    __m256 top = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
-    for (; q + 8 <= len; q += 8) {
-      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xb + q), abs_mask);
-      top = _mm256_max_ps(top, a);
-      unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, top);
-    for (int l = 0; l < 8; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
-    nan = _mm256_movemask_ps(unordered) != 0;
+    const __m512i abs_mask = _mm512_set1_epi32(static_cast<int>(kAbs));
+    __m512i t[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (; q + 64 <= len; q += 64)
+      for (int i = 0; i < 4; ++i)
+        t[i] = _mm512_max_epu32(t[i], _mm512_and_si512(_mm512_loadu_si512(xb + q + 16 * i), abs_mask));
+    for (; q + 16 <= len; q += 16) t[0] = _mm512_max_epu32(t[0], _mm512_and_si512(_mm512_loadu_si512(xb + q), abs_mask));
+    top = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(t[0], t[1]), _mm512_max_epu32(t[2], t[3])));
+  }
+#elif defined(__AVX2__)
+  {
+    const __m256i abs_mask = _mm256_set1_epi32(static_cast<int>(kAbs));
+    __m256i t[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (; q + 32 <= len; q += 32)
+      for (int i = 0; i < 4; ++i)
+        t[i] = _mm256_max_epu32(
+            t[i], _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + q + 8 * i)), abs_mask));
+    const __m256i m = _mm256_max_epu32(_mm256_max_epu32(t[0], t[1]), _mm256_max_epu32(t[2], t[3]));
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m);
+    for (int l = 0; l < 8; ++l) top = std::max(top, lanes[l]);
   }
 #endif
   for (; q < len; ++q) {
-    const float a = std::fabs(xb[q]);
-    mx = a > mx ? a : mx;
-    nan |= a != a;
+    uint32_t bits;
+    std::memcpy(&bits, xb + q, 4);
+    top = std::max(top, bits & kAbs);
   }
-  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  if (top > kInf) return std::numeric_limits<float>::quiet_NaN();
+  float mx;
+  std::memcpy(&mx, &top, 4);
+  return mx;
+}
+
+// The scale of one block: its l2 norm (l2), or its largest |x|, lowered to clip x its RMS when clip > 0.
+inline float block_scale(const float* xb, int64_t len, bool l2, double clip) {
+  if (l2) return l2_scale(sum_squares(xb, len));
+  float mx = max_abs(xb, len);
+  if (mx != mx) return mx;
   if (clip > 0) {
     const double sumsq = sum_squares(xb, len);
     const float threshold = static_cast<float>(clip * std::sqrt(sumsq / static_cast<double>(len)));
     if (mx > threshold) mx = threshold;
   }
   return mx;
+}
+
+// The scales of blocks a and b (lengths la and lb; xb nullptr: block a alone) into s[0] and s[1].
+inline void block_scales(const float* xa, int64_t la, const float* xb, int64_t lb, bool l2, double clip, float s[2]) {
+  if (l2 && xb && la == lb) {
+    double sumsq[2];
+    sum_squares2(xa, xb, la, sumsq);
+    s[0] = l2_scale(sumsq[0]);
+    s[1] = l2_scale(sumsq[1]);
+    return;
+  }
+  s[0] = block_scale(xa, la, l2, clip);
+  if (xb) s[1] = block_scale(xb, lb, l2, clip);
 }
 
 // The 8 field bytes of a group (one per byte, each level | sign << lbits) as 2-bit symbols of the
@@ -651,11 +730,11 @@ struct SignMagCode {
   int64_t nblocks(int64_t block) const { return (n + block - 1) / block; }
   int64_t nbytes(int64_t block) const { return packed_nbytes(n, kw) + nblocks(block) * escapes * k / 8; }
 
-  // Codes block b (elements start .. start+len-1, values xb[0 .. len-1]) into the code at pp, its
-  // scale into sp[b]; uniform start+p goes to the value at p. `next` (or nullptr): the values of the
-  // block coded next, prefetched line by line while this one is coded, so that its scale pass, which
-  // would otherwise wait on memory, reads them from cache.
-  void compress_block(const float* xb, int64_t b, int64_t start, int64_t len, uint8_t* pp, float* sp,
+  // Codes block b (elements start .. start+len-1, values xb[0 .. len-1], scale s from block_scales)
+  // into the code at pp, s into sp[b]; uniform start+p goes to the value at p. `next` (or nullptr):
+  // values read later, prefetched line by line (len of them) while this block is coded, so that their
+  // scale pass, which would otherwise wait on memory, reads them from cache.
+  void compress_block(const float* xb, int64_t b, int64_t start, int64_t len, float s, uint8_t* pp, float* sp,
                       const float* next) const {
     // Copies of the members the loop reads: locals stay in registers across the byte stores.
     const int lbits = this->lbits, k = this->k, kw = this->kw;
@@ -663,7 +742,6 @@ struct SignMagCode {
     const uint64_t mask = this->mask;
     const float flevels = this->flevels;
     const Philox rng = this->rng;
-    const float s = block_scale(xb, len, l2, clip);
     sp[b] = s;
     const bool valid = std::isfinite(s) && s > 0.0f;
     uint8_t* pb = pp + (start / kGroup) * kw;
@@ -908,8 +986,16 @@ std::vector<torch::Tensor> signmag_compress(const torch::Tensor& x, int64_t leve
   const float* xp = x.data_ptr<float>();
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
-  for_blocks(code.n, block, [&](int64_t b, int64_t start, int64_t len) {
-    code.compress_block(xp + start, b, start, len, pp, sp, start + len < code.n ? xp + start + len : nullptr);
+  // Two blocks at a time: their scales together (block_scales), then each block's code, which
+  // prefetches the block two places on (the next pair).
+  for_block_pairs(code.n, block, [&](int64_t b, int64_t start, int64_t la, int64_t lb) {
+    const float* xa = xp + start;
+    float s[2];
+    block_scales(xa, la, lb ? xa + la : nullptr, lb, code.l2, code.clip, s);
+    code.compress_block(xa, b, start, la, s[0], pp, sp, start + 2 * block < code.n ? xa + 2 * block : nullptr);
+    if (lb)
+      code.compress_block(xa + la, b + 1, start + la, lb, s[1], pp, sp,
+                          start + 3 * block < code.n ? xa + 3 * block : nullptr);
   });
   return {packed, scales};
 }
@@ -942,13 +1028,15 @@ std::vector<torch::Tensor> signmag_mean_compress(const torch::Tensor& packed_row
   const float* rs = scale_rows.data_ptr<float>();
   uint8_t* pp = packed.data_ptr<uint8_t>();
   float* sp = scales.data_ptr<float>();
-  for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
+  for_block_pairs(n, block, [&](int64_t b, int64_t start, int64_t la, int64_t lb) {
+    const int64_t len = la + lb;
     thread_local std::vector<float> means;
     if (static_cast<int64_t>(means.size()) < len) means.resize(len);
     float* m = means.data();
     for (int64_t r = 0; r < rows; ++r) {
       const uint8_t* row = rp + r * row_bytes;
-      code.decode_block(row, row + row_bytes, rs + r * nblocks, b, start, len, m, r > 0);
+      code.decode_block(row, row + row_bytes, rs + r * nblocks, b, start, la, m, r > 0);
+      if (lb) code.decode_block(row, row + row_bytes, rs + r * nblocks, b + 1, start + la, lb, m + la, r > 0);
     }
     int64_t q = 0;
 #if defined(__AVX2__)
@@ -962,7 +1050,10 @@ std::vector<torch::Tensor> signmag_mean_compress(const torch::Tensor& packed_row
     }
 #endif
     for (; q < len; ++q) m[q] /= static_cast<float>(rows);
-    code.compress_block(m, b, start, len, pp, sp, nullptr);
+    float s[2];
+    block_scales(m, la, lb ? m + la : nullptr, lb, code.l2, code.clip, s);
+    code.compress_block(m, b, start, la, s[0], pp, sp, nullptr);
+    if (lb) code.compress_block(m + la, b + 1, start + la, lb, s[1], pp, sp, nullptr);
   });
   return {packed, scales};
 }

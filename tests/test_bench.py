@@ -291,6 +291,20 @@ def test_combining_repeated_runs_takes_each_figures_median_per_method():
     assert rows[1]["x_floor"]["median"] == pytest.approx(1.5)  # of the ratios 1.2, 1.5, 1.5; not 0.6 / 0.5
 
 
+def test_every_benchmarked_kernel_gives_the_references_bits(monkeypatch):
+    """benchmarks/kernels.py sets up each kernel (server steps included) with arguments both paths accept,
+    and they agree bit for bit: the benchmark times the computation that the tests check."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    kernels_ab = importlib.import_module("kernels_ab")
+    kernels = kernels_ab.all_kernels([1, 3])
+    names = {k.name for k in kernels}
+    assert {"sign_mean_compress", "signmag_mean_compress:qsgd", "signmag_mean_compress:terngrad"} <= names
+    x = torch.randn(70_001, generator=torch.Generator().manual_seed(3))
+    for kernel in kernels:
+        row = kernels_ab.compare(kernel, x, gradq._reference, gradq._C, repeats=1)  # exits on a differing bit
+        assert row["kernel"] == kernels_ab.label(kernel)
+
+
 def test_kernel_ab_times_both_builds_and_rejects_different_outputs(monkeypatch):
     """benchmarks/kernels_ab.py: interleaved timings of two builds of a kernel, which must agree bit for bit."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
