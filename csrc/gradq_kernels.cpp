@@ -542,6 +542,18 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
 // ---------------------------------------------------------------------------------------------
 // Stochastic sign-magnitude codes (TernGrad, QSGD).
 
+// The end of a sum of squares in lane_sum's order, its 8 lane accumulators in acc: the squares of the
+// last values xb[p .. len-1] (fewer than 8) go to lanes 0.., then the lanes are added in order 0..7.
+inline double finish_sum_squares(double acc[8], const float* xb, int64_t p, int64_t len) {
+  for (int l = 0; p + l < len; ++l) {
+    const double v = xb[p + l];
+    acc[l] += v * v;
+  }
+  double total = acc[0];
+  for (int l = 1; l < 8; ++l) total += acc[l];
+  return total;
+}
+
 // Sum of squares in float64 in the lane order of lane_sum (lanes 0-3 and 4-7 in two vectors).
 inline double sum_squares(const float* xb, int64_t len) {
 #if defined(__AVX2__)
@@ -556,13 +568,7 @@ inline double sum_squares(const float* xb, int64_t len) {
   }
   _mm256_storeu_pd(acc, acc_lo);
   _mm256_storeu_pd(acc + 4, acc_hi);
-  for (int l = 0; p + l < len; ++l) {
-    const double v = xb[p + l];
-    acc[l] += v * v;
-  }
-  double total = acc[0];
-  for (int l = 1; l < 8; ++l) total += acc[l];
-  return total;
+  return finish_sum_squares(acc, xb, p, len);
 #else
   return lane_sum(len, [&](int64_t q) { const double v = xb[q]; return v * v; });
 #endif
@@ -582,16 +588,8 @@ inline void sum_squares2(const float* xa, const float* xb, int64_t len, double o
   double acc[2][8];
   _mm512_storeu_pd(acc[0], acc_a);
   _mm512_storeu_pd(acc[1], acc_b);
-  const float* x[2] = {xa, xb};
-  for (int i = 0; i < 2; ++i) {
-    for (int l = 0; p + l < len; ++l) {
-      const double v = x[i][p + l];
-      acc[i][l] += v * v;
-    }
-    double total = acc[i][0];
-    for (int l = 1; l < 8; ++l) total += acc[i][l];
-    out[i] = total;
-  }
+  out[0] = finish_sum_squares(acc[0], xa, p, len);
+  out[1] = finish_sum_squares(acc[1], xb, p, len);
 #else
   out[0] = sum_squares(xa, len);
   out[1] = sum_squares(xb, len);

@@ -301,8 +301,7 @@ def test_every_benchmarked_kernel_gives_the_references_bits(monkeypatch):
     assert {"sign_mean_compress", "signmag_mean_compress:qsgd", "signmag_mean_compress:terngrad"} <= names
     x = torch.randn(70_001, generator=torch.Generator().manual_seed(3))
     for kernel in kernels:
-        row = kernels_ab.compare(kernel, x, gradq._reference, gradq._C, repeats=1)  # exits on a differing bit
-        assert row["kernel"] == kernels_ab.label(kernel)
+        kernels_ab.compare(kernel, x, gradq._reference, gradq._C, repeats=1)  # SystemExit on a differing bit
 
 
 def test_kernel_ab_times_both_builds_and_rejects_different_outputs(monkeypatch):
