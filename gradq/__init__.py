@@ -2,6 +2,7 @@
 
 One quantizer core (schemes, quantize/dequantize/fake_quantize), dense bit packing with a stable wire
 format, and native CPU kernels for the hot compression steps with a bit-exact PyTorch reference.
+Model quantization (``prepare``, ``calibrate``, ``quant_report``) is built on the same core.
 """
 
 from gradq._backend import native_available
@@ -33,6 +34,14 @@ from gradq.kernels import (
     unpack_bits,
 )
 from gradq.memory import ErrorFeedback
+from gradq.modelquant import (
+    QuantConfig,
+    QuantReport,
+    available_calibrators,
+    calibrate,
+    prepare,
+    quant_report,
+)
 from gradq.payload import FORMAT_VERSION, decode_payload, encode_payload, payload_nbytes
 from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
 from gradq.scheme import Granularity, PerAxis, PerBucket, PerGroup, PerTensor, QuantScheme
@@ -46,6 +55,12 @@ __all__ = [
     "CompressedAllreduce",
     "Compressor",
     "ErrorFeedback",
+    "QuantConfig",
+    "QuantReport",
+    "available_calibrators",
+    "calibrate",
+    "prepare",
+    "quant_report",
     "NoCompression",
     "OneBit",
     "ReduceResult",

@@ -260,7 +260,18 @@ def _bucket(scheme: QuantScheme, numel: int) -> int:
     return max(8, -(-numel // 8) * 8)
 
 
+def _sign_rows(x: torch.Tensor, scheme: QuantScheme) -> QTensor:
+    """Sign code per channel or group: code 1 for x < 0, scale = fp32(float64 mean |x|) of each row."""
+    gran = scheme.granularity
+    rows = _to_rows(x.detach().to(torch.float32), gran)
+    scale = rows.to(torch.float64).abs().mean(1).to(torch.float32) if rows.shape[1] else rows.new_zeros(len(rows))
+    codes = _from_rows((rows < 0).to(torch.uint8), x.shape, gran)
+    return QTensor(codes, _rows_to_scale(scale, x.shape, gran), None, scheme, x.dtype)
+
+
 def _quantize_gradient_codebook(x: torch.Tensor, scheme: QuantScheme, seed: int | None, offset: int) -> QTensor:
+    if isinstance(scheme.granularity, (PerAxis, PerGroup)):
+        return _sign_rows(x, scheme)
     flat = x.detach().reshape(-1).to(torch.float32).contiguous()
     target = scale_shape(x.shape, scheme.granularity)
     if flat.numel() == 0:  # PerTensor still carries its one (zero) scale
@@ -282,6 +293,10 @@ def dequantize(qt: QTensor) -> torch.Tensor:
     if not isinstance(qt, QTensor):
         raise TypeError(f"dequantize takes a QTensor, got {type(qt).__name__}")
     scheme = qt.scheme
+    gran = scheme.granularity
+    if scheme.codebook == "sign" and isinstance(gran, (PerAxis, PerGroup)):
+        signs = 1.0 - 2.0 * _to_rows(qt.codes.to(torch.float32), gran)
+        return _from_rows(signs * _to_rows_scale(qt.scale, gran), qt.shape, gran).to(qt.dtype)
     if scheme.codebook != "uniform":
         numel = qt.codes.numel()
         if numel == 0:
@@ -293,7 +308,6 @@ def dequantize(qt: QTensor) -> torch.Tensor:
         else:
             flat = kernels.signmag_decompress(packed, scales, levels=scheme.levels, block=block, numel=numel)
         return flat.view(qt.shape).to(qt.dtype)
-    gran = scheme.granularity
     q = _to_rows(qt.codes.to(torch.float32), gran)
     if qt.zero_point is not None:
         q = q - _to_rows_scale(qt.zero_point, gran).to(torch.float32)

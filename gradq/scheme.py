@@ -67,7 +67,8 @@ class QuantScheme:
     codebook ``sign_magnitude``: a sign bit plus a level in [0, levels]; value = ±level * (scale / levels);
     scale = max |x| (``minmax``, lowered to ``clip`` x RMS when ``clip > 0``) or ||x||2 (``norm``);
     stochastic rounding only. TernGrad is levels=1 with max, QSGD is s levels with the norm.
-    ``sign`` and ``sign_magnitude`` need PerTensor or PerBucket with a bucket size that is a multiple of 8.
+    ``sign`` and ``sign_magnitude`` need PerTensor or PerBucket with a bucket size that is a multiple of 8;
+    ``sign`` also takes PerAxis or PerGroup (binary weights: mean |x| per channel or group).
     """
 
     bits: int = 8
@@ -108,9 +109,12 @@ class QuantScheme:
 
     def _check_gradient_codebook(self) -> None:
         gran = self.granularity
+        if self.codebook == "sign" and isinstance(gran, (PerAxis, PerGroup)):
+            gran = PerTensor()  # binary weights: mean |x| per channel or group, computed in torch
         if not isinstance(gran, (PerTensor, PerBucket)) or (isinstance(gran, PerBucket) and gran.bucket_size % 8):
             raise ValueError(
-                f"codebook {self.codebook!r} needs PerTensor() or PerBucket(n) with n a multiple of 8, got {gran!r}"
+                f"codebook {self.codebook!r} needs PerTensor() or PerBucket(n) with n a multiple of 8, "
+                f"got {self.granularity!r}"
             )
         if not (self.signed and self.symmetric):
             raise ValueError(f"codebook {self.codebook!r} is signed and symmetric by construction")

@@ -1,0 +1,38 @@
+"""Model quantization on the shared quantizer core: configure, prepare, calibrate (PTQ), train (QAT), report.
+
+Layers: ``config`` (what), ``weights``/``observer``/``learned``/``fixedpoint`` (how values are quantized),
+``modules`` (quantized layers), ``prepare``/``calibrate``/``report`` (the workflows).
+"""
+
+from gradq.modelquant.calibrate import calibrate
+from gradq.modelquant.calibrators import (
+    CalibrationStats,
+    Calibrator,
+    available_calibrators,
+    get_calibrator,
+    register_calibrator,
+)
+from gradq.modelquant.config import QuantConfig, activation_scheme, weight_scheme
+from gradq.modelquant.learned import learned_fake_quantize
+from gradq.modelquant.modules import QuantLayer
+from gradq.modelquant.observer import ActQuant
+from gradq.modelquant.prepare import prepare
+from gradq.modelquant.report import QuantReport, quant_report
+
+__all__ = [
+    "ActQuant",
+    "CalibrationStats",
+    "Calibrator",
+    "QuantConfig",
+    "QuantLayer",
+    "QuantReport",
+    "activation_scheme",
+    "available_calibrators",
+    "calibrate",
+    "get_calibrator",
+    "learned_fake_quantize",
+    "prepare",
+    "quant_report",
+    "register_calibrator",
+    "weight_scheme",
+]

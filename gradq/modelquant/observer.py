@@ -1,0 +1,163 @@
+"""Activation quantizer: observes ranges (calibration, QAT), fixes (scale, zero point), fake-quantizes.
+
+One ``ActQuant`` sits at each quantization point of a prepared model: the output of every quantized
+layer, and the input of a layer whose input does not already come from one. Its phases:
+
+- ``"minmax"`` (calibration pass 1): records each batch's min and max; passes ``x`` through unchanged.
+- ``"histogram"`` (calibration pass 2): adds ``x`` to a histogram over the pass-1 range; passes ``x``.
+- ``None``: in ``train()`` updates the range (moving average of batch min/max, reduced across ranks) or
+  uses the learned step (LSQ/PACT), and fake-quantizes with a straight-through gradient; in ``eval()``
+  fake-quantizes with the fixed parameters, and refuses to run uncalibrated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradq.modelquant import distributed
+from gradq.modelquant.calibrators import CalibrationStats, get_calibrator, histogram
+from gradq.modelquant.learned import learned_fake_quantize
+from gradq.quantize import choose_qparams, fake_quantize, quantize
+from gradq.scheme import QuantScheme
+
+EMA_MOMENTUM = 0.01
+HISTOGRAM_BINS = 2048
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation quantizer for ``scheme`` with the named calibrator and optional learning."""
+
+    def __init__(
+        self, scheme: QuantScheme, calibrator: str, calibrator_options: dict, learn: str | None, name: str
+    ) -> None:
+        super().__init__()
+        self.scheme, self.calibrator, self.learn, self.name = scheme, calibrator, learn, name
+        self._calibrator = get_calibrator(calibrator, **calibrator_options)
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.register_buffer("ema_lo", torch.tensor(0.0))
+        self.register_buffer("ema_hi", torch.tensor(0.0))
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("calibrated", torch.tensor(False))
+        self.step = nn.Parameter(torch.tensor(1.0)) if learn else None
+        self.phase: str | None = None
+        self._batch_ranges: list[tuple[float, float]] = []
+        self._counts: torch.Tensor | None = None
+
+    @property
+    def needs_histogram(self) -> bool:
+        """Whether calibration needs the second (histogram) pass for this quantizer."""
+        return self._calibrator.needs_histogram
+
+    @property
+    def learned(self) -> bool:
+        """True when the step size is a trained parameter (LSQ, or PACT on a ReLU output)."""
+        return self.step is not None
+
+    def qparams(self) -> tuple[torch.Tensor, int]:
+        """(fp32 scale, integer zero point) in force: the learned step or the calibrated scale."""
+        if not bool(self.calibrated):
+            raise RuntimeError(
+                f"activation quantizer {self.name!r} has no range yet: run gradq.calibrate(model, batches) "
+                "or train the model (QAT) before evaluating it"
+            )
+        if self.learned:
+            return self.step.detach().clamp_min(torch.finfo(torch.float32).tiny), int(self.zero_point)
+        return self.scale, int(self.zero_point)
+
+    def _set_range(self, lo: float, hi: float) -> None:
+        scale, zero_point = choose_qparams(torch.tensor([lo, hi], dtype=torch.float32), self.scheme)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point if zero_point is not None else torch.tensor(0))
+        if self.step is not None and not bool(self.calibrated):
+            with torch.no_grad():
+                self.step.copy_(scale)
+        self.calibrated.fill_(True)
+
+    def begin_calibration(self) -> None:
+        """Forget earlier batch ranges and histograms (the calibrated parameters stay until finish)."""
+        self._batch_ranges, self._counts = [], None
+
+    def finish_minmax(self) -> None:
+        """End pass 1: reduce the batch ranges across ranks, set lo/hi and their moving averages."""
+        ranges = distributed.reduce_batch_ranges(torch.tensor(self._batch_ranges, dtype=torch.float64), self.name)
+        lo, hi = ranges[:, 0], ranges[:, 1]
+        ema_lo, ema_hi = float(lo[0]), float(hi[0])
+        for b_lo, b_hi in zip(lo[1:].tolist(), hi[1:].tolist(), strict=True):
+            ema_lo += EMA_MOMENTUM * (b_lo - ema_lo)
+            ema_hi += EMA_MOMENTUM * (b_hi - ema_hi)
+        self.lo.fill_(float(lo.min()))
+        self.hi.fill_(float(hi.max()))
+        self.ema_lo.fill_(ema_lo)
+        self.ema_hi.fill_(ema_hi)
+
+    def finish(self) -> None:
+        """End calibration: sum histograms across ranks and fix (scale, zero point) from the calibrator."""
+        counts = None
+        if self.needs_histogram:
+            counts = distributed.sum_counts(self._counts)
+        stats = CalibrationStats(
+            float(self.lo), float(self.hi), float(self.ema_lo), float(self.ema_hi), counts
+        )
+        self.calibrated.fill_(False)
+        self._set_range(*self._calibrator.range(stats, self.scheme))
+        self._batch_ranges, self._counts = [], None
+
+    def _observe_training(self, x: torch.Tensor) -> None:
+        lo, hi = distributed.reduce_range(_finite_range(x, self.name))
+        if not bool(self.calibrated):
+            self.ema_lo.fill_(lo)
+            self.ema_hi.fill_(hi)
+        else:
+            self.ema_lo.add_(EMA_MOMENTUM * (lo - float(self.ema_lo)))
+            self.ema_hi.add_(EMA_MOMENTUM * (hi - float(self.ema_hi)))
+        self.lo.fill_(min(float(self.lo), lo))
+        self.hi.fill_(max(float(self.hi), hi))
+        first = not bool(self.calibrated)
+        self._set_range(float(self.ema_lo), float(self.ema_hi))
+        if first and self.step is not None:
+            with torch.no_grad():
+                self.step.copy_(self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.phase == "minmax":
+            self._batch_ranges.append(_finite_range(x, self.name))
+            return x
+        if self.phase == "histogram":
+            if not self.needs_histogram:
+                return x
+            counts = histogram(x.detach(), float(self.lo), float(self.hi), HISTOGRAM_BINS)
+            self._counts = counts if self._counts is None else self._counts + counts
+            return x
+        if self.training and (self.step is None or not bool(self.calibrated)):
+            self._observe_training(x)
+        if self.training and self.learned:
+            zp = int(self.zero_point)
+            return learned_fake_quantize(x, self.step, float(zp), self.scheme.qmin, self.scheme.qmax, rule=self.learn)
+        scale, zp = self.qparams()
+        zero_point = torch.tensor(zp, dtype=torch.int32) if self.scheme.has_zero_point else None
+        if self.training:
+            return fake_quantize(x, self.scheme, scale=scale.detach(), zero_point=zero_point)
+        with torch.no_grad():
+            qt = quantize(x, self.scheme, scale=scale, zero_point=zero_point)
+            return (qt.codes.to(torch.float32) - zp) * scale
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int64) of ``x`` under the parameters in force, as ``gradq.quantize`` computes them."""
+        scale, zp = self.qparams()
+        zero_point = torch.tensor(zp, dtype=torch.int32) if self.scheme.has_zero_point else None
+        return quantize(x.detach(), self.scheme, scale=scale, zero_point=zero_point).codes.to(torch.int64)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {self.scheme.bits}-bit, calibrator={self.calibrator}, learn={self.learn}"
+
+
+def _finite_range(x: torch.Tensor, name: str) -> tuple[float, float]:
+    if x.numel() == 0:
+        raise ValueError(f"activation quantizer {name!r} saw an empty tensor")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"activation quantizer {name!r} saw NaN or Inf; calibration and QAT need finite activations")
+    x = x.detach()
+    return float(x.min()), float(x.max())

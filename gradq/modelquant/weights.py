@@ -1,0 +1,161 @@
+"""Weight quantization of a layer (docs/integer.md, section 2): scales, two-level group scales, integer
+weights, and the fake-quantized weights QAT trains through."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from gradq.modelquant.learned import learned_fake_quantize
+from gradq.quantize import quantize
+from gradq.scheme import PerAxis, PerGroup, PerTensor, QuantScheme
+
+SUB_SCALE_MAX = 255
+_MSE_STEPS = 100
+
+
+def _rows(w2: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """(C, K) weights as (C, G, K/G) blocks that share a scale (G = 1 unless per group; per tensor: (1, 1, C*K))."""
+    gran = scheme.granularity
+    if isinstance(gran, PerTensor):
+        return w2.reshape(1, 1, -1)
+    if isinstance(gran, PerGroup):
+        return w2.reshape(w2.shape[0], -1, gran.group_size)
+    return w2.unsqueeze(1)
+
+
+def _uniform_error(blocks: torch.Tensor, scale: torch.Tensor, qmax: int) -> torch.Tensor:
+    q = torch.round(blocks / scale.unsqueeze(-1)).clamp(-qmax, qmax)
+    return (q * scale.unsqueeze(-1) - blocks).square().sum(-1)
+
+
+def block_scales(w2: torch.Tensor, scheme: QuantScheme, weight_range: str) -> torch.Tensor:
+    """fp32 scale of each block of :func:`_rows` (shape (C, G), or (1, 1) per tensor).
+
+    sign: mean |w| (float64 mean). uniform minmax: max |w| / qmax; mse: the ratio t/100 (t = 1..100) of
+    max |w| / qmax with the least squared error, ties to the larger t. An all-zero block gets scale 1.
+    """
+    blocks = _rows(w2.detach().to(torch.float32), scheme)
+    if scheme.codebook == "sign":
+        return blocks.to(torch.float64).abs().mean(-1).to(torch.float32)
+    qmax = scheme.qmax
+    top = blocks.abs().amax(-1) / qmax
+    top = torch.where(top == 0, torch.ones_like(top), top)
+    if weight_range == "minmax":
+        return top
+    best, best_err = top, _uniform_error(blocks, top, qmax)
+    for t in range(_MSE_STEPS - 1, 0, -1):
+        cand = top * (t / _MSE_STEPS)
+        err = _uniform_error(blocks, cand, qmax)
+        better = err < best_err
+        best, best_err = torch.where(better, cand, best), torch.where(better, err, best_err)
+    return best
+
+
+def two_level(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group scales (C, G) -> channel scale S (C,), 8-bit sub-scales r (C, G) int64 and the groups'
+    effective scales fp32(S * r) / 255 (C, G). A channel whose scales are all 0 keeps S = 0, r = 1."""
+    top = scales.amax(1)
+    safe = torch.where(top == 0, torch.ones_like(top), top)
+    r = torch.ceil(SUB_SCALE_MAX * scales / safe.unsqueeze(1)).clamp(1, SUB_SCALE_MAX).to(torch.int64)
+    effective = (top.unsqueeze(1) * r.to(torch.float32)) / SUB_SCALE_MAX
+    return top, r, effective
+
+
+def _codes(w2: torch.Tensor, scheme: QuantScheme, effective: torch.Tensor) -> torch.Tensor:
+    """Integer codes (C, K) int64 of the weights under per-block ``effective`` scales (C, G)."""
+    if scheme.codebook == "sign":
+        return torch.where(w2 >= 0, 1, -1).to(torch.int64)
+    blocks = _rows(w2.detach().to(torch.float32), scheme)
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    rows_scheme = QuantScheme.uniform(scheme.bits, granularity=PerAxis(0))
+    codes = quantize(flat, rows_scheme, scale=effective.reshape(-1)).codes
+    return codes.to(torch.int64).reshape(w2.shape)
+
+
+class WeightQuantizer(nn.Module):
+    """Quantizes one layer's weight (any shape whose dim 0 is the output channel) under ``scheme``.
+
+    ``learn=True`` (LSQ) holds the block scales as a parameter ``step`` (initialized from the range rule
+    when :meth:`init_step` runs); otherwise scales follow the current weight through ``weight_range``.
+    """
+
+    def __init__(self, scheme: QuantScheme, weight_range: str, weight_shape: torch.Size, learn: bool) -> None:
+        super().__init__()
+        self.scheme, self.weight_range = scheme, weight_range
+        channels, reduction = weight_shape[0], math.prod(weight_shape[1:])
+        gran = scheme.granularity
+        if isinstance(gran, PerGroup) and reduction % gran.group_size:
+            raise ValueError(
+                f"PerGroup({gran.group_size}) needs the reduction length ({reduction}) to be a multiple of it; "
+                "choose a group size that divides it, or per-channel weights for this layer"
+            )
+        self.reduction = reduction
+        groups = reduction // gran.group_size if isinstance(gran, PerGroup) else 1
+        shape = (1, 1) if isinstance(gran, PerTensor) else (channels, groups)
+        self.step = nn.Parameter(torch.ones(shape)) if learn else None
+
+    def init_step(self, weight: torch.Tensor) -> None:
+        """Set the learned step sizes from the weight range rule (LSQ's initialization here)."""
+        if self.step is not None:
+            with torch.no_grad():
+                self.step.copy_(block_scales(self._2d(weight), self.scheme, self.weight_range))
+
+    @staticmethod
+    def _2d(weight: torch.Tensor) -> torch.Tensor:
+        return weight.reshape(weight.shape[0], -1)
+
+    def _scales(self, w2: torch.Tensor) -> torch.Tensor:
+        if self.step is not None:
+            return self.step.detach().clamp_min(torch.finfo(torch.float32).tiny)
+        return block_scales(w2, self.scheme, self.weight_range)
+
+    def _effective(self, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(channel scale sw (C,) or (1,), sub-scales r or None, effective block scales)."""
+        if isinstance(self.scheme.granularity, PerGroup):
+            top, r, effective = two_level(scales)
+            return top / SUB_SCALE_MAX, r, effective
+        return scales.reshape(-1), None, scales
+
+    def integer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,)."""
+        w2 = self._2d(weight)
+        sw, r, effective = self._effective(self._scales(w2))
+        wi = _codes(w2, self.scheme, effective)
+        if r is not None:
+            wi = wi * r.repeat_interleave(self.scheme.granularity.group_size, dim=1)
+        return wi, sw.expand(w2.shape[0]).contiguous()
+
+    def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
+        """fp32(fp64(sw) * Wi) in ``weight``'s shape: the value every path (eval, convert) computes with."""
+        wi, sw = self.integer(weight)
+        return (sw.to(torch.float64).unsqueeze(1) * wi.to(torch.float64)).to(torch.float32).view(weight.shape)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized weight for training: the value of :meth:`dequantized`, gradients by the STE
+        (uniform: zero where a code was clipped; sign: identity) or by LSQ for ``step``."""
+        if self.step is not None and isinstance(self.scheme.granularity, (PerAxis, PerTensor)):
+            w2 = self._2d(weight)
+            step = self.step.clamp_min(torch.finfo(torch.float32).tiny)
+            blocks = _rows(w2, self.scheme)
+            out = learned_fake_quantize(blocks, step.unsqueeze(-1), 0.0, -self.scheme.qmax, self.scheme.qmax)
+            return out.reshape(weight.shape)
+        value = self.dequantized(weight)
+        if self.scheme.codebook == "sign":
+            return weight + (value - weight).detach()
+        if self.step is not None:  # per group: LSQ through the effective (two-level) scales
+            w2 = self._2d(weight)
+            step = self.step.clamp_min(torch.finfo(torch.float32).tiny)
+            _, _, effective = two_level(step.detach())
+            step = step + (effective - step).detach()
+            blocks = _rows(w2, self.scheme)
+            out = learned_fake_quantize(blocks, step.unsqueeze(-1), 0.0, -self.scheme.qmax, self.scheme.qmax)
+            return out.reshape(weight.shape) + (value - out.reshape(weight.shape)).detach()
+        w2 = self._2d(weight)
+        _, _, effective = self._effective(self._scales(w2))
+        blocks = _rows(w2, self.scheme)
+        inside = (blocks.abs() / effective.unsqueeze(-1)).round() <= self.scheme.qmax
+        mask = inside.reshape(weight.shape).to(weight.dtype)
+        return value + (weight - weight.detach()) * mask
