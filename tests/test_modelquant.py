@@ -120,8 +120,6 @@ def test_presets_and_group_size():
         (lambda: gradq.calibrate(gradq.prepare(Net()), [torch.full((2, 1, 16, 16), float("nan"))],
                                  progress=False), ValueError, "NaN or Inf"),
         (lambda: gradq.calibrate(gradq.prepare(Net()), ["text"], progress=False), TypeError, "input tensor"),
-        (lambda: gradq.prepare(nn.Linear(10, 4), QuantConfig.preset("w4a8", group_size=4)), ValueError,
-         "multiple of it"),
         (lambda: gradq.prepare(Net()).eval()(torch.randn(1, 1, 16, 16)), RuntimeError, "gradq.calibrate"),
         (lambda: gradq.quant_report(Net()), ValueError, "not prepared"),
     ],
@@ -225,3 +223,24 @@ def test_qat_trains_lsq_steps_and_eval_stays_integer():
     so, zo = fc2.output_quant.qparams()
     codes = out / so + zo
     assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15
+
+
+def test_group_size_that_does_not_divide_falls_back_to_per_channel_and_says_so():
+    prepared = gradq.prepare(nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 2)), QuantConfig.preset("w4a8", group_size=4))
+    first, second = (m for m in prepared.modules() if isinstance(m, QuantLayer))
+    assert isinstance(first.weight_quant.scheme.granularity, gradq.PerAxis)
+    assert second.weight_quant.scheme.granularity == gradq.PerGroup(4, axis=1)
+    rows = gradq.quant_report(prepared).rows
+    assert "group size 4 does not divide K=10: per-channel" in rows[0].note and "group" not in rows[1].note
+
+
+def test_eval_skips_requantizing_integer_outputs_only_because_it_is_exact():
+    torch.manual_seed(0)
+    prepared = gradq.calibrate(gradq.prepare(Net().eval(), "w4a4"), _data(), progress=False).eval()
+    x = _data(1, seed=4)[0]
+    fast = prepared(x)
+    quants = [m for m in prepared.modules() if isinstance(m, ActQuant)]
+    assert sum(q.gridded_in_eval for q in quants) == 4  # every layer's output; not the model input
+    for q in quants:
+        q.gridded_in_eval = False
+    assert torch.equal(prepared(x), fast)

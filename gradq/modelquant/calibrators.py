@@ -318,7 +318,7 @@ class Entropy(_HistogramCalibrator):
             return lo, hi
         sizes = torch.arange(levels, hist.numel() + 1)
         divergence = torch.cat([_kl_divergences(hist, block, levels) for block in sizes.split(_KL_BLOCK)])
-        i = int(sizes[divergence <= divergence.min() + _TIE][-1])  # ties: the smallest i
+        i = int(sizes[divergence <= divergence.min() + _TIE][0])  # ties: the smallest i
         if i == hist.numel():
             return lo, hi
         threshold = start + i * ((hi - lo) / counts.numel())

@@ -9,6 +9,7 @@ and activations quantized: exactly the integer arithmetic of docs/integer.md, em
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from gradq.modelquant.config import QuantConfig
 from gradq.modelquant.fixedpoint import INT32_MAX, quantize_multiplier, requantize
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.weights import WeightQuantizer
+from gradq.scheme import PerAxis, PerGroup
 
 _FUNCS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
@@ -63,6 +65,13 @@ class QuantLayer(nn.Module):
             self.conv_args = {
                 "stride": layer.stride, "padding": layer.padding, "dilation": layer.dilation, "groups": layer.groups
             }
+        self.note = ""
+        gran = config.weight.granularity if config.weight is not None else None
+        reduction = math.prod(self.weight.shape[1:])
+        if isinstance(gran, PerGroup) and reduction % gran.group_size:
+            self.note = f"group size {gran.group_size} does not divide K={reduction}: per-channel weights"
+            config = replace(config, weight=replace(config.weight, granularity=PerAxis(0)))
+            self.config = config
         learn_weight = config.learn == "lsq"
         self.weight_quant = (
             None
@@ -74,6 +83,8 @@ class QuantLayer(nn.Module):
         self.output_quant = (
             self._new_act_quant(f"{name}.output_quant", non_negative=relu) if config.activation is not None else None
         )
+        if self.output_quant is not None and self.weight_quant is not None:
+            self.output_quant.gridded_in_eval = True
         self._input: tuple[ActQuant, ...] = ()
         self.calibrating = False
 
@@ -114,7 +125,8 @@ class QuantLayer(nn.Module):
 
     def integer_parameters(self) -> dict[str, torch.Tensor | int]:
         """Everything docs/integer.md section 4 stores for this layer: Wi (C, K) int64, sw fp32 (C,), bq,
-        M, n (int64, C), sx, zx, so, zo, and the output clamp bounds lo/hi. Raises if an int32 could overflow."""
+        M, n (int64, C), sx, zx, so, zo, the output clamp bounds lo/hi, and ``bound`` (>= any |partial sum| of
+        the accumulator). Raises if an int32 could overflow."""
         sx, zx = self.input_quantizer.qparams()
         so, zo = self.output_quant.qparams()
         wi, sw = self.weight_quant.integer(self.weight)
@@ -134,13 +146,36 @@ class QuantLayer(nn.Module):
         mult, shift = quantize_multiplier(s_in_w / so.double())
         lo = max(scheme_out.qmin, zo) if self.relu else scheme_out.qmin
         return {"Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx, "zx": zx, "so": so, "zo": zo,
-                "lo": lo, "hi": scheme_out.qmax}
+                "lo": lo, "hi": scheme_out.qmax, "bound": bound}
+
+    def _accumulate(self, xi: torch.Tensor, wi: torch.Tensor, bound: int) -> torch.Tensor:
+        """acc = sum_k xi * Wi (int64) by im2col and a float GEMM that is exact: every partial sum is an
+        integer below ``bound``, so fp32 is exact under 2**24 (at full fp32 matmul precision), else fp64."""
+        exact32 = bound < 2**24 and torch.get_float32_matmul_precision() == "highest"
+        dtype = torch.float32 if exact32 else torch.float64
+        w = wi.to(dtype)
+        if self.kind == "linear":
+            return (xi.to(dtype) @ w.T).to(torch.int64)
+        args = self.conv_args
+        two_d = self.kind == "conv2d"
+        def pair(v: tuple, one: int) -> tuple:  # a Conv1d runs as a Conv2d of height 1
+            return tuple(v) if two_d else (one, v[0])
+
+        kernel = pair(self.weight.shape[2:], 1)
+        stride, padding, dilation = pair(args["stride"], 1), pair(args["padding"], 0), pair(args["dilation"], 1)
+        x4 = xi.to(dtype) if two_d else xi.to(dtype).unsqueeze(2)
+        cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)
+        groups, n = args["groups"], x4.shape[0]
+        out_hw = [
+            (x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+        ]
+        acc = torch.matmul(w.view(groups, -1, w.shape[1]), cols.view(n, groups, w.shape[1], -1))
+        return acc.reshape(n, w.shape[0], *(out_hw if two_d else out_hw[1:])).to(torch.int64)
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.integer_parameters()
-        xi = (self.input_quantizer.codes(x) - p["zx"]).to(torch.float64)
-        wi = p["Wi"].to(torch.float64).view(self.weight.shape)
-        acc = self._op(xi, wi, None).to(torch.int64)
+        xi = self.input_quantizer.codes(x) - p["zx"]
+        acc = self._accumulate(xi, p["Wi"], p["bound"])
         channel_dim = -1 if self.kind == "linear" else 1
         view = [1] * acc.dim()
         view[channel_dim] = -1

@@ -43,6 +43,7 @@ class ActQuant(nn.Module):
         self.register_buffer("calibrated", torch.tensor(False))
         self.step = nn.Parameter(torch.tensor(1.0)) if learn else None
         self.phase: str | None = None
+        self.gridded_in_eval = False  # set by an integer layer whose output this is: eval() passes x through
         self._batch_ranges: list[tuple[float, float]] = []
         self._counts: torch.Tensor | None = None
 
@@ -137,6 +138,8 @@ class ActQuant(nn.Module):
             zp = int(self.zero_point)
             return learned_fake_quantize(x, self.step, float(zp), self.scheme.qmin, self.scheme.qmax, rule=self.learn)
         scale, zp = self.qparams()
+        if not self.training and self.gridded_in_eval:
+            return x  # already s * (q - z): quantizing again would give back the same codes (docs/integer.md)
         zero_point = torch.tensor(zp, dtype=torch.int32) if self.scheme.has_zero_point else None
         if self.training:
             return fake_quantize(x, self.scheme, scale=scale.detach(), zero_point=zero_point)

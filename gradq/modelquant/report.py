@@ -109,7 +109,7 @@ def quant_report(model: nn.Module) -> QuantReport:
             describe_scheme(layer.config.weight) + (f" ({layer.config.weight_range})" if layer.weight_quant else ""),
             describe_scheme(layer.config.activation) + (f" ({layer.config.calibrator})" if layer.output_quant else ""),
             _range(layer.input_quantizer), _range(layer.output_quant), float_bytes, quant_bytes,
-            "input shares the previous layer's output codes" if shared else "",
+            "; ".join(n for n in (layer.note, "input shares the previous layer's output codes" if shared else "") if n),
         ))
     for entry in info.floats:
         module = model.get_submodule(entry.name) if _has(model, entry.name) else None
