@@ -149,6 +149,8 @@ def entropy_oracle(counts, lo, hi, scheme, target_bins=None):
     n_q = target_bins if target_bins is not None else (levels if lo >= 0 else levels // 2)
     if lo >= 0:
         h, a = list(counts), lo
+        if lo == 0 and len(h) > 1:
+            h[0] = h[1]
     else:
         a, top = max(0.0, -hi), max(-lo, hi)
         nb = min(len(counts), math.ceil((top - a) / w))
@@ -218,6 +220,13 @@ def test_histogram_matches_naive_loop(seed, dtype):
     assert clamped.tolist() == histogram_oracle(x.double().tolist(), n_lo, n_hi, bins)
     assert clamped[0].item() >= sum(v < n_lo for v in x.double().tolist()) > 0
     assert clamped[-1].item() >= sum(v >= n_hi for v in x.double().tolist()) > 0
+
+
+def test_histogram_in_chunks_counts_the_same(monkeypatch):
+    x = data("normal", 7, n=1000)
+    want = histogram_oracle(x.double().tolist(), -2.0, 2.5, 50)
+    monkeypatch.setattr(cal, "_HISTOGRAM_CHUNK", 7)  # 143 chunks, the last one short
+    assert histogram(x, -2.0, 2.5, 50).tolist() == want
 
 
 def test_histogram_bin_rule_and_edge_cases():

@@ -20,6 +20,7 @@ from gradq.scheme import QuantScheme
 _REGISTRY: dict[str, type[Calibrator]] = {}
 _NONFINITE = "calibration data contained NaN or Inf"
 _KL_EPS = 1e-10  # stands in for q = 0 where p > 0 in KL(P || Q)
+_HISTOGRAM_CHUNK = 1 << 22  # histogram: values binned per step
 _TIE = 1e-12  # scores this close to the minimum (relative for MSE, in nats for KL) are ties: summation order
 _KL_BLOCK = 256  # entropy: candidate thresholds per vectorized step (bounds memory to 256 x bins)
 
@@ -79,16 +80,17 @@ def histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
     check_tensor("x", x, dtypes=(*FLOAT_DTYPES, torch.float64), contiguous=False)
     lo, hi = _check_range(lo, hi)
     check_int("bins", bins, lo=1)
-    values = x.detach().reshape(-1).to(torch.float64)
+    values = x.detach().reshape(-1)
     if not bool(torch.isfinite(values).all()):
         raise ValueError(f"{_NONFINITE}: the tensor passed to histogram has NaN or Inf values")
+    counts = torch.zeros(bins, dtype=torch.int64, device=values.device)
     if lo == hi:
-        counts = torch.zeros(bins, dtype=torch.float64, device=values.device)
         counts[0] = values.numel()
-        return counts
+        return counts.to(torch.float64)
     edges = lo + torch.arange(1, bins, dtype=torch.float64, device=values.device) * ((hi - lo) / bins)
-    index = torch.bucketize(values, edges, right=True)
-    return torch.bincount(index, minlength=bins).to(torch.float64)
+    for chunk in values.split(_HISTOGRAM_CHUNK):  # bounds the float64 copy and the bin indices
+        counts += torch.bincount(torch.bucketize(chunk.to(torch.float64), edges, right=True), minlength=bins)
+    return counts.to(torch.float64)
 
 
 class Calibrator(ABC):
@@ -314,6 +316,8 @@ class Entropy(_HistogramCalibrator):
         elif lo < 0:
             levels //= 2
         hist, start = (counts, lo) if lo >= 0 else _fold(counts, lo, hi)
+        if lo == 0 and hist.numel() > 1:  # the spike of exact zeros of ReLU outputs (pytorch-quantization)
+            hist = torch.cat((hist[1:2], hist[1:]))
         if hist.numel() <= levels:
             return lo, hi
         sizes = torch.arange(levels, hist.numel() + 1)
