@@ -123,7 +123,8 @@ def torchao_lenet(ref: float) -> list[dict]:
         acc = accuracy(prepared.eval(), x[ev], y[ev])
         rows.append(_row("torchao", "LeNet-5 (Linear only)", "gradq PTQ (static act.)", acc, ref,
                          _weight_bytes(prepared)[1], time.perf_counter() - start, config=label, calibrator="minmax"))
-        _log(f"  torchao vs gradq, Linear layers only, {label}: {rows[-2]['accuracy']:.2f}% vs {rows[-1]['accuracy']:.2f}%")
+        ao_acc, our_acc = rows[-2]["accuracy"], rows[-1]["accuracy"]
+        _log(f"  torchao vs gradq, Linear layers only, {label}: {ao_acc:.2f}% vs {our_acc:.2f}%")
     return rows
 
 
