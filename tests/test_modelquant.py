@@ -244,3 +244,21 @@ def test_eval_skips_requantizing_integer_outputs_only_because_it_is_exact():
     for q in quants:
         q.gridded_in_eval = False
     assert torch.equal(prepared(x), fast)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_lsq_weights_forward_the_value_eval_computes_and_train_their_steps(granularity):
+    from gradq.modelquant.weights import WeightQuantizer
+
+    torch.manual_seed(3)
+    w = torch.randn(5, 3, 2, 2).requires_grad_()
+    scheme = {"tensor": QuantScheme.uniform(4), "channel": weight_scheme(4), "group": weight_scheme(4, 6)}[granularity]
+    wq = WeightQuantizer(scheme, "minmax", w.shape, learn=True)
+    wq.init_step(w)
+    with torch.no_grad():
+        wq.step.mul_(0.7)  # clip some weights, so both gradient branches occur
+    out = wq(w)
+    assert torch.equal(out.detach(), wq.dequantized(w))
+    out.pow(2).sum().backward()
+    assert wq.step.grad is not None and bool((wq.step.grad != 0).all())
+    assert bool((w.grad == 0).any()) and bool((w.grad != 0).any())

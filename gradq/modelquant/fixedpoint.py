@@ -39,5 +39,6 @@ def requantize(
     view = [1] * acc.dim()
     view[channel_dim] = -1
     m, n = mult.view(view), shift.view(view)
-    v = (acc * m + (torch.ones_like(n) << (n - 1))) >> n
-    return (v + zero_point).clamp(lo, hi)
+    v = acc * m  # a new tensor: the rest runs in place
+    v.add_(torch.ones_like(n) << (n - 1)).bitwise_right_shift_(n)
+    return v.add_(zero_point).clamp_(lo, hi)
