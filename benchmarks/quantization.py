@@ -268,13 +268,13 @@ def ddp_qat(model: nn.Module, ref: float, args: argparse.Namespace) -> list[dict
 
 
 def table(rows: list[dict], title: str) -> str:
-    head = f"{'model':26s} {'method':36s} {'config':12s} {'calibrator':15s} {'acc %':>7s} {'vs fp32':>8s} {'bytes':>10s}"
+    head = f"{'model':26s} {'method':36s} {'config':12s} {'calibrator':15s} {'acc %':>7s} {'vs fp32':>8s} {'bytes':>9s}"
     lines = [title, head, "-" * len(head)]
     for r in rows:
         nbytes = f"{r['weight_bytes']:,}" if r["weight_bytes"] else "-"
         lines.append(
             f"{r['model']:26s} {r['method']:36s} {r.get('config', ''):12s} {r.get('calibrator', ''):15s} "
-            f"{r['accuracy']:7.2f} {r['delta']:+8.2f} {nbytes:>10}"
+            f"{r['accuracy']:7.2f} {r['delta']:+8.2f} {nbytes:>9}"
         )
     return "\n".join(lines)
 
