@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(VENV)/bin/mpirun --oversubscribe \
 	--mca btl_tcp_if_include lo -x GLOO_SOCKET_IFNAME=lo
 
-.PHONY: setup horovod bench demo test bench-kernels bench-ddp bench-cluster clean
+.PHONY: setup horovod bench demo test bench-kernels bench-ddp bench-cluster bench-quant clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ test: setup horovod
 
 bench-kernels: setup
 	$(PY) benchmarks/kernels.py --output benchmarks/results/kernels.json
+
+# Model quantization: LeNet-5 PTQ (every calibrator), Fashion-MNIST QAT, 4-rank DDP QAT + onebit, torchao.
+bench-quant: setup
+	$(PY) benchmarks/quantization.py --output benchmarks/results/quantization
 
 bench-ddp: setup
 	$(PY) benchmarks/ddp.py --output benchmarks/results/ddp

@@ -198,7 +198,7 @@ def _qat_rank(rank: int, world: int, workdir: str, state_path: str, hook: str | 
         dist.destroy_process_group()
 
 
-def qat_fmnist(args: argparse.Namespace) -> tuple[list[dict], float]:
+def qat_fmnist(args: argparse.Namespace, skip: set[str]) -> tuple[list[dict], float]:
     x, y = load_fashion_mnist(train=True)
     tx, ty = load_fashion_mnist(train=False)
     torch.manual_seed(0)
@@ -209,7 +209,7 @@ def qat_fmnist(args: argparse.Namespace) -> tuple[list[dict], float]:
     rows = [_row("qat", "FashionCNN", "fp32", ref, ref, _float_bytes(model), seconds, config="fp32")]
     qx, qy = x[: args.qat_train], y[: args.qat_train]
     calib = [x[i:i + 256] for i in range(0, 1024, 256)]
-    for label, config, factor, lr_factor in qat_configs():
+    for label, config, factor, lr_factor in [] if "qat" in skip else qat_configs():
         prepared = gradq.prepare(model.eval(), config)
         gradq.calibrate(prepared, calib, progress=False)
         ptq = accuracy(prepared.eval(), tx, ty)
@@ -219,10 +219,9 @@ def qat_fmnist(args: argparse.Namespace) -> tuple[list[dict], float]:
         rows.append(_row("qat", "FashionCNN", "gradq QAT", acc, ref, _weight_bytes(prepared)[1], seconds,
                          config=label, ptq_accuracy=100 * ptq, epochs=epochs))
         _log(f"  FashionCNN {label}: PTQ {100 * ptq:.2f}% -> QAT {100 * acc:.2f}% ({seconds:.0f} s)")
-    torchao_row = torchao_qat(model, qx, qy, tx, ty, ref, args)
-    if torchao_row:
-        rows.extend(torchao_row)
-    if args.ranks > 1:
+    if "torchao" not in skip:
+        rows.extend(torchao_qat(model, qx, qy, tx, ty, ref, args))
+    if args.ranks > 1 and "ddp" not in skip:
         rows.extend(ddp_qat(model, ref, args))
     return rows, ref
 
@@ -279,7 +278,8 @@ def table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
+def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
+    """(target, passed or None when its rows were not run, detail)."""
     def best(model: str, config: str, method: str = "gradq PTQ") -> dict:
         cands = [r for r in rows if r["model"] == model and r.get("config") == config and r["method"] == method]
         return max(cands, key=lambda r: r["accuracy"]) if cands else None
@@ -287,8 +287,8 @@ def targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     out = []
 
     def check(name: str, row: dict | None, bound: float, versus: dict | None = None) -> None:
-        if row is None or (versus is None and "delta" not in row):
-            out.append((name, False, "not run"))
+        if row is None:
+            out.append((name, None, "not run"))
             return
         delta = row["accuracy"] - versus["accuracy"] if versus else row["delta"]
         out.append((name, delta >= -bound, f"{delta:+.2f} points ({row.get('calibrator', '')})"))
@@ -346,11 +346,11 @@ def main() -> None:
     p.add_argument("--fp32-lr", type=float, default=0.05)
     p.add_argument("--qat-train", type=int, default=60000, help="Fashion-MNIST training images used for QAT")
     p.add_argument("--qat-epochs", type=int, default=2, help="QAT epochs (W2A2: twice as many)")
-    p.add_argument("--ddp-train", type=int, default=30000, help="images for the one-epoch 4-rank DDP QAT runs")
+    p.add_argument("--ddp-train", type=int, default=60000, help="images for the one-epoch 4-rank DDP QAT runs")
     p.add_argument("--qat-lr", type=float, default=0.01)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--ranks", type=int, default=4, help="DDP ranks for the QAT + onebit run (1: skip it)")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: ptq, torchao, qat")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: ptq, torchao, qat, ddp")
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     args.output.mkdir(parents=True, exist_ok=True)
@@ -366,9 +366,9 @@ def main() -> None:
         rows += ptq_rows
         if "torchao" not in skip:
             rows += torchao_lenet(ref)
-    if "qat" not in skip:
+    if not {"qat", "torchao", "ddp"} <= skip:
         _log("Part 2: FashionCNN QAT")
-        rows += qat_fmnist(args)[0]
+        rows += qat_fmnist(args, skip)[0]
     print()
     print(table([r for r in rows if r["part"] in ("ptq", "torchao")], "LeNet-5 on MNIST-5k (4,500 held-out digits)"))
     print()
@@ -376,7 +376,7 @@ def main() -> None:
     checks = targets(rows)
     print("\nTargets:")
     for name, ok, detail in checks:
-        print(f"  {'PASS' if ok else 'FAIL'}  {name}: {detail}")
+        print(f"  {'SKIP' if ok is None else 'PASS' if ok else 'FAIL'}  {name}: {detail}")
     elapsed = time.perf_counter() - start
     print(f"\n{elapsed / 60:.1f} min; JSON and plot in {args.output}/")
     result = {"rows": rows, "targets": [{"name": n, "pass": ok, "detail": d} for n, ok, d in checks],
