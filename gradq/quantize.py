@@ -263,6 +263,8 @@ def _bucket(scheme: QuantScheme, numel: int) -> int:
 def _sign_rows(x: torch.Tensor, scheme: QuantScheme) -> QTensor:
     """Sign code per channel or group: code 1 for x < 0, scale = fp32(float64 mean |x|) of each row."""
     gran = scheme.granularity
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x contains NaN or Inf; binary (sign) weights need finite values")
     rows = _to_rows(x.detach().to(torch.float32), gran)
     scale = rows.to(torch.float64).abs().mean(1).to(torch.float32) if rows.shape[1] else rows.new_zeros(len(rows))
     codes = _from_rows((rows < 0).to(torch.uint8), x.shape, gran)

@@ -262,3 +262,48 @@ def test_lsq_weights_forward_the_value_eval_computes_and_train_their_steps(granu
     out.pow(2).sum().backward()
     assert wq.step.grad is not None and bool((wq.step.grad != 0).all())
     assert bool((w.grad == 0).any()) and bool((w.grad != 0).any())
+
+
+def test_a_module_called_twice_is_refused_by_name():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.fc(x)))
+
+    with pytest.raises(ValueError, match=r"\['fc'\] are called more than once"):
+        gradq.prepare(Twice())
+    with pytest.warns(UserWarning, match="found no Linear"):
+        left_float = gradq.prepare(Twice(), QuantConfig().override("fc", None))
+    assert isinstance(left_float.get_submodule("fc"), nn.Linear)
+
+
+def test_qat_moving_average_starts_from_the_calibrated_range():
+    torch.manual_seed(0)
+    data = [torch.randn(8, 1, 16, 16) for _ in range(4)]
+    data[0][0, 0, 0, 0] = 80.0  # one outlier that the percentile calibrator clips
+    config = QuantConfig(calibrator="percentile", calibrator_options=(("percentile", 99.0),))
+    prepared = gradq.calibrate(gradq.prepare(Net(), config), data, progress=False)
+    q = prepared.get_submodule("conv1").input_quant
+    lo, hi = float(q.ema_lo), float(q.ema_hi)
+    assert hi < 10 and torch.equal(q.scale, gradq.choose_qparams(torch.tensor([lo, hi]), q.scheme)[0])
+    batch = torch.randn(8, 1, 16, 16)
+    prepared.train()(batch)
+    assert abs(float(q.ema_hi) - (hi + 0.01 * (float(batch.max()) - hi))) < 1e-5
+
+
+def test_binary_channel_of_zeros_and_unbatched_conv_input_in_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight[1] = 0
+    prepared = gradq.calibrate(gradq.prepare(model, "w1a8"), [torch.randn(4, 2, 6, 6)], progress=False)
+    x = torch.randn(2, 2, 6, 6)
+    out = prepared.eval()(x)
+    so, zo = prepared.get_submodule("0").output_quant.qparams()
+    bias = prepared.get_submodule("0").bias[1]
+    expected = torch.clamp(torch.round(bias / so) + zo, min=zo, max=255) - zo  # channel 1 is its bias alone
+    assert torch.allclose(out[:, 1], (expected * so).expand_as(out[:, 1]), atol=float(so))
+    assert torch.equal(prepared(x[0]), out[0])  # an unbatched input gives the batched result

@@ -114,4 +114,26 @@ def test_qat_with_the_onebit_gradient_hook_keeps_ranks_identical():
 
 def test_reductions_are_no_ops_outside_a_job():
     assert not dist.is_initialized()
-    assert gradq.modelquant.distributed.reduce_range((1.0, 2.0)) == (1.0, 2.0)
+    assert gradq.modelquant.distributed.reduce_range(1.0, 2.0, "q") == (1.0, 2.0)
+
+
+def _one_rank_fails(rank: int, world: int, _workdir, how: str) -> str:
+    prepared = gradq.prepare(_model(), QuantConfig(calibrator="mse"))
+    batches = _batches(rank)
+    if rank == 1 and how == "nan":
+        batches[2][0, 0, 0, 0] = float("nan")
+    if rank == 1 and how == "empty":
+        batches = []
+    try:
+        gradq.calibrate(prepared, batches, progress=False)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("how", ["nan", "empty"])
+def test_a_problem_on_one_rank_raises_on_every_rank_instead_of_hanging(how):
+    messages = distributed.run(_one_rank_fails, 3, how)
+    assert "no error" not in messages
+    word = {"nan": "NaN", "empty": "no batch"}[how]
+    assert word in messages[1] and all("rank" in m or word in m for m in messages)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from gradq.modelquant import distributed
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
 
@@ -78,7 +79,7 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
     if not quants:
         raise ValueError("this model has no activation quantizers (weight-only config): there is nothing to calibrate")
     needs_histogram = any(q.needs_histogram for q in quants)
-    if needs_histogram and iter(batches) is batches:
+    if needs_histogram and isinstance(batches, Iterator):
         raise TypeError(
             "this calibrator makes two passes over the batches: pass a list or a DataLoader, not an iterator"
         )
@@ -88,8 +89,9 @@ def calibrate(model: nn.Module, batches: Iterable, *, progress: bool = True) -> 
         for q in quants:
             q.begin_calibration()
         with _phase(model, "minmax"):
-            if _run(model, batches, "calibrate (min/max)", progress) == 0:
-                raise ValueError("calibrate got no batches: pass at least one batch of representative inputs")
+            count = _run(model, batches, "calibrate (min/max)", progress)
+        if count == 0 and not distributed.active():  # in a job, every rank raises together in finish_minmax
+            raise ValueError("calibrate got no batches: pass at least one batch of representative inputs")
         for q in quants:
             q.finish_minmax()
         if needs_histogram:

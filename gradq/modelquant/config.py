@@ -66,6 +66,10 @@ class QuantConfig:
                 raise ValueError("weights use rounding='nearest' and PerTensor, PerAxis(0) or PerGroup(g)")
             if isinstance(w.granularity, PerAxis) and w.granularity.axis != 0:
                 raise ValueError("per-channel weights are PerAxis(0) (the output channel)")
+            if isinstance(w.granularity, PerGroup) and w.granularity.axis not in (1, -1):
+                raise ValueError("weight groups run along the reduction axis: use PerGroup(g) (axis 1 or -1)")
+            if w.codebook == "uniform" and w.scale_from != "minmax":
+                raise ValueError("weight scales come from weight_range ('minmax' or 'mse'): use scale_from='minmax'")
         if a is not None:
             if not isinstance(a, QuantScheme):
                 raise TypeError(f"activation must be a QuantScheme or None, got {type(a).__name__}")

@@ -55,4 +55,4 @@ def learned_fake_quantize(
         raise ValueError(f"rule must be 'lsq' or 'pact', got {rule!r}")
     per_step = x.numel() // max(step.numel(), 1)
     grad_scale = 1.0 if rule == "pact" else 1.0 / (per_step * max(qmax, 1)) ** 0.5
-    return _LearnedStep.apply(x, step, zero_point, qmin, qmax, grad_scale, rule == "pact")
+    return _LearnedStep.apply(x, step, zero_point, qmin, qmax, grad_scale, rule == "pact").to(x.dtype)

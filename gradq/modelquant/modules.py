@@ -2,8 +2,9 @@
 
 ``train()``: the float straight-through path (fake-quantized weights, float op, float bias, ReLU); the
 output quantizer that follows the layer in the graph fake-quantizes the result. ``eval()`` with weights
-and activations quantized: exactly the integer arithmetic of docs/integer.md, emulated with float64
-(exact for integers below 2**53) and int64 tensors. Weight-only layers compute with the dequantized weight.
+and activations quantized: exactly the integer arithmetic of docs/integer.md, emulated with im2col, a
+float GEMM of integer values that it represents exactly (fp32 when every partial sum is below 2**24, else
+fp64) and int64 tensors. Weight-only layers compute with the dequantized weight.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class QuantLayer(nn.Module):
         wi, sw = self.weight_quant.integer(self.weight)
         s_in_w = sx.double() * sw.double()
         if self.bias is None:
-            bq = torch.zeros(len(sw), dtype=torch.int64)
+            bq = torch.zeros(len(sw), dtype=torch.int64, device=sw.device)
         else:
             bq = torch.round(self.bias.detach().double() / s_in_w).to(torch.int64)
         scheme_in, scheme_out = self.input_quantizer.scheme, self.output_quant.scheme
@@ -143,7 +144,10 @@ class QuantLayer(nn.Module):
                 f"{self.name}: the int32 accumulator could overflow (bound {bound} > 2**31 - 1); use fewer "
                 "weight bits per group, per-channel weights, or smaller activation bits for this layer"
             )
-        mult, shift = quantize_multiplier(s_in_w / so.double())
+        try:
+            mult, shift = quantize_multiplier(s_in_w / so.double())
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from exc
         lo = max(scheme_out.qmin, zo) if self.relu else scheme_out.qmin
         return {"Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx, "zx": zx, "so": so, "zo": zo,
                 "lo": lo, "hi": scheme_out.qmax, "bound": bound}
@@ -173,6 +177,8 @@ class QuantLayer(nn.Module):
         return acc.reshape(n, w.shape[0], *(out_hw if two_d else out_hw[1:])).to(torch.int64)
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != "linear" and x.dim() == self.weight.dim() - 1:  # an unbatched convolution input
+            return self._integer_forward(x.unsqueeze(0)).squeeze(0)
         p = self.integer_parameters()
         xi = self.input_quantizer.codes(x) - p["zx"]
         acc = self._accumulate(xi, p["Wi"], p["bound"])

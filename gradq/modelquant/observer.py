@@ -12,6 +12,8 @@ layer, and the input of a layer whose input does not already come from one. Its 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -46,6 +48,7 @@ class ActQuant(nn.Module):
         self.gridded_in_eval = False  # set by an integer layer whose output this is: eval() passes x through
         self._batch_ranges: list[tuple[float, float]] = []
         self._counts: torch.Tensor | None = None
+        self._error: str | None = None  # raised on every rank at the next reduction, not on this one alone
 
     @property
     def needs_histogram(self) -> bool:
@@ -79,11 +82,12 @@ class ActQuant(nn.Module):
 
     def begin_calibration(self) -> None:
         """Forget earlier batch ranges and histograms (the calibrated parameters stay until finish)."""
-        self._batch_ranges, self._counts = [], None
+        self._batch_ranges, self._counts, self._error = [], None, None
 
     def finish_minmax(self) -> None:
         """End pass 1: reduce the batch ranges across ranks, set lo/hi and their moving averages."""
-        ranges = distributed.reduce_batch_ranges(torch.tensor(self._batch_ranges, dtype=torch.float64), self.name)
+        ranges = torch.tensor(self._batch_ranges, dtype=torch.float64).reshape(-1, 2)
+        ranges = distributed.reduce_batch_ranges(ranges, self.name, self._error)
         lo, hi = ranges[:, 0], ranges[:, 1]
         ema_lo, ema_hi = float(lo[0]), float(hi[0])
         for b_lo, b_hi in zip(lo[1:].tolist(), hi[1:].tolist(), strict=True):
@@ -98,39 +102,46 @@ class ActQuant(nn.Module):
         """End calibration: sum histograms across ranks and fix (scale, zero point) from the calibrator."""
         counts = None
         if self.needs_histogram:
-            counts = distributed.sum_counts(self._counts)
+            counts = distributed.sum_counts(self._counts, self._error)
         stats = CalibrationStats(
             float(self.lo), float(self.hi), float(self.ema_lo), float(self.ema_hi), counts
         )
         self.calibrated.fill_(False)
-        self._set_range(*self._calibrator.range(stats, self.scheme))
-        self._batch_ranges, self._counts = [], None
+        lo, hi = self._calibrator.range(stats, self.scheme)
+        self._set_range(lo, hi)
+        self.ema_lo.fill_(lo)  # QAT's moving average starts from the calibrated range
+        self.ema_hi.fill_(hi)
+        self._batch_ranges, self._counts, self._error = [], None, None
 
     def _observe_training(self, x: torch.Tensor) -> None:
-        lo, hi = distributed.reduce_range(_finite_range(x, self.name))
+        lo, hi = distributed.reduce_range(*_range(x), self.name)
         if not bool(self.calibrated):
             self.ema_lo.fill_(lo)
             self.ema_hi.fill_(hi)
         else:
             self.ema_lo.add_(EMA_MOMENTUM * (lo - float(self.ema_lo)))
             self.ema_hi.add_(EMA_MOMENTUM * (hi - float(self.ema_hi)))
-        self.lo.fill_(min(float(self.lo), lo))
-        self.hi.fill_(max(float(self.hi), hi))
-        first = not bool(self.calibrated)
         self._set_range(float(self.ema_lo), float(self.ema_hi))
-        if first and self.step is not None:
-            with torch.no_grad():
-                self.step.copy_(self.scale)
+
+    def _record(self, error: str) -> None:
+        self._error = self._error or f"activation quantizer {self.name!r}: {error}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.phase == "minmax":
-            self._batch_ranges.append(_finite_range(x, self.name))
+            lo, hi = _range(x)
+            if math.isfinite(lo) and math.isfinite(hi):
+                self._batch_ranges.append((lo, hi))
+            else:
+                self._record("saw NaN or Inf (or an empty tensor); calibration needs finite activations")
             return x
         if self.phase == "histogram":
-            if not self.needs_histogram:
-                return x
-            counts = histogram(x.detach(), float(self.lo), float(self.hi), HISTOGRAM_BINS)
-            self._counts = counts if self._counts is None else self._counts + counts
+            if self.needs_histogram and self._error is None:
+                try:
+                    counts = histogram(x.detach(), float(self.lo), float(self.hi), HISTOGRAM_BINS)
+                except ValueError as exc:
+                    self._record(str(exc))
+                    return x
+                self._counts = counts if self._counts is None else self._counts + counts
             return x
         if self.training and (self.step is None or not bool(self.calibrated)):
             self._observe_training(x)
@@ -140,7 +151,7 @@ class ActQuant(nn.Module):
         scale, zp = self.qparams()
         if not self.training and self.gridded_in_eval:
             return x  # already s * (q - z): quantizing again would give back the same codes (docs/integer.md)
-        zero_point = torch.tensor(zp, dtype=torch.int32) if self.scheme.has_zero_point else None
+        zero_point = self.zero_point if self.scheme.has_zero_point else None
         if self.training:
             return fake_quantize(x, self.scheme, scale=scale.detach(), zero_point=zero_point)
         with torch.no_grad():
@@ -149,18 +160,17 @@ class ActQuant(nn.Module):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (int64) of ``x`` under the parameters in force, as ``gradq.quantize`` computes them."""
-        scale, zp = self.qparams()
-        zero_point = torch.tensor(zp, dtype=torch.int32) if self.scheme.has_zero_point else None
+        scale, _ = self.qparams()
+        zero_point = self.zero_point if self.scheme.has_zero_point else None
         return quantize(x.detach(), self.scheme, scale=scale, zero_point=zero_point).codes.to(torch.int64)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.scheme.bits}-bit, calibrator={self.calibrator}, learn={self.learn}"
 
 
-def _finite_range(x: torch.Tensor, name: str) -> tuple[float, float]:
-    if x.numel() == 0:
-        raise ValueError(f"activation quantizer {name!r} saw an empty tensor")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"activation quantizer {name!r} saw NaN or Inf; calibration and QAT need finite activations")
+def _range(x: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of ``x``; NaN for an empty tensor or one holding NaN (inf stays inf): callers check."""
     x = x.detach()
+    if x.numel() == 0 or bool(torch.isnan(x).any()):
+        return math.nan, math.nan
     return float(x.min()), float(x.max())

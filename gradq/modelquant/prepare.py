@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ _BATCHNORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 _RELU_FUNCTIONS = {F.relu, torch.relu}
 # Operations that map values on a quantization grid to values on the same grid (eval mode).
 _GRID_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-_GRID_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout, operator.getitem}
+_GRID_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout}
 _GRID_METHODS = {"view", "reshape", "flatten", "relu", "contiguous", "squeeze", "unsqueeze"}
 
 
@@ -76,7 +75,7 @@ def _preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         return isinstance(modules[node.target], _GRID_MODULES)
     if node.op == "call_function":
-        return node.target in _GRID_FUNCTIONS and node.target is not operator.getitem
+        return node.target in _GRID_FUNCTIONS
     return node.op == "call_method" and node.target in _GRID_METHODS
 
 
@@ -106,6 +105,13 @@ def _trace(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
 def _fuse(gm: fx.GraphModule, config: QuantConfig, floats: list[FloatEntry]) -> list[fx.Node]:
     """Swap each quantizable layer (with its BatchNorm and ReLU) for a QuantLayer; its nodes, in order."""
     modules = dict(gm.named_modules())
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module" and type(modules[n.target]) in KINDS]
+    reused = sorted({t for t in calls if calls.count(t) > 1 and config.for_module(t)[0] is not None})
+    if reused:
+        raise ValueError(
+            f"gradq.prepare: module(s) {reused} are called more than once in forward; each call needs its own "
+            "quantizers: use a separate module per call, or leave them in float with config.override(name, None)"
+        )
     layers = []
     for node in list(gm.graph.nodes):
         if node.op != "call_module" or type(modules[node.target]) not in KINDS:

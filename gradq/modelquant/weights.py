@@ -92,7 +92,6 @@ class WeightQuantizer(nn.Module):
                 f"PerGroup({gran.group_size}) needs the reduction length ({reduction}) to be a multiple of it; "
                 "choose a group size that divides it, or per-channel weights for this layer"
             )
-        self.reduction = reduction
         groups = reduction // gran.group_size if isinstance(gran, PerGroup) else 1
         shape = (1, 1) if isinstance(gran, PerTensor) else (channels, groups)
         self.step = nn.Parameter(torch.ones(shape)) if learn else None
@@ -120,13 +119,16 @@ class WeightQuantizer(nn.Module):
         return scales.reshape(-1), None, scales
 
     def integer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,)."""
+        """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,). A channel
+        whose scale is 0 (binary weights that are all 0) becomes Wi = 0 with scale 1: the same zero weights."""
         w2 = self._2d(weight)
         sw, r, effective = self._effective(self._scales(w2))
         wi = _codes(w2, self.scheme, effective)
         if r is not None:
             wi = wi * r.repeat_interleave(self.scheme.granularity.group_size, dim=1)
-        return wi, sw.expand(w2.shape[0]).contiguous()
+        sw = sw.expand(w2.shape[0]).contiguous()
+        zero = sw == 0
+        return torch.where(zero.unsqueeze(1), 0, wi), torch.where(zero, torch.ones_like(sw), sw)
 
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
         """fp32(fp64(sw) * Wi) in ``weight``'s shape: the value every path (eval, convert) computes with."""
