@@ -39,6 +39,7 @@ from gradq.modelquant import (
     QuantReport,
     available_calibrators,
     calibrate,
+    convert,
     prepare,
     quant_report,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "QuantReport",
     "available_calibrators",
     "calibrate",
+    "convert",
     "prepare",
     "quant_report",
     "NoCompression",

@@ -1,7 +1,7 @@
 """Model quantization on the shared quantizer core: configure, prepare, calibrate (PTQ), train (QAT), report.
 
 Layers: ``config`` (what), ``weights``/``observer``/``learned``/``fixedpoint`` (how values are quantized),
-``modules`` (quantized layers), ``prepare``/``calibrate``/``report`` (the workflows).
+``modules`` (quantized layers), ``prepare``/``calibrate``/``report``/``convert`` (the workflows).
 """
 
 from gradq.modelquant.calibrate import calibrate
@@ -13,6 +13,7 @@ from gradq.modelquant.calibrators import (
     register_calibrator,
 )
 from gradq.modelquant.config import QuantConfig, activation_scheme, weight_scheme
+from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, QuantizeInput, convert
 from gradq.modelquant.learned import learned_fake_quantize
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
@@ -21,6 +22,11 @@ from gradq.modelquant.report import QuantReport, quant_report
 
 __all__ = [
     "ActQuant",
+    "CodeReLU",
+    "Dequantize",
+    "IntegerLayer",
+    "QuantizeInput",
+    "convert",
     "CalibrationStats",
     "Calibrator",
     "QuantConfig",

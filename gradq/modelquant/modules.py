@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradq.modelquant.config import QuantConfig
-from gradq.modelquant.fixedpoint import INT32_MAX, quantize_multiplier, requantize
+from gradq.modelquant.fixedpoint import INT32_MAX, quantize_multiplier
+from gradq.modelquant.integer_ops import integer_layer
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.weights import WeightQuantizer
 from gradq.scheme import PerAxis, PerGroup
@@ -152,41 +153,11 @@ class QuantLayer(nn.Module):
         return {"Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx, "zx": zx, "so": so, "zo": zo,
                 "lo": lo, "hi": scheme_out.qmax, "bound": bound}
 
-    def _accumulate(self, xi: torch.Tensor, wi: torch.Tensor, bound: int) -> torch.Tensor:
-        """acc = sum_k xi * Wi (int64) by im2col and a float GEMM that is exact: every partial sum is an
-        integer below ``bound``, so fp32 is exact under 2**24 (at full fp32 matmul precision), else fp64."""
-        exact32 = bound < 2**24 and torch.get_float32_matmul_precision() == "highest"
-        dtype = torch.float32 if exact32 else torch.float64
-        w = wi.to(dtype)
-        if self.kind == "linear":
-            return (xi.to(dtype) @ w.T).to(torch.int64)
-        args = self.conv_args
-        two_d = self.kind == "conv2d"
-        def pair(v: tuple, one: int) -> tuple:  # a Conv1d runs as a Conv2d of height 1
-            return tuple(v) if two_d else (one, v[0])
-
-        kernel = pair(self.weight.shape[2:], 1)
-        stride, padding, dilation = pair(args["stride"], 1), pair(args["padding"], 0), pair(args["dilation"], 1)
-        x4 = xi.to(dtype) if two_d else xi.to(dtype).unsqueeze(2)
-        cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)
-        groups, n = args["groups"], x4.shape[0]
-        out_hw = [
-            (x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
-        ]
-        acc = torch.matmul(w.view(groups, -1, w.shape[1]), cols.view(n, groups, w.shape[1], -1))
-        return acc.reshape(n, w.shape[0], *(out_hw if two_d else out_hw[1:])).to(torch.int64)
-
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind != "linear" and x.dim() == self.weight.dim() - 1:  # an unbatched convolution input
             return self._integer_forward(x.unsqueeze(0)).squeeze(0)
         p = self.integer_parameters()
-        xi = self.input_quantizer.codes(x) - p["zx"]
-        acc = self._accumulate(xi, p["Wi"], p["bound"])
-        channel_dim = -1 if self.kind == "linear" else 1
-        view = [1] * acc.dim()
-        view[channel_dim] = -1
-        acc = acc + p["bq"].view(view)
-        codes = requantize(acc, p["M"], p["n"], p["zo"], p["lo"], p["hi"], channel_dim)
+        codes = integer_layer(self.input_quantizer.codes(x), p, self.kind, self.conv_args, self.weight.shape)
         return (codes - p["zo"]).to(torch.float32) * p["so"]
 
     def weight_nbytes(self) -> tuple[int, int]:

@@ -118,17 +118,21 @@ class WeightQuantizer(nn.Module):
             return top / SUB_SCALE_MAX, r, effective
         return scales.reshape(-1), None, scales
 
-    def integer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,). A channel
-        whose scale is 0 (binary weights that are all 0) becomes Wi = 0 with scale 1: the same zero weights."""
+    def stored(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """What the integer model stores: codes q (C, K) int64 (sign: +1/-1), 8-bit sub-scales r (C, G) int64
+        or None, scales sw fp32 (C,), and the mask (C,) of channels whose scale was 0 (binary weights that
+        are all 0), which compute as Wi = 0 with scale 1: the same zero weights."""
         w2 = self._2d(weight)
         sw, r, effective = self._effective(self._scales(w2))
-        wi = _codes(w2, self.scheme, effective)
-        if r is not None:
-            wi = wi * r.repeat_interleave(self.scheme.granularity.group_size, dim=1)
+        q = _codes(w2, self.scheme, effective)
         sw = sw.expand(w2.shape[0]).contiguous()
         zero = sw == 0
-        return torch.where(zero.unsqueeze(1), 0, wi), torch.where(zero, torch.ones_like(sw), sw)
+        return q, r, torch.where(zero, torch.ones_like(sw), sw), zero
+
+    def integer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,)."""
+        q, r, sw, zero = self.stored(weight)
+        return integer_weights(q, r, zero, self.scheme), sw
 
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
         """fp32(fp64(sw) * Wi) in ``weight``'s shape: the value every path (eval, convert) computes with."""
@@ -161,3 +165,9 @@ class WeightQuantizer(nn.Module):
         inside = (blocks.abs() / effective.unsqueeze(-1)).round() <= self.scheme.qmax
         mask = inside.reshape(weight.shape).to(weight.dtype)
         return value + (weight - weight.detach()) * mask
+
+
+def integer_weights(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Wi (C, K) int64 from stored codes, sub-scales and zero-channel mask (docs/integer.md, section 2)."""
+    wi = q if r is None else q * r.repeat_interleave(scheme.granularity.group_size, dim=1)
+    return torch.where(zero.unsqueeze(1), 0, wi)

@@ -1,0 +1,55 @@
+"""The integer layer of docs/integer.md, section 3, on code tensors: shared by the prepared model's eval()
+and the converted integer model, so both compute the same integers by construction."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gradq.modelquant.fixedpoint import requantize
+
+
+def accumulate(
+    xi: torch.Tensor, wi: torch.Tensor, kind: str, conv_args: dict, weight_shape: torch.Size, bound: int
+) -> torch.Tensor:
+    """acc = sum_k xi * Wi (int64) by im2col and a float GEMM that is exact: every partial sum is an integer
+    below ``bound``, so fp32 is exact under 2**24 (at full fp32 matmul precision), else fp64.
+
+    ``xi``: input codes minus the zero point, (N, K) for Linear or (N, C, *spatial) for convolutions;
+    ``wi``: (C_out, K) integer weights; ``kind``: linear, conv1d or conv2d with ``conv_args``.
+    """
+    exact32 = bound < 2**24 and torch.get_float32_matmul_precision() == "highest"
+    dtype = torch.float32 if exact32 else torch.float64
+    w = wi.to(dtype)
+    if kind == "linear":
+        return (xi.to(dtype) @ w.T).to(torch.int64)
+    two_d = kind == "conv2d"
+
+    def pair(v: tuple, one: int) -> tuple:  # a Conv1d runs as a Conv2d of height 1
+        return tuple(v) if two_d else (one, v[0])
+
+    kernel = pair(weight_shape[2:], 1)
+    stride = pair(conv_args["stride"], 1)
+    padding, dilation = pair(conv_args["padding"], 0), pair(conv_args["dilation"], 1)
+    x4 = xi.to(dtype) if two_d else xi.to(dtype).unsqueeze(2)
+    cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)
+    groups, n = conv_args["groups"], x4.shape[0]
+    out_hw = [
+        (x4.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(2)
+    ]
+    acc = torch.matmul(w.view(groups, -1, w.shape[1]), cols.view(n, groups, w.shape[1], -1))
+    return acc.reshape(n, w.shape[0], *(out_hw if two_d else out_hw[1:])).to(torch.int64)
+
+
+def integer_layer(
+    codes: torch.Tensor, p: dict, kind: str, conv_args: dict, weight_shape: torch.Size
+) -> torch.Tensor:
+    """Output codes (int64) of the integer layer with parameters ``p`` (``QuantLayer.integer_parameters``)
+    for input ``codes`` (any integer dtype, the input quantizer's codes)."""
+    xi = codes.to(torch.int64) - p["zx"]
+    acc = accumulate(xi, p["Wi"], kind, conv_args, weight_shape, p["bound"])
+    channel_dim = -1 if kind == "linear" else 1
+    view = [1] * acc.dim()
+    view[channel_dim] = -1
+    acc = acc + p["bq"].view(view)
+    return requantize(acc, p["M"], p["n"], p["zo"], p["lo"], p["hi"], channel_dim)

@@ -1,0 +1,126 @@
+"""gradq.convert: the integer model equals the prepared model's eval() bit for bit, runs on codes, stores
+packed weights; on random models and on the pretrained LeNet-5 with real MNIST digits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradq
+from benchmarks.quant_data import load_lenet5, load_mnist5k, mnist5k_split
+from gradq.modelquant import ActQuant, IntegerLayer, QuantConfig, QuantLayer
+from tests.test_modelquant import Net, _data
+
+
+def _converted(model: nn.Module, config, batches):
+    prepared = gradq.calibrate(gradq.prepare(model, config), batches, progress=False).eval()
+    return prepared, gradq.convert(prepared)
+
+
+CONFIGS = {
+    "w8a8": QuantConfig.preset("w8a8"),
+    "w4a8": QuantConfig.preset("w4a8"),
+    "w4a4-mse": QuantConfig.preset("w4a4", calibrator="mse"),
+    "w2a8-g8": QuantConfig.preset("w2a8", group_size=8),
+    "w1a8": QuantConfig.preset("w1a8"),
+    "mixed": QuantConfig.preset("w4a4").override("conv1", QuantConfig.preset("w8a8")),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_convert_equals_eval_and_runs_on_codes(name):
+    torch.manual_seed(0)
+    prepared, converted = _converted(Net().eval(), CONFIGS[name], _data())
+    x = _data(2, seed=7)
+    seen = []
+    for m in converted.modules():
+        if isinstance(m, IntegerLayer):
+            m.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
+    for batch in x:
+        assert torch.equal(converted(batch), prepared(batch))
+    assert seen and all(i in (torch.uint8, torch.int8) and o in (torch.uint8, torch.int8) for i, o in seen)
+    assert not any(isinstance(m, (QuantLayer, ActQuant)) for m in converted.modules())
+    for layer in (m for m in prepared.modules() if isinstance(m, QuantLayer)):
+        integer = converted.get_submodule(layer.name)
+        bits = layer.weight_quant.scheme.bits
+        assert integer.packed_weight.numel() == math.ceil(layer.weight.numel() * bits / 8)
+        assert torch.equal(integer.integer_weights(), layer.weight_quant.integer(layer.weight)[0])
+
+
+class Branchy(nn.Module):
+    """A residual add and a sigmoid (float between dequantize/quantize), a weight-only layer, a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv1d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6 * 12, 5)
+        self.tail = nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        y = y + torch.sigmoid(self.c2(y))
+        y = self.head(torch.flatten(y, 1))
+        return self.tail(y)
+
+
+def test_convert_brackets_float_operations_and_keeps_weight_only_layers():
+    torch.manual_seed(1)
+    config = QuantConfig.preset("w4a8").override("tail", QuantConfig.preset("w8"))
+    batches = [torch.randn(5, 3, 12) for _ in range(3)]
+    prepared, converted = _converted(Branchy(), config, batches)
+    x = torch.randn(7, 3, 12)
+    assert torch.equal(converted(x), prepared(x))
+    assert isinstance(converted.get_submodule("tail"), QuantLayer)  # weight-only: float compute
+    assert isinstance(converted.get_submodule("c2"), IntegerLayer)
+    code = converted.code
+    assert "sigmoid" in code and "dequantize" in code and "quantize" in code
+
+
+def test_convert_after_qat_with_lsq():
+    torch.manual_seed(2)
+    prepared = gradq.calibrate(gradq.prepare(Net(), QuantConfig.preset("w4a4", learn="lsq")), _data(),
+                               progress=False)
+    opt = torch.optim.SGD(prepared.parameters(), lr=0.05)
+    prepared.train()
+    for x in _data(3, seed=5):
+        loss = prepared(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prepared.eval()
+    converted = gradq.convert(prepared)
+    x = _data(1, seed=11)[0]
+    assert torch.equal(converted(x), prepared(x))
+
+
+@pytest.mark.parametrize("preset,group", [("w8a8", None), ("w4a8", None), ("w2a8", 8)])
+def test_lenet5_converted_equals_eval_on_real_digits(preset, group):
+    x, y = load_mnist5k()
+    cal, ev = mnist5k_split(y)
+    model = load_lenet5()
+    prepared, converted = _converted(model, QuantConfig.preset(preset, group_size=group), [x[cal][:250], x[cal][250:]])
+    sample = x[ev][::9]  # 500 digits, every class
+    out_prepared, out_converted = prepared(sample), converted(sample)
+    assert torch.equal(out_converted, out_prepared)
+    agree = (out_converted.argmax(1) == model(sample).argmax(1)).float().mean().item()
+    assert agree > 0.97, agree  # and it is still LeNet-5
+
+
+def test_convert_errors():
+    with pytest.raises(ValueError, match="gradq.prepare"):
+        gradq.convert(Net())
+    with pytest.raises(RuntimeError, match="gradq.calibrate"):
+        gradq.convert(gradq.prepare(Net()))
+
+
+def test_relu_that_is_not_fused_runs_on_codes():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(4, 3, 2))
+    prepared, converted = _converted(model, "w8a8", [torch.randn(4, 2, 9, 9) for _ in range(2)])
+    relus = [m for m in converted.modules() if isinstance(m, gradq.modelquant.CodeReLU)]
+    assert len(relus) == 1 and relus[0].zero_point > 0  # the conv output is affine: ReLU is max(q, z)
+    x = torch.randn(3, 2, 9, 9)
+    assert torch.equal(converted(x), prepared(x))
