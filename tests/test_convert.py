@@ -10,12 +10,15 @@ from torch import nn
 
 import gradq
 from benchmarks.quant_data import load_lenet5, load_mnist5k, mnist5k_split
-from gradq.modelquant import ActQuant, IntegerLayer, QuantConfig, QuantLayer
+from gradq.modelquant import ActQuant, IntegerLayer, QuantConfig, QuantLayer, WeightOnlyLayer
 from tests.test_modelquant import Net, _data
 
 
 def _converted(model: nn.Module, config, batches):
-    prepared = gradq.calibrate(gradq.prepare(model, config), batches, progress=False).eval()
+    prepared = gradq.prepare(model, config)
+    if any(isinstance(m, ActQuant) for m in prepared.modules()):  # weight-only models need no calibration
+        gradq.calibrate(prepared, batches, progress=False)
+    prepared.eval()
     return prepared, gradq.convert(prepared)
 
 
@@ -26,6 +29,7 @@ CONFIGS = {
     "w2a8-g8": QuantConfig.preset("w2a8", group_size=8),
     "w1a8": QuantConfig.preset("w1a8"),
     "mixed": QuantConfig.preset("w4a4").override("conv1", QuantConfig.preset("w8a8")),
+    "w4-weight-only": QuantConfig.preset("w4"),
 }
 
 
@@ -40,13 +44,16 @@ def test_convert_equals_eval_and_runs_on_codes(name):
             m.register_forward_hook(lambda mod, inp, out: seen.append((inp[0].dtype, out.dtype)))
     for batch in x:
         assert torch.equal(converted(batch), prepared(batch))
-    assert seen and all(i in (torch.uint8, torch.int8) and o in (torch.uint8, torch.int8) for i, o in seen)
+    integer = CONFIGS[name].activation is not None
+    codes = (torch.uint8, torch.int8)
+    assert bool(seen) == integer and all(i in codes and o in codes for i, o in seen)
     assert not any(isinstance(m, (QuantLayer, ActQuant)) for m in converted.modules())
     for layer in (m for m in prepared.modules() if isinstance(m, QuantLayer)):
-        integer = converted.get_submodule(layer.name)
+        stored = converted.get_submodule(layer.name)
         bits = layer.weight_quant.scheme.bits
-        assert integer.packed_weight.numel() == math.ceil(layer.weight.numel() * bits / 8)
-        assert torch.equal(integer.integer_weights(), layer.weight_quant.integer(layer.weight)[0])
+        assert isinstance(stored, IntegerLayer if integer else WeightOnlyLayer)
+        assert stored.packed_weight.numel() == math.ceil(layer.weight.numel() * bits / 8)
+        assert torch.equal(stored.integer_weights(), layer.weight_quant.integer(layer.weight)[0])
 
 
 class Branchy(nn.Module):
@@ -73,7 +80,7 @@ def test_convert_brackets_float_operations_and_keeps_weight_only_layers():
     prepared, converted = _converted(Branchy(), config, batches)
     x = torch.randn(7, 3, 12)
     assert torch.equal(converted(x), prepared(x))
-    assert isinstance(converted.get_submodule("tail"), QuantLayer)  # weight-only: float compute
+    assert isinstance(converted.get_submodule("tail"), WeightOnlyLayer)  # packed weights, float compute
     assert isinstance(converted.get_submodule("c2"), IntegerLayer)
     code = converted.code
     assert "sigmoid" in code and "dequantize" in code and "quantize" in code

@@ -13,7 +13,7 @@ from gradq.modelquant.calibrators import (
     register_calibrator,
 )
 from gradq.modelquant.config import QuantConfig, activation_scheme, weight_scheme
-from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, QuantizeInput, convert
+from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, QuantizeInput, WeightOnlyLayer, convert
 from gradq.modelquant.learned import learned_fake_quantize
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
@@ -26,6 +26,7 @@ __all__ = [
     "Dequantize",
     "IntegerLayer",
     "QuantizeInput",
+    "WeightOnlyLayer",
     "convert",
     "CalibrationStats",
     "Calibrator",

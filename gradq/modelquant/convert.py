@@ -10,6 +10,7 @@ dequantizes where a float operation or the output needs real values.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import PreparedInfo
 from gradq.modelquant.weights import integer_weights
 from gradq.quantize import quantize
-from gradq.scheme import QuantScheme
+from gradq.scheme import PerGroup, QuantScheme
 
 _GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _GRID_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout}
@@ -66,38 +67,47 @@ class CodeReLU(nn.Module):
 
     def __init__(self, zero_point: int) -> None:
         super().__init__()
-        self.zero_point = zero_point
+        self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes.clamp(min=self.zero_point)
+        return codes.clamp(min=int(self.zero_point))
 
 
-class IntegerLayer(nn.Module):
-    """An integer Linear/Conv1d/Conv2d: codes in, codes out, parameters as docs/integer.md section 4."""
+class _PackedWeights(nn.Module):
+    """Weights stored as docs/integer.md section 2 says: codes packed at their width (sign: bit 1 is -1),
+    8-bit sub-scales per group, fp32 channel scales and the mask of all-zero channels."""
 
     def __init__(self, layer: QuantLayer) -> None:
         super().__init__()
-        p = layer.integer_parameters()
-        q, r, _, zero = layer.weight_quant.stored(layer.weight)
         scheme = layer.weight_quant.scheme
         self.kind, self.name, self.weight_scheme = layer.kind, layer.name, scheme
         self.weight_shape, self.conv_args = tuple(layer.weight.shape), dict(layer.conv_args)
-        self.out_dtype = _code_dtype(layer.output_quant.scheme)
-        field = (q < 0).to(torch.uint8) if scheme.codebook == "sign" else (q & (2**scheme.bits - 1)).to(torch.uint8)
-        self.register_buffer("packed_weight", pack_bits(field.reshape(-1).contiguous(), scheme.bits))
-        self.register_buffer("sub_scales", None if r is None else r.to(torch.uint8))
-        self.register_buffer("zero_channels", zero)
-        self.register_buffer("weight_scale", p["sw"].clone())
-        self.register_buffer("bias_q", p["bq"].to(torch.int32))
-        self.register_buffer("multiplier", p["M"].to(torch.int32))
-        self.register_buffer("shift", p["n"].to(torch.int8))
-        self.zx, self.zo, self.lo, self.hi, self.bound = p["zx"], p["zo"], p["lo"], p["hi"], p["bound"]
+        c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        groups = k // scheme.granularity.group_size if isinstance(scheme.granularity, PerGroup) else None
+        self.register_buffer("packed_weight", torch.zeros((c * k * scheme.bits + 7) // 8, dtype=torch.uint8))
+        self.register_buffer("sub_scales", None if groups is None else torch.zeros(c, groups, dtype=torch.uint8))
+        self.register_buffer("zero_channels", torch.zeros(c, dtype=torch.bool))
+        self.register_buffer("weight_scale", torch.zeros(c, dtype=torch.float32))
         self._wi: torch.Tensor | None = None
+
+    def _fill_weights(self, layer: QuantLayer) -> None:
+        q, r, sw, zero = layer.weight_quant.stored(layer.weight)
+        scheme = self.weight_scheme
+        field = (q < 0).to(torch.uint8) if scheme.codebook == "sign" else (q & (2**scheme.bits - 1)).to(torch.uint8)
+        self.packed_weight.copy_(pack_bits(field.reshape(-1).contiguous(), scheme.bits))
+        if r is not None:
+            self.sub_scales.copy_(r)
+        self.zero_channels.copy_(zero)
+        self.weight_scale.copy_(sw)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._wi = None  # new stored codes: unpack again
+        super()._load_from_state_dict(*args, **kwargs)
 
     def integer_weights(self) -> torch.Tensor:
         """Wi (C, K) int64 unpacked from the stored codes (cached after the first call)."""
         if self._wi is None:
-            c, k = self.weight_shape[0], int(torch.tensor(self.weight_shape[1:]).prod())
+            c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
             scheme = self.weight_scheme
             field = unpack_bits(self.packed_weight, scheme.bits, c * k).to(torch.int64).view(c, k)
             if scheme.codebook == "sign":
@@ -109,16 +119,57 @@ class IntegerLayer(nn.Module):
             self._wi = integer_weights(q, r, self.zero_channels, scheme)
         return self._wi
 
+
+class IntegerLayer(_PackedWeights):
+    """An integer Linear/Conv1d/Conv2d: codes in, codes out, parameters as docs/integer.md section 4."""
+
+    def __init__(self, layer: QuantLayer, with_values: bool = True) -> None:
+        super().__init__(layer)
+        c = self.weight_shape[0]
+        self.out_dtype = _code_dtype(layer.output_quant.scheme)
+        for name, dtype in (("bias_q", torch.int32), ("multiplier", torch.int32), ("shift", torch.int8)):
+            self.register_buffer(name, torch.zeros(c, dtype=dtype))
+        # zx, zo, the output clamp lo/hi and the accumulator bound, as one int64 tensor
+        self.register_buffer("integers", torch.zeros(5, dtype=torch.int64))
+        if with_values:
+            p = layer.integer_parameters()
+            self._fill_weights(layer)
+            self.bias_q.copy_(p["bq"])
+            self.multiplier.copy_(p["M"])
+            self.shift.copy_(p["n"])
+            self.integers.copy_(torch.tensor([p["zx"], p["zo"], p["lo"], p["hi"], p["bound"]]))
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if self.kind != "linear" and codes.dim() == len(self.weight_shape) - 1:
             return self.forward(codes.unsqueeze(0)).squeeze(0)
+        zx, zo, lo, hi, bound = self.integers.tolist()
         p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64), "M": self.multiplier.to(torch.int64),
-             "n": self.shift.to(torch.int64), "zx": self.zx, "zo": self.zo, "lo": self.lo, "hi": self.hi,
-             "bound": self.bound}
+             "n": self.shift.to(torch.int64), "zx": zx, "zo": zo, "lo": lo, "hi": hi, "bound": bound}
         return integer_layer(codes, p, self.kind, self.conv_args, self.weight_shape).to(self.out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.kind}, {self.weight_scheme.bits}-bit weights, {self.packed_weight.numel()} bytes"
+
+
+class WeightOnlyLayer(_PackedWeights):
+    """A weight-only quantized layer: packed weights, float compute with ``fp32(fp64(sw) * Wi)`` and the
+    float bias, ReLU if fused (as the prepared model's eval())."""
+
+    def __init__(self, layer: QuantLayer, with_values: bool = True) -> None:
+        super().__init__(layer)
+        self.relu = layer.relu
+        self.register_buffer("bias", None if layer.bias is None else torch.zeros_like(layer.bias.detach()))
+        if with_values:
+            self._fill_weights(layer)
+            if layer.bias is not None:
+                self.bias.copy_(layer.bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wi = self.integer_weights()
+        w = (self.weight_scale.to(torch.float64).unsqueeze(1) * wi.to(torch.float64)).to(torch.float32)
+        func = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}[self.kind]
+        y = func(x, w.view(self.weight_shape).to(x.dtype), self.bias, **self.conv_args)
+        return F.relu(y) if self.relu else y
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
@@ -145,10 +196,20 @@ def convert(prepared: nn.Module) -> fx.GraphModule:
     :class:`Dequantize` and the next :class:`QuantizeInput`. Its outputs equal ``prepared.eval()``'s bit
     for bit. Raises ValueError for an unprepared or uncalibrated model.
     """
+    return build_integer_model(prepared, with_values=True)
+
+
+def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModule:
+    """:func:`convert`; ``with_values=False`` builds the same modules with zeroed parameters, for loading a
+    saved integer model's state into (no calibration needed)."""
     quant_layers(prepared)
     if not isinstance(prepared, fx.GraphModule):
         raise ValueError("convert takes the model returned by gradq.prepare")
     gm = copy.deepcopy(prepared).eval()
+
+    def qparams(q: ActQuant) -> tuple[torch.Tensor, int]:
+        return q.qparams() if with_values else (torch.tensor(1.0), 0)
+
     modules = dict(gm.named_modules())
     graph = gm.graph
     codes: dict[fx.Node, ActQuant] = {}  # nodes whose value is a code tensor -> the quantizer of its grid
@@ -165,7 +226,7 @@ def convert(prepared: nn.Module) -> fx.GraphModule:
         if isinstance(arg, fx.Node) and arg in codes:
             q = codes[arg]
             with graph.inserting_before(user):
-                return graph.call_module(add(Dequantize(*q.qparams()), "dequantize"), (arg,))
+                return graph.call_module(add(Dequantize(*qparams(q)), "dequantize"), (arg,))
         return arg
 
     for node in list(graph.nodes):
@@ -177,19 +238,22 @@ def convert(prepared: nn.Module) -> fx.GraphModule:
                 graph.erase_node(node)
                 continue
             node.args = (dequantized(source, node),)  # codes of another grid are requantized through float
-            scale, zp = target.qparams()
+            scale, zp = qparams(target)
             new = add(QuantizeInput(target.scheme, scale, zp), "quantize")
             node.target = new
             codes[node] = target
+        elif isinstance(target, QuantLayer) and target.weight_quant is not None and not target.integer:
+            node.args = fx.node.map_arg(node.args, lambda a, user=node: dequantized(a, user))
+            gm.add_submodule(node.target, WeightOnlyLayer(target, with_values))
         elif isinstance(target, QuantLayer) and target.integer:
             if node.args[0] not in codes:
                 raise ValueError(f"{target.name}: its input is not quantized; convert needs a model from gradq.prepare")
-            gm.add_submodule(node.target, IntegerLayer(target))
+            gm.add_submodule(node.target, IntegerLayer(target, with_values))
             codes[node] = target.output_quant
         elif node.args and node.args[0] in codes and (_keeps_codes(node, modules) or _is_relu(node, modules)):
             q = codes[node.args[0]]
             if _is_relu(node, modules):
-                relu = add(CodeReLU(q.qparams()[1]), "code_relu")
+                relu = add(CodeReLU(qparams(q)[1]), "code_relu")
                 with graph.inserting_before(node):
                     new = graph.call_module(relu, (node.args[0],))
                 node.replace_all_uses_with(new)
