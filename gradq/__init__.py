@@ -2,7 +2,8 @@
 
 One quantizer core (schemes, quantize/dequantize/fake_quantize), dense bit packing with a stable wire
 format, and native CPU kernels for the hot compression steps with a bit-exact PyTorch reference.
-Model quantization (``prepare``, ``calibrate``, ``quant_report``) is built on the same core.
+Model quantization (``prepare``, ``calibrate``, ``quant_report``, ``convert``, ``save_quantized``) is built on
+the same core.
 """
 
 from gradq._backend import native_available
@@ -40,8 +41,10 @@ from gradq.modelquant import (
     available_calibrators,
     calibrate,
     convert,
+    load_quantized,
     prepare,
     quant_report,
+    save_quantized,
 )
 from gradq.payload import FORMAT_VERSION, decode_payload, encode_payload, payload_nbytes
 from gradq.quantize import QTensor, choose_qparams, dequantize, fake_quantize, quantize, scale_shape
@@ -61,8 +64,10 @@ __all__ = [
     "available_calibrators",
     "calibrate",
     "convert",
+    "load_quantized",
     "prepare",
     "quant_report",
+    "save_quantized",
     "NoCompression",
     "OneBit",
     "ReduceResult",

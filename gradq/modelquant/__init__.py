@@ -19,6 +19,7 @@ from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import prepare
 from gradq.modelquant.report import QuantReport, quant_report
+from gradq.modelquant.serialize import load_quantized, save_quantized
 
 __all__ = [
     "ActQuant",
@@ -38,8 +39,10 @@ __all__ = [
     "calibrate",
     "get_calibrator",
     "learned_fake_quantize",
+    "load_quantized",
     "prepare",
     "quant_report",
     "register_calibrator",
+    "save_quantized",
     "weight_scheme",
 ]
