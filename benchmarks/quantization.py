@@ -1,5 +1,6 @@
-"""Model-quantization benchmark: PTQ of a pretrained LeNet-5 on real MNIST digits, QAT of a CNN on
-Fashion-MNIST (alone and under 4-rank DDP with the onebit gradient hook), and torchao side by side.
+"""Model-quantization benchmark: PTQ of a pretrained LeNet-5 on real MNIST digits (and its integer model:
+convert, save, load), QAT of a CNN on Fashion-MNIST (alone and under 4-rank DDP with the onebit gradient
+hook), and torchao side by side.
 
 Prints a table per part, the targets with PASS/FAIL, and writes ``quantization.json`` (every row, the
 settings, versions) and ``quantization.png`` (accuracy against weight bytes) to ``--output``. Accuracy
@@ -98,7 +99,22 @@ def ptq_lenet(calibrators: list[str]) -> tuple[list[dict], float]:
         rows.append(_row("ptq", "LeNet-5", "gradq PTQ", acc, ref, _weight_bytes(prepared)[1],
                          time.perf_counter() - start, config=label, calibrator=name))
         _log(f"  [{i}/{total}] LeNet-5 PTQ {label:8s} {name:15s} {100 * acc:6.2f}%")
+        if name == calibrators[0]:
+            rows[-1]["integer_model"] = integer_model(prepared, x[ev], model)
     return rows, ref
+
+
+def integer_model(prepared: nn.Module, x: torch.Tensor, model: nn.Module) -> dict:
+    """Convert, save and load: whether the integer model equals eval() on ``x`` bit for bit, the file size."""
+    converted = gradq.convert(prepared)
+    with tempfile.TemporaryDirectory() as tmp:
+        size = gradq.save_quantized(converted, f"{tmp}/model.safetensors")
+        loaded = gradq.load_quantized(f"{tmp}/model.safetensors", copy.deepcopy(model))
+        torch.save(model.state_dict(), f"{tmp}/fp32.pt")
+        fp32 = os.path.getsize(f"{tmp}/fp32.pt")
+    want = prepared(x)
+    return {"bit_exact": bool(torch.equal(converted(x), want) and torch.equal(loaded(x), want)),
+            "file_bytes": size, "fp32_state_dict_bytes": fp32}
 
 
 def torchao_lenet(ref: float) -> list[dict]:
@@ -295,6 +311,10 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
 
     check("LeNet-5 PTQ W8A8 within 0.1 point of fp32", best("LeNet-5", "W8A8"), 0.1)
     check("LeNet-5 PTQ W4A8 per-channel within 0.3 point", best("LeNet-5", "W4A8"), 0.3)
+    for r in (r for r in rows if "integer_model" in r):
+        im = r["integer_model"]
+        out.append((f"LeNet-5 {r['config']}: convert/save/load equal eval() bit for bit", im["bit_exact"],
+                    f"{im['file_bytes']:,} bytes"))
     check("FashionCNN QAT W4A4 within 1 point of fp32", best("FashionCNN", "W4A4 LSQ", "gradq QAT"), 1.0)
     check("FashionCNN QAT W2A2 LSQ (first/last 8-bit) within 3 points", best("FashionCNN", "W2A2 LSQ fl8",
                                                                          "gradq QAT"), 3.0)
@@ -371,6 +391,14 @@ def main() -> None:
         rows += qat_fmnist(args, skip)[0]
     print()
     print(table([r for r in rows if r["part"] in ("ptq", "torchao")], "LeNet-5 on MNIST-5k (4,500 held-out digits)"))
+    converted = [r for r in rows if "integer_model" in r]
+    if converted:
+        print("\nInteger model (gradq.convert, save_quantized, load_quantized) against eval(), 4,500 digits:")
+        for r in converted:
+            im = r["integer_model"]
+            ratio = im["fp32_state_dict_bytes"] / im["file_bytes"]
+            print(f"  {r['config']:10s} bit-exact: {'yes' if im['bit_exact'] else 'NO'}  file {im['file_bytes']:,} "
+                  f"bytes ({ratio:.2f}x smaller than the fp32 state dict)")
     print()
     print(table([r for r in rows if r["part"] == "qat"], "FashionCNN on Fashion-MNIST (10,000 test images)"))
     checks = targets(rows)
