@@ -21,15 +21,10 @@ from gradq.modelquant.calibrate import quant_layers
 from gradq.modelquant.integer_ops import integer_layer
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
-from gradq.modelquant.prepare import PreparedInfo
+from gradq.modelquant.prepare import PreparedInfo, is_relu, preserves_grid
 from gradq.modelquant.weights import integer_weights
 from gradq.quantize import quantize
 from gradq.scheme import PerGroup, QuantScheme
-
-_GRID_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
-_GRID_FUNCTIONS = {torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout}
-_GRID_METHODS = {"view", "reshape", "flatten", "contiguous", "squeeze", "unsqueeze"}
-_RELU = ({F.relu, torch.relu}, {"relu"})
 
 
 def _code_dtype(scheme: QuantScheme) -> torch.dtype:
@@ -172,22 +167,6 @@ class WeightOnlyLayer(_PackedWeights):
         return F.relu(y) if self.relu else y
 
 
-def _is_relu(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return type(modules[node.target]) is nn.ReLU
-    return (node.op == "call_function" and node.target in _RELU[0]) or (
-        node.op == "call_method" and node.target in _RELU[1]
-    )
-
-
-def _keeps_codes(node: fx.Node, modules: dict) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _GRID_MODULES)
-    if node.op == "call_function":
-        return node.target in _GRID_FUNCTIONS
-    return node.op == "call_method" and node.target in _GRID_METHODS
-
-
 def convert(prepared: nn.Module) -> fx.GraphModule:
     """The integer model of a prepared, calibrated (or trained) model; ``prepared`` is not modified.
 
@@ -250,9 +229,9 @@ def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModul
                 raise ValueError(f"{target.name}: its input is not quantized; convert needs a model from gradq.prepare")
             gm.add_submodule(node.target, IntegerLayer(target, with_values))
             codes[node] = target.output_quant
-        elif node.args and node.args[0] in codes and (_keeps_codes(node, modules) or _is_relu(node, modules)):
+        elif node.args and node.args[0] in codes and preserves_grid(node, modules):
             q = codes[node.args[0]]
-            if _is_relu(node, modules):
+            if is_relu(node, modules):
                 relu = add(CodeReLU(qparams(q)[1]), "code_relu")
                 with graph.inserting_before(node):
                     new = graph.call_module(relu, (node.args[0],))

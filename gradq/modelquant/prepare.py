@@ -61,7 +61,8 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
+def is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` applies a plain ReLU (module, F.relu, torch.relu or the method)."""
     if node is None:
         return False
     if node.op == "call_module":
@@ -71,7 +72,8 @@ def _is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_method" and node.target == "relu"
 
 
-def _preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` maps values on a quantization grid to the same grid (eval mode; ReLU included)."""
     if node.op == "call_module":
         return isinstance(modules[node.target], _GRID_MODULES)
     if node.op == "call_function":
@@ -131,7 +133,7 @@ def _fuse(gm: fx.GraphModule, config: QuantConfig, floats: list[FloatEntry]) -> 
         ):
             bn, last = modules[user.target], user
             user = _single_user(user)
-        relu = _is_relu(user, modules)
+        relu = is_relu(user, modules)
         if relu:
             last = user
         quant = QuantLayer(layer, cfg, name, bn, relu)
@@ -154,7 +156,7 @@ def _chain(first: fx.Node, last: fx.Node) -> list[fx.Node]:
 
 
 def _grid_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
-    while _preserves_grid(node, modules) and node.args and isinstance(node.args[0], fx.Node):
+    while preserves_grid(node, modules) and node.args and isinstance(node.args[0], fx.Node):
         node = node.args[0]
     return node
 
