@@ -17,6 +17,7 @@ from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, Quantiz
 from gradq.modelquant.learned import learned_fake_quantize
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
+from gradq.modelquant.onnx_export import export_onnx
 from gradq.modelquant.prepare import prepare
 from gradq.modelquant.report import QuantReport, quant_report
 from gradq.modelquant.serialize import load_quantized, save_quantized
@@ -29,6 +30,7 @@ __all__ = [
     "QuantizeInput",
     "WeightOnlyLayer",
     "convert",
+    "export_onnx",
     "CalibrationStats",
     "Calibrator",
     "QuantConfig",

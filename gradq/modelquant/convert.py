@@ -126,8 +126,10 @@ class IntegerLayer(_PackedWeights):
             self.register_buffer(name, torch.zeros(c, dtype=dtype))
         # zx, zo, the output clamp lo/hi and the accumulator bound, as one int64 tensor
         self.register_buffer("integers", torch.zeros(5, dtype=torch.int64))
+        self.register_buffer("io_scales", torch.zeros(2, dtype=torch.float32))  # sx, so (for export)
         if with_values:
             p = layer.integer_parameters()
+            self.io_scales.copy_(torch.stack((p["sx"], p["so"])))
             self._fill_weights(layer)
             self.bias_q.copy_(p["bq"])
             self.multiplier.copy_(p["M"])
