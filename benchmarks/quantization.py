@@ -1,6 +1,6 @@
 """Model-quantization benchmark: PTQ of a pretrained LeNet-5 on real MNIST digits (and its integer model:
-convert, save, load), QAT of a CNN on Fashion-MNIST (alone and under 4-rank DDP with the onebit gradient
-hook), and torchao side by side.
+convert, save, load, ONNX export run by onnxruntime), QAT of a CNN on Fashion-MNIST (alone and under
+4-rank DDP with the onebit gradient hook), and torchao side by side.
 
 Prints a table per part, the targets with PASS/FAIL, and writes ``quantization.json`` (every row, the
 settings, versions) and ``quantization.png`` (accuracy against weight bytes) to ``--output``. Accuracy
@@ -100,21 +100,34 @@ def ptq_lenet(calibrators: list[str]) -> tuple[list[dict], float]:
                          time.perf_counter() - start, config=label, calibrator=name))
         _log(f"  [{i}/{total}] LeNet-5 PTQ {label:8s} {name:15s} {100 * acc:6.2f}%")
         if name == calibrators[0]:
-            rows[-1]["integer_model"] = integer_model(prepared, x[ev], model)
+            rows[-1]["integer_model"] = integer_model(prepared, x[ev], y[ev], model)
     return rows, ref
 
 
-def integer_model(prepared: nn.Module, x: torch.Tensor, model: nn.Module) -> dict:
-    """Convert, save and load: whether the integer model equals eval() on ``x`` bit for bit, the file size."""
+def integer_model(prepared: nn.Module, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> dict:
+    """Convert, save, load and export: whether the integer model equals eval() on ``x`` bit for bit, the file
+    size, and onnxruntime (one thread, all optimizations) on the exported graph against gradq."""
+    import onnxruntime as ort
+
     converted = gradq.convert(prepared)
     with tempfile.TemporaryDirectory() as tmp:
         size = gradq.save_quantized(converted, f"{tmp}/model.safetensors")
         loaded = gradq.load_quantized(f"{tmp}/model.safetensors", copy.deepcopy(model))
         torch.save(model.state_dict(), f"{tmp}/fp32.pt")
         fp32 = os.path.getsize(f"{tmp}/fp32.pt")
+        gradq.export_onnx(converted, x[:1], f"{tmp}/model.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+        theirs = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     want = prepared(x)
+    step = float([m for m in converted.modules() if isinstance(m, gradq.modelquant.Dequantize)][-1].scale)
     return {"bit_exact": bool(torch.equal(converted(x), want) and torch.equal(loaded(x), want)),
-            "file_bytes": size, "fp32_state_dict_bytes": fp32}
+            "file_bytes": size, "fp32_state_dict_bytes": fp32,
+            "onnx_within_one_step": ((theirs - want).abs() <= step * 1.001).float().mean().item(),
+            "onnx_accuracy": 100 * (theirs.argmax(1) == y).float().mean().item(),
+            "gradq_accuracy": 100 * (want.argmax(1) == y).float().mean().item()}
 
 
 def torchao_lenet(ref: float) -> list[dict]:
@@ -315,6 +328,9 @@ def targets(rows: list[dict]) -> list[tuple[str, bool | None, str]]:
         im = r["integer_model"]
         out.append((f"LeNet-5 {r['config']}: convert/save/load equal eval() bit for bit", im["bit_exact"],
                     f"{im['file_bytes']:,} bytes"))
+        agree = im["onnx_within_one_step"] >= 0.999 and abs(im["onnx_accuracy"] - im["gradq_accuracy"]) <= 0.1
+        out.append((f"LeNet-5 {r['config']}: onnxruntime within one step on >= 99.9%, accuracy within 0.1", agree,
+                    f"{100 * im['onnx_within_one_step']:.3f}%, {im['onnx_accuracy'] - im['gradq_accuracy']:+.2f}"))
     check("FashionCNN QAT W4A4 within 1 point of fp32", best("FashionCNN", "W4A4 LSQ", "gradq QAT"), 1.0)
     check("FashionCNN QAT W2A2 LSQ (first/last 8-bit) within 3 points", best("FashionCNN", "W2A2 LSQ fl8",
                                                                          "gradq QAT"), 3.0)
@@ -398,7 +414,9 @@ def main() -> None:
             im = r["integer_model"]
             ratio = im["fp32_state_dict_bytes"] / im["file_bytes"]
             print(f"  {r['config']:10s} bit-exact: {'yes' if im['bit_exact'] else 'NO'}  file {im['file_bytes']:,} "
-                  f"bytes ({ratio:.2f}x smaller than the fp32 state dict)")
+                  f"bytes ({ratio:.2f}x smaller than the fp32 state dict); onnxruntime within one step on "
+                  f"{100 * im['onnx_within_one_step']:.3f}% of values, accuracy {im['onnx_accuracy']:.2f}% "
+                  f"(gradq {im['gradq_accuracy']:.2f}%)")
     print()
     print(table([r for r in rows if r["part"] == "qat"], "FashionCNN on Fashion-MNIST (10,000 test images)"))
     checks = targets(rows)
