@@ -14,9 +14,8 @@ from typing import ClassVar
 import torch
 
 from gradq import kernels
+from gradq._registry import Registry
 from gradq._validate import FLOAT_DTYPES, check_block, check_int, check_tensor
-
-_REGISTRY: dict[str, type[Compressor]] = {}
 
 
 class Compressor(ABC):
@@ -83,31 +82,22 @@ class Compressor(ABC):
             )
 
 
+_REGISTRY: Registry[Compressor] = Registry("compressor", Compressor)
+
+
 def register_compressor(cls: type[Compressor]) -> type[Compressor]:
     """Class decorator: make ``cls`` available to :func:`get_compressor` under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a compressor named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def available_compressors() -> list[str]:
     """Registered compressor names."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_compressor(name: str | Compressor, **options: object) -> Compressor:
     """The compressor registered as ``name``, built with ``options`` (an instance is returned as is)."""
-    if isinstance(name, Compressor):
-        if options:
-            raise ValueError("options are for compressor names; this is already an instance")
-        return name
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown compressor {name!r}; registered: {', '.join(available_compressors())}")
-    try:
-        return _REGISTRY[name](**options)
-    except TypeError as exc:
-        raise TypeError(f"bad options for compressor {name!r}: {exc}") from None
+    return _REGISTRY.get(name, **options)
 
 
 class _Cast(Compressor):

@@ -468,7 +468,7 @@ def test_registry(monkeypatch):
     with pytest.raises(ValueError, match="already an instance"):
         get_calibrator(instance, percentile=99.0)
 
-    monkeypatch.setattr(cal, "_REGISTRY", dict(cal._REGISTRY))
+    monkeypatch.setattr(cal._REGISTRY, "_classes", dict(cal._REGISTRY._classes))
 
     @cal.register_calibrator
     class Half(cal.Calibrator):

@@ -1,5 +1,6 @@
 """prepare / calibrate / QAT / report: structure, learned step sizes, STE masks and clear errors."""
 
+import copy
 import warnings
 
 import pytest
@@ -307,3 +308,19 @@ def test_binary_channel_of_zeros_and_unbatched_conv_input_in_eval():
     expected = torch.clamp(torch.round(bias / so) + zo, min=zo, max=255) - zo  # channel 1 is its bias alone
     assert torch.allclose(out[:, 1], (expected * so).expand_as(out[:, 1]), atol=float(so))
     assert torch.equal(prepared(x[0]), out[0])  # an unbatched input gives the batched result
+
+
+def test_eval_recomputes_integer_parameters_when_their_tensors_change():
+    torch.manual_seed(0)
+    prepared = gradq.calibrate(gradq.prepare(Net().eval(), "w4a8"), _data(), progress=False).eval()
+    x = _data(1, seed=2)[0]
+    before = prepared(x)
+    assert torch.equal(prepared(x), before)  # the cached parameters give the same result
+    with torch.no_grad():
+        prepared.get_submodule("fc1").weight.mul_(-1.5)  # in place, as an optimizer step would
+    after = prepared(x)
+    fresh = copy.deepcopy(prepared)  # a copy starts with nothing cached
+    fresh.get_submodule("fc1")._integer_cache = None
+    assert not torch.equal(after, before) and torch.equal(after, fresh(x))
+    prepared.get_submodule("conv2").output_quant.scale.mul_(2)  # a recalibrated scale
+    assert torch.equal(prepared(x), copy.deepcopy(prepared)(x)) and not torch.equal(prepared(x), after)

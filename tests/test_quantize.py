@@ -232,3 +232,27 @@ def test_invalid_schemes_are_rejected_with_a_reason(make, exc, words):
 def test_bad_input_raises_a_clear_error(call, exc, words):
     with pytest.raises(exc, match=words):
         call()
+
+
+@pytest.mark.parametrize("granularity", [PerAxis(0), PerGroup(4, axis=1)])
+def test_sign_per_channel_or_group_is_mean_abs_and_round_trips(granularity):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 8, generator=gen)
+    x[2] = 0.0
+    scheme = QuantScheme(1, granularity=granularity, scale_from="mean_abs", codebook="sign")
+    qt = gradq.quantize(x, scheme)
+    rows = x.reshape(6, -1) if isinstance(granularity, PerAxis) else x.reshape(6, 2, 4)
+    want = rows.double().abs().mean(-1).float()
+    assert torch.equal(qt.scale, want)
+    assert torch.equal(qt.codes, (x < 0).to(torch.uint8))
+    expand = qt.scale[:, None] if isinstance(granularity, PerAxis) else qt.scale.repeat_interleave(4, dim=1)
+    assert torch.equal(gradq.dequantize(qt), torch.where(x < 0, -expand, expand))
+    payload = gradq.encode_payload(qt)
+    assert payload.numel() == gradq.payload_nbytes(x.shape, scheme)
+    back = gradq.decode_payload(payload, x.shape, scheme)
+    assert torch.equal(back.codes, qt.codes) and torch.equal(back.scale, qt.scale)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        gradq.quantize(torch.tensor([[1.0, float("nan")]]), scheme if isinstance(granularity, PerAxis) else
+                       QuantScheme(1, granularity=PerAxis(0), scale_from="mean_abs", codebook="sign"))
+    with pytest.raises(ValueError, match="PerTensor"):
+        QuantScheme(1, granularity=PerBucket(12), scale_from="mean_abs", codebook="sign")

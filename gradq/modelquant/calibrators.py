@@ -14,10 +14,10 @@ from typing import ClassVar
 
 import torch
 
+from gradq._registry import Registry
 from gradq._validate import FLOAT_DTYPES, check_int, check_tensor
 from gradq.scheme import QuantScheme
 
-_REGISTRY: dict[str, type[Calibrator]] = {}
 _NONFINITE = "calibration data contained NaN or Inf"
 _KL_EPS = 1e-10  # stands in for q = 0 where p > 0 in KL(P || Q)
 _HISTOGRAM_CHUNK = 1 << 22  # histogram: values binned per step
@@ -112,34 +112,25 @@ class Calibrator(ABC):
         return f"{type(self).__name__}({options})"
 
 
+_REGISTRY: Registry[Calibrator] = Registry(
+    "calibrator", Calibrator, listing="available",
+    hint=". Pass one of these names, or register a Calibrator subclass with @register_calibrator",
+)
+
+
 def register_calibrator(cls: type[Calibrator]) -> type[Calibrator]:
     """Class decorator: make ``cls`` available to :func:`get_calibrator` under ``cls.name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"a calibrator named {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _REGISTRY.register(cls)
 
 
 def available_calibrators() -> list[str]:
     """Registered calibrator names."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def get_calibrator(name: str | Calibrator, **options: object) -> Calibrator:
     """The calibrator registered as ``name``, built with ``options`` (an instance is returned as is)."""
-    if isinstance(name, Calibrator):
-        if options:
-            raise ValueError("options are for calibrator names; this is already an instance")
-        return name
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown calibrator {name!r}; available: {', '.join(available_calibrators())}. "
-            "Pass one of these names, or register a Calibrator subclass with @register_calibrator"
-        )
-    try:
-        return _REGISTRY[name](**options)
-    except TypeError as exc:
-        raise TypeError(f"bad options for calibrator {name!r}: {exc}") from None
+    return _REGISTRY.get(name, **options)
 
 
 def _check_call(calibrator: Calibrator, stats: CalibrationStats, scheme: QuantScheme) -> torch.Tensor | None:

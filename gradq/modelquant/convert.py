@@ -18,11 +18,11 @@ from torch import fx, nn
 
 from gradq.kernels import pack_bits, unpack_bits
 from gradq.modelquant.calibrate import quant_layers
-from gradq.modelquant.integer_ops import integer_layer
+from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import PreparedInfo, is_relu, preserves_grid
-from gradq.modelquant.weights import integer_weights
+from gradq.modelquant.weights import dequantized_weight, integer_weights
 from gradq.quantize import quantize
 from gradq.scheme import PerGroup, QuantScheme
 
@@ -76,7 +76,7 @@ class _PackedWeights(nn.Module):
         super().__init__()
         scheme = layer.weight_quant.scheme
         self.kind, self.name, self.weight_scheme = layer.kind, layer.name, scheme
-        self.weight_shape, self.conv_args = tuple(layer.weight.shape), dict(layer.conv_args)
+        self.weight_shape, self.conv_args, self.relu = tuple(layer.weight.shape), dict(layer.conv_args), layer.relu
         c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         groups = k // scheme.granularity.group_size if isinstance(scheme.granularity, PerGroup) else None
         self.register_buffer("packed_weight", torch.zeros((c * k * scheme.bits + 7) // 8, dtype=torch.uint8))
@@ -84,9 +84,10 @@ class _PackedWeights(nn.Module):
         self.register_buffer("zero_channels", torch.zeros(c, dtype=torch.bool))
         self.register_buffer("weight_scale", torch.zeros(c, dtype=torch.float32))
         self._wi: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
 
-    def _fill_weights(self, layer: QuantLayer) -> None:
-        q, r, sw, zero = layer.weight_quant.stored(layer.weight)
+    def _fill_weights(self, q: torch.Tensor, r: torch.Tensor | None, sw: torch.Tensor, zero: torch.Tensor) -> None:
+        """Store ``WeightQuantizer.stored``'s codes, sub-scales, scales and zero-channel mask."""
         scheme = self.weight_scheme
         field = (q < 0).to(torch.uint8) if scheme.codebook == "sign" else (q & (2**scheme.bits - 1)).to(torch.uint8)
         self.packed_weight.copy_(pack_bits(field.reshape(-1).contiguous(), scheme.bits))
@@ -96,7 +97,7 @@ class _PackedWeights(nn.Module):
         self.weight_scale.copy_(sw)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._wi = None  # new stored codes: unpack again
+        self._wi = self._weight = None  # new stored codes: unpack again
         super()._load_from_state_dict(*args, **kwargs)
 
     def integer_weights(self) -> torch.Tensor:
@@ -130,15 +131,13 @@ class IntegerLayer(_PackedWeights):
         if with_values:
             p = layer.integer_parameters()
             self.io_scales.copy_(torch.stack((p["sx"], p["so"])))
-            self._fill_weights(layer)
+            self._fill_weights(p["q"], p["r"], p["sw"], p["zero"])
             self.bias_q.copy_(p["bq"])
             self.multiplier.copy_(p["M"])
             self.shift.copy_(p["n"])
             self.integers.copy_(torch.tensor([p["zx"], p["zo"], p["lo"], p["hi"], p["bound"]]))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if self.kind != "linear" and codes.dim() == len(self.weight_shape) - 1:
-            return self.forward(codes.unsqueeze(0)).squeeze(0)
         zx, zo, lo, hi, bound = self.integers.tolist()
         p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64), "M": self.multiplier.to(torch.int64),
              "n": self.shift.to(torch.int64), "zx": zx, "zo": zo, "lo": lo, "hi": hi, "bound": bound}
@@ -154,18 +153,16 @@ class WeightOnlyLayer(_PackedWeights):
 
     def __init__(self, layer: QuantLayer, with_values: bool = True) -> None:
         super().__init__(layer)
-        self.relu = layer.relu
         self.register_buffer("bias", None if layer.bias is None else torch.zeros_like(layer.bias.detach()))
         if with_values:
-            self._fill_weights(layer)
+            self._fill_weights(*layer.weight_quant.stored(layer.weight))
             if layer.bias is not None:
                 self.bias.copy_(layer.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wi = self.integer_weights()
-        w = (self.weight_scale.to(torch.float64).unsqueeze(1) * wi.to(torch.float64)).to(torch.float32)
-        func = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}[self.kind]
-        y = func(x, w.view(self.weight_shape).to(x.dtype), self.bias, **self.conv_args)
+        if self._weight is None:
+            self._weight = dequantized_weight(self.integer_weights(), self.weight_scale, self.weight_shape)
+        y = LAYER_FUNCTIONS[self.kind](x, self._weight.to(x.dtype), self.bias, **self.conv_args)
         return F.relu(y) if self.relu else y
 
 
@@ -203,11 +200,14 @@ def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModul
         gm.add_submodule(name, module)
         return name
 
+    floats: dict[fx.Node, fx.Node] = {}  # code node -> its one Dequantize node
+
     def dequantized(arg: object, user: fx.Node) -> object:
         if isinstance(arg, fx.Node) and arg in codes:
-            q = codes[arg]
-            with graph.inserting_before(user):
-                return graph.call_module(add(Dequantize(*qparams(q)), "dequantize"), (arg,))
+            if arg not in floats:
+                with graph.inserting_before(user):
+                    floats[arg] = graph.call_module(add(Dequantize(*qparams(codes[arg])), "dequantize"), (arg,))
+            return floats[arg]
         return arg
 
     for node in list(graph.nodes):

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 
 from gradq.modelquant.fixedpoint import requantize
 
+LAYER_FUNCTIONS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
+"""The float op of each layer kind, with (input, weight, bias, **conv_args)."""
+
 
 def accumulate(
     xi: torch.Tensor, wi: torch.Tensor, kind: str, conv_args: dict, weight_shape: torch.Size, bound: int
@@ -45,7 +48,9 @@ def integer_layer(
     codes: torch.Tensor, p: dict, kind: str, conv_args: dict, weight_shape: torch.Size
 ) -> torch.Tensor:
     """Output codes (int64) of the integer layer with parameters ``p`` (``QuantLayer.integer_parameters``)
-    for input ``codes`` (any integer dtype, the input quantizer's codes)."""
+    for input ``codes`` (any integer dtype, the input quantizer's codes; a convolution's may be unbatched)."""
+    if kind != "linear" and codes.dim() == len(weight_shape) - 1:
+        return integer_layer(codes.unsqueeze(0), p, kind, conv_args, weight_shape).squeeze(0)
     xi = codes.to(torch.int64) - p["zx"]
     acc = accumulate(xi, p["Wi"], kind, conv_args, weight_shape, p["bound"])
     channel_dim = -1 if kind == "linear" else 1

@@ -18,12 +18,11 @@ from torch import nn
 
 from gradq.modelquant.config import QuantConfig
 from gradq.modelquant.fixedpoint import INT32_MAX, quantize_multiplier
-from gradq.modelquant.integer_ops import integer_layer
+from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer
 from gradq.modelquant.observer import ActQuant
-from gradq.modelquant.weights import WeightQuantizer
+from gradq.modelquant.weights import WeightQuantizer, integer_weights
 from gradq.scheme import PerAxis, PerGroup
 
-_FUNCS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
@@ -88,6 +87,7 @@ class QuantLayer(nn.Module):
         if self.output_quant is not None and self.weight_quant is not None:
             self.output_quant.gridded_in_eval = True
         self._input: tuple[ActQuant, ...] = ()
+        self._integer_cache: tuple[tuple, dict] | None = None
         self.calibrating = False
 
     def _new_act_quant(self, name: str, non_negative: bool) -> ActQuant:
@@ -113,7 +113,7 @@ class QuantLayer(nn.Module):
         return self.weight_quant is not None and self.output_quant is not None
 
     def _op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _FUNCS[self.kind](x, weight, bias, **self.conv_args)
+        return LAYER_FUNCTIONS[self.kind](x, weight, bias, **self.conv_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating or self.weight_quant is None:
@@ -125,13 +125,29 @@ class QuantLayer(nn.Module):
             return self._integer_forward(x)
         return F.relu(y) if self.relu else y
 
+    def _state_key(self) -> tuple:
+        """Identity and version of every tensor the integer parameters derive from: in-place updates (an
+        optimizer step, load_state_dict) and replaced tensors (``.to()``) change it."""
+        tensors = [self.weight, self.bias, self.weight_quant.step]
+        for q in (self.input_quantizer, self.output_quant):
+            tensors += [q.scale, q.zero_point, q.calibrated, q.step]
+        return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+
     def integer_parameters(self) -> dict[str, torch.Tensor | int]:
-        """Everything docs/integer.md section 4 stores for this layer: Wi (C, K) int64, sw fp32 (C,), bq,
-        M, n (int64, C), sx, zx, so, zo, the output clamp bounds lo/hi, and ``bound`` (>= any |partial sum| of
-        the accumulator). Raises if an int32 could overflow."""
+        """Everything docs/integer.md section 4 stores for this layer: the weight codes q, sub-scales r, zero
+        channel mask (as ``WeightQuantizer.stored``), Wi (C, K) int64, sw fp32 (C,), bq, M, n (int64, C), sx,
+        zx, so, zo, the output clamp bounds lo/hi, and ``bound`` (>= any |partial sum| of the accumulator).
+        Raises if an int32 could overflow. Computed once per state of the tensors it derives from."""
+        key = self._state_key()
+        if self._integer_cache is None or self._integer_cache[0] != key:
+            self._integer_cache = (key, self._integer_parameters())
+        return self._integer_cache[1]
+
+    def _integer_parameters(self) -> dict[str, torch.Tensor | int]:
         sx, zx = self.input_quantizer.qparams()
         so, zo = self.output_quant.qparams()
-        wi, sw = self.weight_quant.integer(self.weight)
+        q, r, sw, zero = self.weight_quant.stored(self.weight)
+        wi = integer_weights(q, r, zero, self.weight_quant.scheme)
         s_in_w = sx.double() * sw.double()
         if self.bias is None:
             bq = torch.zeros(len(sw), dtype=torch.int64, device=sw.device)
@@ -150,12 +166,10 @@ class QuantLayer(nn.Module):
         except ValueError as exc:
             raise ValueError(f"{self.name}: {exc}") from exc
         lo = max(scheme_out.qmin, zo) if self.relu else scheme_out.qmin
-        return {"Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx, "zx": zx, "so": so, "zo": zo,
-                "lo": lo, "hi": scheme_out.qmax, "bound": bound}
+        return {"q": q, "r": r, "zero": zero, "Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx,
+                "zx": zx, "so": so, "zo": zo, "lo": lo, "hi": scheme_out.qmax, "bound": bound}
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind != "linear" and x.dim() == self.weight.dim() - 1:  # an unbatched convolution input
-            return self._integer_forward(x.unsqueeze(0)).squeeze(0)
         p = self.integer_parameters()
         codes = integer_layer(self.input_quantizer.codes(x), p, self.kind, self.conv_args, self.weight.shape)
         return (codes - p["zo"]).to(torch.float32) * p["so"]
@@ -168,7 +182,7 @@ class QuantLayer(nn.Module):
             return float_bytes, float_bytes
         scheme = self.weight_quant.scheme
         packed = (c * k * scheme.bits + 7) // 8
-        sub = c * (k // scheme.granularity.group_size) if hasattr(scheme.granularity, "group_size") else 0
+        sub = c * (k // scheme.granularity.group_size) if isinstance(scheme.granularity, PerGroup) else 0
         return float_bytes, packed + 4 * c + sub + (0 if self.bias is None else 4 * c)
 
     def extra_repr(self) -> str:

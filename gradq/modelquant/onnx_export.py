@@ -38,6 +38,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     modules = dict(model.named_modules())
     nodes, inits, names = [], [], {}
     codes: dict[str, tuple[str, str]] = {}  # value name -> (scale, zero point) initializer names
+    dequantized: set[str] = set()
 
     def const(name: str, tensor: torch.Tensor) -> str:
         inits.append(numpy_helper.from_array(tensor.detach().cpu().numpy(), name))
@@ -68,7 +69,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
                                           dilations=list(ca["dilation"]), group=ca["groups"],
                                           kernel_shape=list(layer.weight_shape[2:])))
         out = f"{prefix}.out"
-        if getattr(layer, "relu", False):
+        if layer.relu:
             nodes.append(helper.make_node("Relu", [out], [f"{prefix}.relu"]))
             out = f"{prefix}.relu"
         return out
@@ -77,7 +78,9 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
         if value not in codes:
             return value
         out = f"{value}.dequantized"
-        nodes.append(helper.make_node("DequantizeLinear", [value, *codes[value]], [out]))
+        if out not in dequantized:  # one DequantizeLinear per code tensor, whatever its number of users
+            nodes.append(helper.make_node("DequantizeLinear", [value, *codes[value]], [out]))
+            dequantized.add(out)
         return out
 
     for node in model.graph.nodes:
@@ -92,15 +95,12 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
             nodes.append(helper.make_node("QuantizeLinear", [floats(src), *qp], [name]))
             names[node], codes[name] = name, qp
         elif isinstance(target, IntegerLayer):
-            zx, zo, lo = (int(v) for v in target.integers[:3])
+            zo = int(target.integers[1])
             sx, so = target.io_scales
             bias = const(f"{name}.bias_q", target.bias_q)
             bias_scale = const(f"{name}.bias_scale", (sx.double() * target.weight_scale.double()).float())
             nodes.append(helper.make_node("DequantizeLinear", [bias, bias_scale], [f"{name}.bias"], axis=0))
-            out = compute(name, target, floats(src), f"{name}.bias")
-            if lo > (0 if target.out_dtype == torch.uint8 else -128) and lo == zo:
-                nodes.append(helper.make_node("Relu", [out], [f"{name}.relu"]))
-                out = f"{name}.relu"
+            out = compute(name, target, floats(src), f"{name}.bias")  # a fused ReLU included
             qp = qparams(f"{name}.output", so, zo, target.out_dtype)
             nodes.append(helper.make_node("QuantizeLinear", [out, *qp], [name]))
             names[node], codes[name] = name, qp

@@ -173,7 +173,7 @@ def _place_quantizers(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
         node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
         outputs[out] = quant
     modules = dict(gm.named_modules())
-    owned: dict[tuple[fx.Node, object], fx.Node] = {}
+    owned: dict[tuple[fx.Node, object], tuple[fx.Node, ActQuant]] = {}  # (source, scheme) -> its input quantizer
     for node in layers:
         quant = modules[node.target]
         if quant.config.activation is None:
@@ -186,15 +186,15 @@ def _place_quantizers(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
             continue
         key = (source, quant.config.activation)
         if key in owned:
-            quant.link_input(modules[owned[key].target])
-            node.args = (owned[key], *node.args[1:])
+            inp, shared = owned[key]
+            quant.link_input(shared)
+            node.args = (inp, *node.args[1:])
             continue
         quant.link_input(None)
         with gm.graph.inserting_before(node):
             inp = gm.graph.call_module(f"{node.target}.input_quant", (source,))
         node.args = (inp, *node.args[1:])
-        owned[key] = inp
-        modules = dict(gm.named_modules())
+        owned[key] = (inp, quant.input_quant)
 
 
 def prepare(model: nn.Module, config: QuantConfig | str | None = None, *, inplace: bool = False) -> fx.GraphModule:

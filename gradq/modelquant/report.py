@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from gradq.modelquant.calibrate import quant_layers
+from gradq.modelquant.modules import KINDS
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import PreparedInfo
 from gradq.scheme import PerAxis, PerGroup, PerTensor, QuantScheme
@@ -63,6 +64,9 @@ class QuantReport:
         return "\n".join(lines)
 
 
+_TYPE_NAMES = {kind: cls.__name__ for cls, kind in KINDS.items()}
+
+
 def describe_scheme(scheme: QuantScheme | None) -> str:
     """Short human form of a scheme, e.g. ``int4 per-channel``, ``binary per-group(32)``, ``uint8 affine``."""
     if scheme is None:
@@ -105,7 +109,7 @@ def quant_report(model: nn.Module) -> QuantReport:
         float_bytes, quant_bytes = layer.weight_nbytes()
         shared = layer.input_quantizer is not None and layer.input_quantizer is not getattr(layer, "input_quant", None)
         rows.append(ReportRow(
-            layer.name, {"linear": "Linear", "conv1d": "Conv1d", "conv2d": "Conv2d"}[layer.kind], became,
+            layer.name, _TYPE_NAMES[layer.kind], became,
             describe_scheme(layer.config.weight) + (f" ({layer.config.weight_range})" if layer.weight_quant else ""),
             describe_scheme(layer.config.activation) + (f" ({layer.config.calibrator})" if layer.output_quant else ""),
             _range(layer.input_quantizer), _range(layer.output_quant), float_bytes, quant_bytes,

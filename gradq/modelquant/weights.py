@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradq.modelquant.learned import learned_fake_quantize
-from gradq.quantize import quantize
+from gradq.quantize import QTensor, quantize
 from gradq.scheme import PerAxis, PerGroup, PerTensor, QuantScheme
 
 SUB_SCALE_MAX = 255
@@ -39,7 +39,7 @@ def block_scales(w2: torch.Tensor, scheme: QuantScheme, weight_range: str) -> to
     """
     blocks = _rows(w2.detach().to(torch.float32), scheme)
     if scheme.codebook == "sign":
-        return blocks.to(torch.float64).abs().mean(-1).to(torch.float32)
+        return _sign_blocks(blocks).scale.reshape(blocks.shape[:2])
     qmax = scheme.qmax
     top = blocks.abs().amax(-1) / qmax
     top = torch.where(top == 0, torch.ones_like(top), top)
@@ -64,11 +64,17 @@ def two_level(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return top, r, effective
 
 
+def _sign_blocks(blocks: torch.Tensor) -> QTensor:
+    """The core's sign code book with one mean |w| per block (row of the flattened blocks)."""
+    flat = blocks.reshape(-1, blocks.shape[-1])
+    return quantize(flat, QuantScheme(1, granularity=PerAxis(0), scale_from="mean_abs", codebook="sign"))
+
+
 def _codes(w2: torch.Tensor, scheme: QuantScheme, effective: torch.Tensor) -> torch.Tensor:
-    """Integer codes (C, K) int64 of the weights under per-block ``effective`` scales (C, G)."""
-    if scheme.codebook == "sign":
-        return torch.where(w2 >= 0, 1, -1).to(torch.int64)
+    """Integer codes (C, K) int64 of the weights under per-block ``effective`` scales (C, G); sign: +1/-1."""
     blocks = _rows(w2.detach().to(torch.float32), scheme)
+    if scheme.codebook == "sign":
+        return (1 - 2 * _sign_blocks(blocks).codes.to(torch.int64)).reshape(w2.shape)
     flat = blocks.reshape(-1, blocks.shape[-1])
     rows_scheme = QuantScheme.uniform(scheme.bits, granularity=PerAxis(0))
     codes = quantize(flat, rows_scheme, scale=effective.reshape(-1)).codes
@@ -122,12 +128,15 @@ class WeightQuantizer(nn.Module):
         """What the integer model stores: codes q (C, K) int64 (sign: +1/-1), 8-bit sub-scales r (C, G) int64
         or None, scales sw fp32 (C,), and the mask (C,) of channels whose scale was 0 (binary weights that
         are all 0), which compute as Wi = 0 with scale 1: the same zero weights."""
-        w2 = self._2d(weight)
+        return self._stored(self._2d(weight))[:4]
+
+    def _stored(self, w2: torch.Tensor) -> tuple:
+        """:meth:`stored` of the (C, K) weights, and the effective block scales it used."""
         sw, r, effective = self._effective(self._scales(w2))
         q = _codes(w2, self.scheme, effective)
         sw = sw.expand(w2.shape[0]).contiguous()
         zero = sw == 0
-        return q, r, torch.where(zero, torch.ones_like(sw), sw), zero
+        return q, r, torch.where(zero, torch.ones_like(sw), sw), zero, effective
 
     def integer(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Wi, sw)``: integer weights (C, K) int64 (``r * q`` per group) and fp32 scales (C,)."""
@@ -137,37 +146,39 @@ class WeightQuantizer(nn.Module):
     def dequantized(self, weight: torch.Tensor) -> torch.Tensor:
         """fp32(fp64(sw) * Wi) in ``weight``'s shape: the value every path (eval, convert) computes with."""
         wi, sw = self.integer(weight)
-        return (sw.to(torch.float64).unsqueeze(1) * wi.to(torch.float64)).to(torch.float32).view(weight.shape)
+        return dequantized_weight(wi, sw, weight.shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight for training: the value of :meth:`dequantized`, gradients by the STE
         (uniform: zero where a code was clipped; sign: identity) or by LSQ for ``step``."""
+        w2 = self._2d(weight)
+        tiny = torch.finfo(torch.float32).tiny
         if self.step is not None and isinstance(self.scheme.granularity, (PerAxis, PerTensor)):
-            w2 = self._2d(weight)
-            step = self.step.clamp_min(torch.finfo(torch.float32).tiny)
-            blocks = _rows(w2, self.scheme)
-            out = learned_fake_quantize(blocks, step.unsqueeze(-1), 0.0, -self.scheme.qmax, self.scheme.qmax)
+            step = self.step.clamp_min(tiny)
+            out = learned_fake_quantize(_rows(w2, self.scheme), step.unsqueeze(-1), 0.0, -self.scheme.qmax,
+                                        self.scheme.qmax)
             return out.reshape(weight.shape)
-        value = self.dequantized(weight)
+        q, r, sw, zero, effective = self._stored(w2)  # the scales (an MSE search, maybe) once per step
+        value = dequantized_weight(integer_weights(q, r, zero, self.scheme), sw, weight.shape)
         if self.scheme.codebook == "sign":
             return weight + (value - weight).detach()
-        if self.step is not None:  # per group: LSQ through the effective (two-level) scales
-            w2 = self._2d(weight)
-            step = self.step.clamp_min(torch.finfo(torch.float32).tiny)
-            _, _, effective = two_level(step.detach())
-            step = step + (effective - step).detach()
-            blocks = _rows(w2, self.scheme)
-            out = learned_fake_quantize(blocks, step.unsqueeze(-1), 0.0, -self.scheme.qmax, self.scheme.qmax)
-            return out.reshape(weight.shape) + (value - out.reshape(weight.shape)).detach()
-        w2 = self._2d(weight)
-        _, _, effective = self._effective(self._scales(w2))
         blocks = _rows(w2, self.scheme)
-        inside = (blocks.abs() / effective.unsqueeze(-1)).round() <= self.scheme.qmax
-        mask = inside.reshape(weight.shape).to(weight.dtype)
-        return value + (weight - weight.detach()) * mask
+        if self.step is not None:  # per group: LSQ through the effective (two-level) scales
+            step = self.step.clamp_min(tiny)
+            step = step + (effective - step).detach()
+            out = learned_fake_quantize(blocks, step.unsqueeze(-1), 0.0, -self.scheme.qmax, self.scheme.qmax)
+            out = out.reshape(weight.shape)
+            return out + (value - out).detach()
+        inside = (blocks.detach().abs() / effective.unsqueeze(-1)).round() <= self.scheme.qmax
+        return value + (weight - weight.detach()) * inside.reshape(weight.shape).to(weight.dtype)
 
 
 def integer_weights(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Wi (C, K) int64 from stored codes, sub-scales and zero-channel mask (docs/integer.md, section 2)."""
     wi = q if r is None else q * r.repeat_interleave(scheme.granularity.group_size, dim=1)
     return torch.where(zero.unsqueeze(1), 0, wi)
+
+
+def dequantized_weight(wi: torch.Tensor, sw: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
+    """fp32(fp64(sw) * Wi) shaped ``shape``: the real weights of integer weights (C, K) and scales (C,)."""
+    return (sw.to(torch.float64).unsqueeze(1) * wi.to(torch.float64)).to(torch.float32).view(shape)
