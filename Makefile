@@ -20,7 +20,7 @@ $(VENV)/.horovod: $(VENV)/.installed comm_hooks/horovod_build.py
 	touch $@
 
 # Rebuilds when the packaging or the native sources change.
-$(VENV)/.installed: pyproject.toml setup.py gradq/_native_build.py $(wildcard csrc/*.cpp)
+$(VENV)/.installed: pyproject.toml setup.py gradq/_native_build.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install -q "$(TORCH)" numpy

@@ -10,14 +10,14 @@ from pathlib import Path
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-FLAGS = runpy.run_path(str(Path(__file__).parent / "gradq" / "_native_build.py"))["FLAGS"]
+BUILD = runpy.run_path(str(Path(__file__).parent / "gradq" / "_native_build.py"))
 
 setup(
     ext_modules=[
         CppExtension(
             "gradq._C",
-            ["csrc/gradq_kernels.cpp"],
-            extra_compile_args=FLAGS,
+            BUILD["SOURCES"],
+            extra_compile_args=BUILD["FLAGS"],
             optional=True,
         )
     ],

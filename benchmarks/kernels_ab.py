@@ -1,7 +1,7 @@
 """The native kernels against those of an earlier git revision, timed interleaved in one process.
 
 On a shared machine two separate benchmark runs can differ by 2x, so a kernel change is measured here
-side by side: ``csrc/gradq_kernels.cpp`` as it was at REV and as it is in the working tree are both
+side by side: the native sources (``csrc/``) as they were at REV and as it is in the working tree are both
 built the same way (setup.py's flags, into ``build/kernels-ab/``), and every selected kernel of
 ``benchmarks/kernels.py`` runs alternately on the two builds (the order flipped every repeat), on the
 same input. Each pair of calls must give the same outputs bit for bit. Reported per kernel: the median
@@ -34,28 +34,31 @@ from gradq import _native_build
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def build(text: str, name: str) -> ModuleType:
-    """Kernel source ``text`` compiled as setup.py compiles it into build/kernels-ab/``name``/, imported."""
+def build(files: dict[str, str], name: str) -> ModuleType:
+    """The native sources ``files`` (path under csrc/ -> text) compiled as setup.py compiles them into
+    build/kernels-ab/``name``/, imported."""
     directory = ROOT / "build" / "kernels-ab" / name
-    directory.mkdir(parents=True, exist_ok=True)
-    source = directory / "gradq_kernels.cpp"
-    if not source.exists() or source.read_text() != text:
-        source.write_text(text)
-    return _native_build.build(f"gradq_kernels_ab_{name}", source, directory)
+    for path, text in files.items():
+        source = directory / "csrc" / path
+        source.parent.mkdir(parents=True, exist_ok=True)
+        if not source.exists() or source.read_text() != text:
+            source.write_text(text)
+    return _native_build.build(f"gradq_kernels_ab_{name}", directory, directory / "build")
 
 
 def build_revision(rev: str) -> ModuleType:
-    """The kernels of git revision ``rev``."""
-    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    text = subprocess.run(["git", "show", f"{commit}:csrc/gradq_kernels.cpp"], cwd=ROOT, check=True,
-                          capture_output=True, text=True).stdout  # fmt: skip
-    return build(text, commit[:12])
+    """The kernels of git revision ``rev`` (its csrc/ folder)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
+    names = git("ls-tree", "--name-only", f"{commit}:csrc").split()
+    return build({n: git("show", f"{commit}:csrc/{n}") for n in names}, commit[:12])
 
 
 def build_tree() -> ModuleType:
     """The kernels of the working tree, built as build_revision builds a revision's."""
-    return build((ROOT / "csrc" / "gradq_kernels.cpp").read_text(), "tree")
+    return build({p.name: p.read_text() for p in (ROOT / "csrc").iterdir() if p.is_file()}, "tree")
 
 
 def same_bits(a: object, b: object) -> bool:

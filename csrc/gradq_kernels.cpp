@@ -18,6 +18,8 @@
 #include <limits>
 #include <vector>
 
+#include "integer_gemm.h"
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -1074,4 +1076,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("signmag_compress", &signmag_compress, "stochastic sign-magnitude code", no_gil);
   m.def("signmag_decompress", &signmag_decompress, "decode a sign-magnitude code", no_gil);
   m.def("signmag_mean_compress", &signmag_mean_compress, "mean of W sign-magnitude codes, re-encoded", no_gil);
+  m.def("integer_gemm_isa", &integer_gemm_isa, "instruction set of the integer GEMM");
+  m.def("integer_linear", &integer_linear, "integer Linear with packed weights", no_gil);
+  m.def("integer_conv2d", &integer_conv2d, "integer Conv2d with packed weights", no_gil);
+  m.def("requantize_int32", &requantize_int32, "requantization epilogue", no_gil);
 }

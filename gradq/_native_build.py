@@ -13,12 +13,16 @@ from pathlib import Path
 from types import ModuleType
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+SOURCES = ["csrc/gradq_kernels.cpp", "csrc/integer_gemm.cpp"]
+"""The extension's translation units, relative to the repository root (csrc/gradq_kernels.cpp binds them)."""
 
 
-def build(name: str, source: Path, directory: Path, extra_flags: Sequence[str] = ()) -> ModuleType:
-    """``source`` compiled with FLAGS plus ``extra_flags`` into ``directory`` (created; reused while the
-    source and flags are unchanged) and imported as module ``name``."""
+def build(name: str, root: Path, directory: Path, extra_flags: Sequence[str] = ()) -> ModuleType:
+    """SOURCES under ``root`` (those it has: an earlier revision may have fewer) compiled with FLAGS plus
+    ``extra_flags`` into ``directory`` (created; reused while the sources and flags are unchanged) and
+    imported as module ``name``."""
     from torch.utils.cpp_extension import load
 
     directory.mkdir(parents=True, exist_ok=True)
-    return load(name=name, sources=[str(source)], extra_cflags=[*FLAGS, *extra_flags], build_directory=str(directory))
+    sources = [str(root / s) for s in SOURCES if (root / s).exists()]
+    return load(name=name, sources=sources, extra_cflags=[*FLAGS, *extra_flags], build_directory=str(directory))

@@ -17,7 +17,7 @@ def build(variant: str) -> ModuleType:
     """The kernels compiled with setup.py's flags plus VARIANTS[variant], imported as a module."""
     return _native_build.build(
         f"gradq_kernels_{variant}",
-        ROOT / "csrc" / "gradq_kernels.cpp",
+        ROOT,
         ROOT / "build" / "kernel-variants" / variant,
         VARIANTS[variant],
     )

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradq
+from gradq.fixedpoint import quantize_multiplier, requantize
 from gradq.modelquant import QuantConfig, activation_scheme, weight_scheme
-from gradq.modelquant.fixedpoint import quantize_multiplier, requantize
 from gradq.scheme import PerAxis, PerGroup, PerTensor, QuantScheme
 
 f32 = np.float32

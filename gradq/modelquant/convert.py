@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from gradq.integer_gemm import IntegerGemm, integer_conv2d, integer_linear, plan_integer_gemm
 from gradq.kernels import pack_bits, unpack_bits
 from gradq.modelquant.calibrate import quant_layers
 from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer
@@ -85,6 +86,7 @@ class _PackedWeights(nn.Module):
         self.register_buffer("weight_scale", torch.zeros(c, dtype=torch.float32))
         self._wi: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
+        self._gemm: IntegerGemm | None = None
 
     def _fill_weights(self, q: torch.Tensor, r: torch.Tensor | None, sw: torch.Tensor, zero: torch.Tensor) -> None:
         """Store ``WeightQuantizer.stored``'s codes, sub-scales, scales and zero-channel mask."""
@@ -97,22 +99,24 @@ class _PackedWeights(nn.Module):
         self.weight_scale.copy_(sw)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        self._wi = self._weight = None  # new stored codes: unpack again
+        self._wi = self._weight = self._gemm = None  # new stored codes: unpack again
         super()._load_from_state_dict(*args, **kwargs)
+
+    def weight_codes(self) -> torch.Tensor:
+        """The weight codes q (C, K) int64 unpacked from the stored bits."""
+        c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
+        scheme = self.weight_scheme
+        field = unpack_bits(self.packed_weight, scheme.bits, c * k).to(torch.int64).view(c, k)
+        if scheme.codebook == "sign":
+            return 1 - 2 * field
+        sign = 1 << (scheme.bits - 1)
+        return (field ^ sign) - sign
 
     def integer_weights(self) -> torch.Tensor:
         """Wi (C, K) int64 unpacked from the stored codes (cached after the first call)."""
         if self._wi is None:
-            c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
-            scheme = self.weight_scheme
-            field = unpack_bits(self.packed_weight, scheme.bits, c * k).to(torch.int64).view(c, k)
-            if scheme.codebook == "sign":
-                q = 1 - 2 * field
-            else:
-                sign = 1 << (scheme.bits - 1)
-                q = (field ^ sign) - sign
             r = None if self.sub_scales is None else self.sub_scales.to(torch.int64)
-            self._wi = integer_weights(q, r, self.zero_channels, scheme)
+            self._wi = integer_weights(self.weight_codes(), r, self.zero_channels, self.weight_scheme)
         return self._wi
 
 
@@ -123,6 +127,7 @@ class IntegerLayer(_PackedWeights):
         super().__init__(layer)
         c = self.weight_shape[0]
         self.out_dtype = _code_dtype(layer.output_quant.scheme)
+        self.in_dtype = _code_dtype(layer.input_quantizer.scheme)
         for name, dtype in (("bias_q", torch.int32), ("multiplier", torch.int32), ("shift", torch.int8)):
             self.register_buffer(name, torch.zeros(c, dtype=dtype))
         # zx, zo, the output clamp lo/hi and the accumulator bound, as one int64 tensor
@@ -137,11 +142,40 @@ class IntegerLayer(_PackedWeights):
             self.shift.copy_(p["n"])
             self.integers.copy_(torch.tensor([p["zx"], p["zo"], p["lo"], p["hi"], p["bound"]]))
 
+    def gemm(self) -> IntegerGemm:
+        """The layer planned for the integer GEMM kernels (made once from the stored integers)."""
+        if self._gemm is None:
+            zx, zo, lo, hi, _ = self.integers.tolist()
+            scheme = self.weight_scheme
+            group = scheme.granularity.group_size if isinstance(scheme.granularity, PerGroup) else 0
+            self._gemm = plan_integer_gemm(
+                self.weight_codes(), self.sub_scales, self.zero_channels, scheme.bits, scheme.codebook == "sign",
+                group, self.bias_q, self.multiplier, self.shift, zx, zo, lo, hi,
+                x_signed=self.in_dtype == torch.int8, out_signed=self.out_dtype == torch.int8,
+            )
+        return self._gemm
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        zx, zo, lo, hi, bound = self.integers.tolist()
-        p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64), "M": self.multiplier.to(torch.int64),
-             "n": self.shift.to(torch.int64), "zx": zx, "zo": zo, "lo": lo, "hi": hi, "bound": bound}
-        return integer_layer(codes, p, self.kind, self.conv_args, self.weight_shape).to(self.out_dtype)
+        if codes.device.type != "cpu":  # the exact float emulation (docs/integer.md) on other devices
+            zx, zo, lo, hi, bound = self.integers.tolist()
+            p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64),
+                 "M": self.multiplier.to(torch.int64), "n": self.shift.to(torch.int64), "zx": zx, "zo": zo,
+                 "lo": lo, "hi": hi, "bound": bound}
+            return integer_layer(codes, p, self.kind, self.conv_args, self.weight_shape).to(self.out_dtype)
+        if self.kind == "linear":
+            rows = codes.reshape(-1, codes.shape[-1]).contiguous()
+            return integer_linear(rows, self.gemm()).view(*codes.shape[:-1], -1)
+        unbatched = codes.dim() == len(self.weight_shape) - 1
+        x = codes.unsqueeze(0) if unbatched else codes
+        a = self.conv_args
+        if self.kind == "conv1d":  # a Conv1d runs as a Conv2d of height 1
+            out = integer_conv2d(x.unsqueeze(2).contiguous(), self.gemm(), (1, self.weight_shape[2]),
+                                 (1, a["stride"][0]), (0, a["padding"][0]), (1, a["dilation"][0]), a["groups"])
+            out = out.squeeze(2)
+        else:
+            out = integer_conv2d(x.contiguous(), self.gemm(), self.weight_shape[2:], a["stride"], a["padding"],
+                                 a["dilation"], a["groups"])
+        return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.kind}, {self.weight_scheme.bits}-bit weights, {self.packed_weight.numel()} bytes"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gradq.modelquant.fixedpoint import requantize
+from gradq.fixedpoint import requantize
 
 LAYER_FUNCTIONS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 """The float op of each layer kind, with (input, weight, bias, **conv_args)."""

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradq.fixedpoint import INT32_MAX, quantize_multiplier
 from gradq.modelquant.config import QuantConfig
-from gradq.modelquant.fixedpoint import INT32_MAX, quantize_multiplier
 from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.weights import WeightQuantizer, integer_weights

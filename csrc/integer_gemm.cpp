@@ -1,0 +1,522 @@
+// Integer GEMM of gradq's integer model (docs/integer.md section 3; the weight layout and the kernel
+// arithmetic are written down in docs/kernels.md, "Integer GEMM").
+//
+//   out[m, c] = clamp(((acc * M[c] + 2^(n[c]-1)) >> n[c]) + zo, lo, hi),
+//   acc       = sum_k (x[m, k] - zx) * Wi[c, k] + bq[c]                       (exact in int32)
+//
+// computed as acc = dot(xu[m, :], Wi[c, :]) + offset[c] with xu the input codes as uint8 (int8 codes
+// flipped by XOR 0x80, i.e. plus 128) and offset[c] = bq[c] - zeff * sum_k Wi[c, k] (zeff = zx, or zx + 128
+// for int8 codes), in wrap-around 32-bit arithmetic: the true acc fits in int32 (the layer's bound), so
+// the wrapped sum is exact. Weights come packed at 8, 4, 2 or 1 bit in 64-element blocks and are unpacked
+// in registers; per-group sub-scales r multiply each group's partial dot (group sizes that are multiples of
+// 64); other group sizes come as int16 Wi. Three code paths, chosen at run time: AVX-512 VNNI, AVX2 and
+// portable C++. All compute the same integers; the tests compare each with the pure-PyTorch reference.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "integer_gemm.h"
+
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace {
+
+constexpr int64_t kBlock = 64;       // weights per layout block
+constexpr int64_t kRowChunk = 64;    // rows per parallel task
+constexpr int64_t kChanChunk = 64;   // channels per parallel task
+
+enum Isa : int64_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+
+struct Weights {
+  const uint8_t* packed = nullptr;  // (C, row_bytes) blocks of 64 codes, or null
+  const int16_t* wide = nullptr;    // (C, kp) Wi, or null
+  int64_t row_bytes = 0;
+  int bits = 8;
+  bool sign = false;                // 1-bit sign codes: bit 1 is -1, bit 0 is +1
+  int64_t nblocks = 0;              // kp / 64
+  const int32_t* sub = nullptr;     // (C, groups) sub-scales r, or null
+  int64_t blocks_per_group = 0;
+  int64_t groups = 0;
+};
+
+struct Epilogue {
+  const int64_t* offset;  // (C) bq - zeff * sum_k Wi
+  const int32_t* mult;    // (C) M
+  const int8_t* shift;    // (C) n in [1, 62]
+  int64_t zo, lo, hi;
+};
+
+struct Output {
+  void* data;
+  bool is_signed;
+  int64_t positions;  // output positions per sample (1 for Linear); row m is sample m / positions
+  int64_t channels;   // channels of the whole output
+};
+
+inline int64_t requantize_one(uint32_t raw, int64_t c, const Epilogue& e) {
+  const auto acc = static_cast<int32_t>(raw + static_cast<uint32_t>(static_cast<uint64_t>(e.offset[c])));
+  const int n = e.shift[c];
+  const int64_t v = ((static_cast<int64_t>(acc) * e.mult[c] + (int64_t{1} << (n - 1))) >> n) + e.zo;
+  return std::min(std::max(v, e.lo), e.hi);
+}
+
+inline void store(const Output& o, int64_t m, int64_t c, int64_t v) {
+  const int64_t i = (m / o.positions) * o.channels * o.positions + c * o.positions + m % o.positions;
+  if (o.is_signed) {
+    static_cast<int8_t*>(o.data)[i] = static_cast<int8_t>(v);
+  } else {
+    static_cast<uint8_t*>(o.data)[i] = static_cast<uint8_t>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable C++: the layout read one code at a time.
+
+inline int32_t weight_at(const Weights& w, int64_t c, int64_t k) {
+  if (w.wide != nullptr) return w.wide[c * w.nblocks * kBlock + k];
+  const int64_t e = k % kBlock;
+  const uint8_t* block = w.packed + c * w.row_bytes + (k / kBlock) * 8 * w.bits;
+  int64_t byte, shift;
+  if (w.bits == 8 || w.bits == 1) {  // natural order, LSB first
+    byte = e * w.bits / 8;
+    shift = e * w.bits % 8;
+  } else {  // 8 / bits slices of (8 * bits) codes; byte j holds code j of every slice
+    const int64_t slice = 8 * w.bits;
+    byte = e % slice;
+    shift = (e / slice) * w.bits;
+  }
+  const int32_t f = (block[byte] >> shift) & ((1 << w.bits) - 1);
+  int32_t q;
+  if (w.sign) {
+    q = 1 - 2 * f;
+  } else {
+    const int32_t s = 1 << (w.bits - 1);
+    q = (f ^ s) - s;
+  }
+  if (w.sub != nullptr) q *= w.sub[c * w.groups + (k / kBlock) / w.blocks_per_group];
+  return q;
+}
+
+uint32_t dot_portable(const uint8_t* x, const Weights& w, int64_t c) {
+  uint32_t acc = 0;
+  const int64_t kp = w.nblocks * kBlock;
+  if (w.wide != nullptr) {
+    const int16_t* row = w.wide + c * kp;
+    for (int64_t k = 0; k < kp; ++k) acc += static_cast<uint32_t>(static_cast<int32_t>(x[k]) * row[k]);
+    return acc;
+  }
+  for (int64_t k = 0; k < kp; ++k) acc += static_cast<uint32_t>(static_cast<int32_t>(x[k]) * weight_at(w, c, k));
+  return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI: a block of 64 codes becomes one register of int8 weights; vpdpbusd multiplies the uint8
+// inputs by them and adds groups of four products to 16 int32 lanes.
+
+#define GRADQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+#define GRADQ_AVX2 __attribute__((target("avx2,fma")))
+
+template <int BITS>
+GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(p);
+  } else if constexpr (BITS == 1) {
+    uint64_t bits;
+    std::memcpy(&bits, p, 8);
+    (void)sign;
+    return _mm512_mask_blend_epi8(bits, _mm512_set1_epi8(1), _mm512_set1_epi8(-1));
+  } else {
+    __m512i f;
+    if constexpr (BITS == 4) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      const __m256i mask = _mm256_set1_epi8(0x0F);
+      const __m256i lo = _mm256_and_si256(v, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+      f = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    } else {
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+      const __m128i mask = _mm_set1_epi8(3);
+      f = _mm512_castsi128_si512(_mm_and_si128(v, mask));
+      f = _mm512_inserti32x4(f, _mm_and_si128(_mm_srli_epi16(v, 2), mask), 1);
+      f = _mm512_inserti32x4(f, _mm_and_si128(_mm_srli_epi16(v, 4), mask), 2);
+      f = _mm512_inserti32x4(f, _mm_and_si128(_mm_srli_epi16(v, 6), mask), 3);
+    }
+    const __m512i s = _mm512_set1_epi8(1 << (BITS - 1));
+    return _mm512_sub_epi8(_mm512_xor_si512(f, s), s);
+  }
+}
+
+template <int BITS, int MR, int NR, bool GROUPED>
+GRADQ_AVX512 void tile_avx512(const uint8_t* x, int64_t x_stride, const Weights& w, int64_t c0, uint32_t* raw) {
+  __m512i acc[MR][NR], part[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = part[i][j] = _mm512_setzero_si512();
+  }
+  const int64_t block_bytes = 8 * BITS;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    __m512i wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = unpack512<BITS>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, w.sign);
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xv = _mm512_loadu_si512(x + i * x_stride + b * kBlock);
+      for (int j = 0; j < NR; ++j) {
+        if constexpr (GROUPED) {
+          part[i][j] = _mm512_dpbusd_epi32(part[i][j], xv, wv[j]);
+        } else {
+          acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+        }
+      }
+    }
+    if constexpr (GROUPED) {
+      if ((b + 1) % w.blocks_per_group == 0) {
+        const int64_t g = b / w.blocks_per_group;
+        for (int j = 0; j < NR; ++j) {
+          const __m512i r = _mm512_set1_epi32(w.sub[(c0 + j) * w.groups + g]);
+          for (int i = 0; i < MR; ++i) {
+            acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_mullo_epi32(part[i][j], r));
+            part[i][j] = _mm512_setzero_si512();
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) raw[i * NR + j] = static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][j]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2: a block is two registers of 32 int8 weights (codes 0-31 and 32-63). Codes of at most 4 bits use
+// vpmaddubsw (pairs of uint8 * int8 summed in int16: at most 2 * 255 * 8, no saturation); 8-bit codes are
+// widened to int16 and multiplied with vpmaddwd.
+
+GRADQ_AVX2 inline __m256i sign_extend256(__m256i f, int bits) {
+  const __m256i s = _mm256_set1_epi8(static_cast<char>(1 << (bits - 1)));
+  return _mm256_sub_epi8(_mm256_xor_si256(f, s), s);
+}
+
+GRADQ_AVX2 inline __m256i expand_sign_bits(uint32_t bits) {
+  const __m256i v = _mm256_set1_epi32(static_cast<int>(bits));
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i select = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, spread), select), select);
+  return _mm256_or_si256(set, _mm256_set1_epi8(1));  // -1 where the bit is 1, else +1
+}
+
+template <int BITS>
+GRADQ_AVX2 inline void unpack256(const uint8_t* p, __m256i* h) {
+  if constexpr (BITS == 8) {
+    h[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    h[1] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32));
+  } else if constexpr (BITS == 1) {
+    uint64_t bits;
+    std::memcpy(&bits, p, 8);
+    h[0] = expand_sign_bits(static_cast<uint32_t>(bits));
+    h[1] = expand_sign_bits(static_cast<uint32_t>(bits >> 32));
+  } else if constexpr (BITS == 4) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    h[0] = sign_extend256(_mm256_and_si256(v, mask), 4);
+    h[1] = sign_extend256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 4);
+  } else {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i mask = _mm_set1_epi8(3);
+    const __m128i s0 = _mm_and_si128(v, mask), s1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
+    const __m128i s2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask), s3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
+    h[0] = sign_extend256(_mm256_set_m128i(s1, s0), 2);
+    h[1] = sign_extend256(_mm256_set_m128i(s3, s2), 2);
+  }
+}
+
+template <int BITS>
+GRADQ_AVX2 inline __m256i dot32(__m256i acc, const uint8_t* x, __m256i w) {
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  if constexpr (BITS <= 4) {
+    const __m256i pairs = _mm256_maddubs_epi16(xv, w);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+  } else {
+    const __m256i x0 = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(xv));
+    const __m256i x1 = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(xv, 1));
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w));
+    const __m256i w1 = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(x0, w0));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(x1, w1));
+  }
+}
+
+GRADQ_AVX2 inline uint32_t hsum256(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
+}
+
+template <int BITS, int MR, int NR, bool GROUPED>
+GRADQ_AVX2 void tile_avx2(const uint8_t* x, int64_t x_stride, const Weights& w, int64_t c0, uint32_t* raw) {
+  __m256i acc[MR][NR], part[MR][NR];
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) acc[i][j] = part[i][j] = _mm256_setzero_si256();
+  }
+  const int64_t block_bytes = 8 * BITS;
+  for (int64_t b = 0; b < w.nblocks; ++b) {
+    __m256i wv[NR][2];
+    for (int j = 0; j < NR; ++j) unpack256<BITS>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, wv[j]);
+    for (int i = 0; i < MR; ++i) {
+      const uint8_t* xb = x + i * x_stride + b * kBlock;
+      for (int j = 0; j < NR; ++j) {
+        __m256i& a = GROUPED ? part[i][j] : acc[i][j];
+        a = dot32<BITS>(dot32<BITS>(a, xb, wv[j][0]), xb + 32, wv[j][1]);
+      }
+    }
+    if constexpr (GROUPED) {
+      if ((b + 1) % w.blocks_per_group == 0) {
+        const int64_t g = b / w.blocks_per_group;
+        for (int j = 0; j < NR; ++j) {
+          const __m256i r = _mm256_set1_epi32(w.sub[(c0 + j) * w.groups + g]);
+          for (int i = 0; i < MR; ++i) {
+            acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_mullo_epi32(part[i][j], r));
+            part[i][j] = _mm256_setzero_si256();
+          }
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) raw[i * NR + j] = hsum256(acc[i][j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver: tiles of 4 rows x 4 channels (edges one at a time), the epilogue applied to each tile.
+
+using TileFn = void (*)(const uint8_t*, int64_t, const Weights&, int64_t, uint32_t*);
+
+struct Tiles {
+  TileFn t44, t14, t41, t11;
+};
+
+template <int BITS, bool GROUPED>
+Tiles tiles_for(Isa isa) {
+  if (isa == kAvx512Vnni) {
+    return {tile_avx512<BITS, 4, 4, GROUPED>, tile_avx512<BITS, 1, 4, GROUPED>, tile_avx512<BITS, 4, 1, GROUPED>,
+            tile_avx512<BITS, 1, 1, GROUPED>};
+  }
+  return {tile_avx2<BITS, 4, 4, GROUPED>, tile_avx2<BITS, 1, 4, GROUPED>, tile_avx2<BITS, 4, 1, GROUPED>,
+          tile_avx2<BITS, 1, 1, GROUPED>};
+}
+
+template <int BITS>
+Tiles tiles_for_bits(Isa isa, bool grouped) {
+  return grouped ? tiles_for<BITS, true>(isa) : tiles_for<BITS, false>(isa);
+}
+
+Tiles select_tiles(Isa isa, const Weights& w) {
+  const bool grouped = w.sub != nullptr;
+  switch (w.bits) {
+    case 8: return tiles_for_bits<8>(isa, grouped);
+    case 4: return tiles_for_bits<4>(isa, grouped);
+    case 2: return tiles_for_bits<2>(isa, grouped);
+    default: return tiles_for_bits<1>(isa, grouped);
+  }
+}
+
+Isa resolve_isa(int64_t requested) {
+  static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const Isa best = vnni ? kAvx512Vnni : (avx2 ? kAvx2 : kPortable);
+  if (requested == kAuto) return best;
+  TORCH_CHECK(requested >= kPortable && requested <= best, "integer GEMM: instruction set ", requested,
+              " is not available on this CPU (best: ", static_cast<int64_t>(best), ")");
+  return static_cast<Isa>(requested);
+}
+
+// out rows [m0, m1) x channels [c0, c1) of one GEMM; x points at row 0 (row stride x_stride).
+void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilogue& e, const Output& o,
+               int64_t channel_base, Isa isa, const Tiles& t, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+  uint32_t raw[16];
+  const bool vector = isa != kPortable && w.wide == nullptr;
+  for (int64_t c = c0; c < c1;) {
+    const int64_t nc = (vector && c + 4 <= c1) ? 4 : 1;
+    for (int64_t m = m0; m < m1;) {
+      const int64_t nm = (vector && m + 4 <= m1) ? 4 : 1;
+      const uint8_t* xr = x + m * x_stride;
+      if (!vector) {
+        raw[0] = dot_portable(xr, w, c);
+      } else if (nm == 4) {
+        (nc == 4 ? t.t44 : t.t41)(xr, x_stride, w, c, raw);
+      } else {
+        (nc == 4 ? t.t14 : t.t11)(xr, x_stride, w, c, raw);
+      }
+      for (int64_t i = 0; i < nm; ++i) {
+        for (int64_t j = 0; j < nc; ++j) {
+          store(o, m + i, channel_base + c + j, requantize_one(raw[i * nc + j], c + j, e));
+        }
+      }
+      m += nm;
+    }
+    c += nc;
+  }
+}
+
+// One GEMM of rows (M, kp) by channels [0, C) of w (pointers already at the group's first channel).
+void gemm(const uint8_t* x, int64_t rows, int64_t x_stride, const Weights& w, int64_t channels, const Epilogue& e,
+          const Output& o, int64_t channel_base, Isa isa) {
+  const Tiles t = (isa == kPortable || w.wide != nullptr) ? Tiles{} : select_tiles(isa, w);
+  const int64_t row_chunks = (rows + kRowChunk - 1) / kRowChunk;
+  const int64_t chan_chunks = (channels + kChanChunk - 1) / kChanChunk;
+  at::parallel_for(0, row_chunks * chan_chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t rc = task % row_chunks, cc = task / row_chunks;
+      run_block(x, x_stride, w, e, o, channel_base, isa, t, rc * kRowChunk, std::min(rows, (rc + 1) * kRowChunk),
+                cc * kChanChunk, std::min(channels, (cc + 1) * kChanChunk));
+    }
+  });
+}
+
+struct Layer {
+  Weights w;
+  int64_t channels;
+  Epilogue e;
+};
+
+Layer make_layer(const torch::Tensor& packed, const torch::Tensor& wide, int64_t bits, bool sign, int64_t kp,
+                 const torch::Tensor& sub, int64_t group_size, const torch::Tensor& offset, const torch::Tensor& mult,
+                 const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi) {
+  Layer l{};
+  TORCH_CHECK(kp % kBlock == 0 && kp > 0, "integer GEMM: padded K must be a positive multiple of 64");
+  l.w.nblocks = kp / kBlock;
+  l.w.bits = static_cast<int>(bits);
+  l.w.sign = sign;
+  if (wide.numel() > 0) {
+    l.w.wide = wide.data_ptr<int16_t>();
+    l.channels = wide.size(0);
+  } else {
+    l.w.packed = packed.data_ptr<uint8_t>();
+    l.w.row_bytes = packed.size(1);
+    l.channels = packed.size(0);
+    TORCH_CHECK(l.w.row_bytes == kp * bits / 8, "integer GEMM: packed rows must hold kp * bits / 8 bytes");
+  }
+  if (sub.numel() > 0) {
+    l.w.sub = sub.data_ptr<int32_t>();
+    l.w.groups = sub.size(1);
+    l.w.blocks_per_group = group_size / kBlock;
+  }
+  l.e = {offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
+  return l;
+}
+
+// Rows of uint8 codes: x (rows, k) copied into (rows, kp), flipped to uint8 for int8 codes.
+torch::Tensor padded_rows(const torch::Tensor& x, int64_t kp) {
+  const bool flip = x.scalar_type() == torch::kInt8;
+  const int64_t rows = x.size(0), k = x.size(1);
+  if (!flip && k == kp) return x;
+  auto out = torch::zeros({rows, kp}, x.options().dtype(torch::kUInt8));
+  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const uint8_t mask = flip ? 0x80 : 0;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = 0; i < k; ++i) dst[r * kp + i] = src[r * k + i] ^ mask;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+int64_t integer_gemm_isa() { return resolve_isa(kAuto); }
+
+torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
+                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
+                             int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa) {
+  const Isa chosen = resolve_isa(isa);
+  const Layer l = make_layer(packed, wide, bits, sign, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
+  const torch::Tensor rows = padded_rows(x, kp);
+  auto out = torch::empty({x.size(0), l.channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Output o{out.data_ptr(), out_signed, 1, l.channels};
+  gemm(rows.data_ptr<uint8_t>(), x.size(0), kp, l.w, l.channels, l.e, o, 0, chosen);
+  return out;
+}
+
+torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
+                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
+                             int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa,
+                             std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, int64_t groups, int64_t zx) {
+  const Isa chosen = resolve_isa(isa);
+  const Layer l = make_layer(packed, wide, bits, sign, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], cg = cin / groups;
+  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t positions = oh * ow, rows = n * positions, width = groups * kp;
+  const uint8_t mask = x.scalar_type() == torch::kInt8 ? 0x80 : 0;
+  const auto pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ mask);  // the code of a real 0
+  auto cols = torch::zeros({rows, width}, x.options().dtype(torch::kUInt8));
+  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
+  uint8_t* dst = cols.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / positions, p = r % positions, oy = p / ow, ox = p % ow;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* out_row = dst + r * width + g * kp;
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const uint8_t* plane = src + (s * cin + g * cg + ci) * h * wd;
+          for (int64_t i = 0; i < kh; ++i) {
+            const int64_t y = oy * stride[0] - padding[0] + i * dilation[0];
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t xx = ox * stride[1] - padding[1] + j * dilation[1];
+              const bool inside = y >= 0 && y < h && xx >= 0 && xx < wd;
+              *out_row++ = inside ? static_cast<uint8_t>(plane[y * wd + xx] ^ mask) : pad;
+            }
+          }
+        }
+      }
+    }
+  });
+  const int64_t cout = l.channels, cpg = cout / groups;
+  auto out = torch::empty({n, cout, oh, ow}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Output o{out.data_ptr(), out_signed, positions, cout};
+  for (int64_t g = 0; g < groups; ++g) {
+    Weights wg = l.w;
+    if (wg.wide != nullptr) wg.wide += g * cpg * kp;
+    if (wg.packed != nullptr) wg.packed += g * cpg * wg.row_bytes;
+    if (wg.sub != nullptr) wg.sub += g * cpg * wg.groups;
+    Epilogue eg = l.e;
+    eg.offset += g * cpg;
+    eg.mult += g * cpg;
+    eg.shift += g * cpg;
+    gemm(dst + g * kp, rows, width, wg, cpg, eg, o, g * cpg, chosen);
+  }
+  return out;
+}
+
+torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
+  const int64_t rows = acc.size(0), channels = acc.size(1);
+  auto out = torch::empty({rows, channels}, acc.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
+  const Output o{out.data_ptr(), out_signed, 1, channels};
+  const int32_t* a = acc.data_ptr<int32_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t c = 0; c < channels; ++c) {
+        store(o, m, c, requantize_one(static_cast<uint32_t>(a[m * channels + c]), c, e));
+      }
+    }
+  });
+  return out;
+}
+
+#pragma GCC diagnostic pop

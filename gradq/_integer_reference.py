@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference of the integer GEMM kernels (csrc/integer_gemm.cpp): the same arguments, the
+arithmetic of docs/integer.md section 3 computed directly (no uint8 flip, no offset trick), exact in
+float64 because every partial sum is an integer below 2**31. The layout is read back by
+:func:`unpack_layout`, so the tests of the kernels against this module also check the layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gradq.fixedpoint import requantize
+
+BLOCK = 64
+
+
+def unpack_layout(packed: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
+    """Codes q (C, kp) int64 of a weight layout (C, kp * bits / 8) uint8 (docs/kernels.md, "Integer GEMM")."""
+    c = packed.shape[0]
+    raw = packed.to(torch.int64)
+    mask = (1 << bits) - 1
+    if bits in (8, 1):  # natural order, LSB first
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+        fields = ((raw.unsqueeze(-1) >> shifts) & mask).reshape(c, -1)
+    else:  # blocks of 8*bits bytes; byte j holds code j of each of the 8/bits slices
+        blocks = raw.view(c, -1, 8 * bits)
+        shifts = (torch.arange(8 // bits, dtype=torch.int64) * bits).view(1, 1, -1, 1)
+        fields = ((blocks.unsqueeze(2) >> shifts) & mask).reshape(c, -1)
+    if sign:
+        return 1 - 2 * fields
+    half = 1 << (bits - 1)
+    return (fields ^ half) - half
+
+
+def _integer_weights(packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
+                     sub: torch.Tensor, group_size: int) -> torch.Tensor:
+    if wide.numel():
+        return wide.to(torch.int64)
+    q = unpack_layout(packed, bits, sign)
+    if sub.numel():
+        q = q * sub.to(torch.int64).repeat_interleave(group_size, dim=1)
+    return q
+
+
+def _bias_and_zero(offset: torch.Tensor, wi: torch.Tensor, zeff: int) -> torch.Tensor:
+    """bq from offset = bq - zeff * sum_k Wi."""
+    return offset + zeff * wi.sum(1)
+
+
+def _finish(acc: torch.Tensor, offset: torch.Tensor, wi: torch.Tensor, zeff: int, mult: torch.Tensor,
+            shift: torch.Tensor, zo: int, lo: int, hi: int, out_signed: bool, channel_dim: int) -> torch.Tensor:
+    view = [1] * acc.dim()
+    view[channel_dim] = -1
+    acc = acc + _bias_and_zero(offset, wi, zeff).view(view)
+    codes = requantize(acc, mult.to(torch.int64), shift.to(torch.int64), zo, lo, hi, channel_dim)
+    return codes.to(torch.int8 if out_signed else torch.uint8)
+
+
+def _centered(x: torch.Tensor, zeff: int) -> torch.Tensor:
+    """x - zx as float64 (for int8 codes zeff = zx + 128 on the flipped codes, i.e. x - zx)."""
+    flipped = x.to(torch.int64) + (128 if x.dtype == torch.int8 else 0)
+    return (flipped - zeff).to(torch.float64)
+
+
+def integer_linear(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
+                   sub: torch.Tensor, group_size: int, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
+                   zo: int, lo: int, hi: int, out_signed: bool, isa: int, zeff: int) -> torch.Tensor:
+    """Output codes (rows, C) of the integer Linear for input codes ``x`` (rows, K)."""
+    wi = _integer_weights(packed, wide, bits, sign, kp, sub, group_size)[:, : x.shape[1]]
+    acc = (_centered(x, zeff) @ wi.T.to(torch.float64)).to(torch.int64)
+    return _finish(acc, offset, wi, zeff, mult, shift, zo, lo, hi, out_signed, -1)
+
+
+def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
+                   sub: torch.Tensor, group_size: int, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
+                   zo: int, lo: int, hi: int, out_signed: bool, isa: int, kernel: list[int], stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int, zx: int, zeff: int) -> torch.Tensor:
+    """Output codes (N, C, OH, OW) of the integer Conv2d for input codes ``x`` (N, C_in, H, W); zero padding
+    pads ``x - zx`` with 0."""
+    n, cin = x.shape[:2]
+    k = cin // groups * kernel[0] * kernel[1]
+    wi = _integer_weights(packed, wide, bits, sign, kp, sub, group_size)[:, :k]
+    cols = F.unfold(_centered(x, zeff), kernel, dilation=dilation, padding=padding, stride=stride)
+    c = wi.shape[0]
+    w = wi.to(torch.float64).view(groups, c // groups, k)
+    acc = torch.matmul(w, cols.view(n, groups, k, -1)).reshape(n, c, -1).to(torch.int64)
+    oh = (x.shape[2] + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    codes = _finish(acc, offset, wi, zeff, mult, shift, zo, lo, hi, out_signed, 1)
+    return codes.view(n, c, oh, -1)
+
+
+def requantize_int32(acc: torch.Tensor, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zo: int,
+                     lo: int, hi: int, out_signed: bool) -> torch.Tensor:
+    """Output codes of int32 accumulators (rows, C) plus ``offset`` (wrapping in int32), requantized."""
+    acc = (acc.to(torch.int64) + offset + 2**31) % 2**32 - 2**31
+    codes = requantize(acc, mult.to(torch.int64), shift.to(torch.int64), zo, lo, hi, -1)
+    return codes.to(torch.int8 if out_signed else torch.uint8)

@@ -1,0 +1,191 @@
+"""Integer GEMM with packed low-bit weights and the fused requantization epilogue (docs/integer.md
+section 3; the weight layout and the kernels in docs/kernels.md, "Integer GEMM").
+
+:func:`plan_integer_gemm` turns one layer's stored integers (codes q, sub-scales r, bias, multipliers) into
+an :class:`IntegerGemm`: weights repacked once into the kernels' layout at their width (1, 2, 4 or 8 bits
+per code; 3, 5, 6 and 7 bits widen to 8), and the offset that folds the bias and the input zero point.
+:func:`integer_linear` and :func:`integer_conv2d` run it on code tensors: natively (AVX-512 VNNI, AVX2 or
+portable C++, chosen at run time) or by the pure-PyTorch reference (``GRADQ_KERNELS=reference``), with
+bit-identical results. 8-bit per-channel weights can instead use ``torch._int_mm`` (oneDNN) for the
+products, followed by the same epilogue (:func:`integer_linear` with ``engine="int_mm"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gradq import _integer_reference, _reference
+from gradq._backend import kernels_for
+from gradq._validate import check_tensor
+
+BLOCK = 64
+ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512_vnni": 3}
+"""Instruction sets of the native kernels, by name (``auto``: the widest this CPU has)."""
+ENGINES = ("auto", "gradq", "int_mm")
+INT_MM_MIN_ROWS = 128
+"""``engine="auto"`` uses ``torch._int_mm`` for 8-bit per-channel weights from this many rows on: measured
+faster than gradq's kernel there, slower below (benchmarks/integer.py, the GEMM table)."""
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerGemm:
+    """One integer layer ready for the kernels. C output channels, K inputs per channel, ``kp`` = K rounded
+    up to 64. Weights: ``packed`` (C, kp * bits / 8) uint8 in the kernels' layout, or ``wide`` (C, kp)
+    int16 Wi when the sub-scale groups are not multiples of 64 (the other empty); ``sub`` (C, G) int32
+    sub-scales per ``group_size`` codes, or empty. Epilogue: ``offset`` (C,) int64 = bq - zeff * sum_k Wi
+    with ``zeff`` the input zero point on uint8 codes (zx, plus 128 for int8 codes), ``mult`` (C,) int32,
+    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``int8_weights`` (K, C) int8 for
+    ``torch._int_mm`` where the weights are 8-bit per channel, else None, with ``int8_offset`` = offset +
+    128 * sum_k Wi (its inputs are the codes minus 128 as int8)."""
+
+    packed: torch.Tensor
+    wide: torch.Tensor
+    bits: int
+    sign: bool
+    k: int
+    kp: int
+    sub: torch.Tensor
+    group_size: int
+    offset: torch.Tensor
+    mult: torch.Tensor
+    shift: torch.Tensor
+    zx: int
+    zo: int
+    lo: int
+    hi: int
+    x_signed: bool
+    out_signed: bool
+    int8_weights: torch.Tensor | None
+    int8_offset: torch.Tensor | None
+
+    @property
+    def channels(self) -> int:
+        return self.offset.numel()
+
+    @property
+    def zeff(self) -> int:
+        return self.zx + (128 if self.x_signed else 0)
+
+    def weight_nbytes(self) -> int:
+        """Bytes of the weights as the kernels read them (layout or wide Wi, plus sub-scales)."""
+        return self.packed.numel() + 2 * self.wide.numel() + 4 * self.sub.numel()
+
+
+def pack_layout(q: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
+    """Codes q (C, kp) int64 -> the kernels' layout (C, kp * bits / 8) uint8: blocks of 64 codes; 8 and 1
+    bit in natural LSB-first order (sign codes: bit 1 for -1), 4 and 2 bits as 8/bits slices of 8*bits
+    codes with byte j holding code j of slice t in bits [t*bits, (t+1)*bits)."""
+    c, kp = q.shape
+    fields = (q < 0).to(torch.int64) if sign else q & ((1 << bits) - 1)
+    if bits in (8, 1):
+        per_byte = 8 // bits
+        shifts = torch.arange(per_byte, dtype=torch.int64) * bits
+        return (fields.view(c, -1, per_byte) << shifts).sum(-1).to(torch.uint8)
+    shifts = (torch.arange(8 // bits, dtype=torch.int64) * bits).view(1, 1, -1, 1)
+    return (fields.view(c, kp // BLOCK, 8 // bits, 8 * bits) << shifts).sum(2).reshape(c, -1).to(torch.uint8)
+
+
+def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
+                      group_size: int, bq: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zx: int,
+                      zo: int, lo: int, hi: int, x_signed: bool, out_signed: bool) -> IntegerGemm:
+    """The :class:`IntegerGemm` of a layer with weight codes ``q`` (C, K), sub-scales ``r`` (C, K /
+    group_size) or None, all-zero channel mask ``zero`` (C,), ``bits``-wide codes (``sign``: binary), int32
+    bias ``bq``, multipliers ``mult``/``shift`` (docs/integer.md section 4) and the input/output code
+    parameters."""
+    c, k = q.shape
+    kp = -(-k // BLOCK) * BLOCK
+    q = torch.where(zero.unsqueeze(1), 0, q.to(torch.int64)) if not sign else q.to(torch.int64)
+    wi = q if r is None else q * r.to(torch.int64).repeat_interleave(group_size, dim=1)
+    wi = torch.where(zero.unsqueeze(1), 0, wi)
+    empty8, empty16, empty32 = (torch.empty(0, dtype=d) for d in (torch.uint8, torch.int16, torch.int32))
+    packed, wide, sub, width = empty8, empty16, empty32, bits if bits in (1, 2, 4, 8) else 8
+    grouped_layout = r is not None and group_size % BLOCK == 0
+    if r is not None and not grouped_layout:
+        wide = torch.nn.functional.pad(wi, (0, kp - k)).to(torch.int16).contiguous()
+    else:
+        packed = pack_layout(torch.nn.functional.pad(q, (0, kp - k), value=1 if sign else 0), width, sign)
+        if grouped_layout:
+            sub = torch.where(zero.unsqueeze(1), 0, r.to(torch.int32)).contiguous()
+        elif sign and bool(zero.any()):  # a binary zero channel: one sub-scale per row, 0 where all-zero
+            sub, group_size = (~zero).to(torch.int32).unsqueeze(1).contiguous(), kp
+    zeff = zx + (128 if x_signed else 0)
+    int8_ok = r is None and not sign and bits == 8
+    colsum = wi.sum(1)
+    offset = (bq.to(torch.int64) - zeff * colsum).contiguous()
+    return IntegerGemm(
+        packed=packed.contiguous(), wide=wide, bits=width, sign=sign, k=k, kp=kp, sub=sub, group_size=group_size,
+        offset=offset, mult=mult.to(torch.int32).contiguous(),
+        shift=shift.to(torch.int8).contiguous(), zx=zx, zo=zo, lo=lo, hi=hi, x_signed=x_signed,
+        out_signed=out_signed, int8_weights=wi.T.to(torch.int8).contiguous() if int8_ok else None,
+        int8_offset=offset + 128 * colsum if int8_ok else None,
+    )
+
+
+def native_isa() -> str:
+    """The instruction set the native integer GEMM uses on this CPU (``portable`` without the native build)."""
+    from gradq._backend import _C
+
+    if _C is None:
+        return "portable"
+    return {v: n for n, v in ISAS.items()}[_C.integer_gemm_isa()]
+
+
+def _kernels(x: torch.Tensor, isa: str) -> tuple[object, int]:
+    if isa not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    module = kernels_for(x)
+    return (_integer_reference if module is _reference else module), ISAS[isa]
+
+
+def _check_codes(x: torch.Tensor, g: IntegerGemm, dim: int, k: int) -> None:
+    expected = torch.int8 if g.x_signed else torch.uint8
+    check_tensor("codes", x, dtypes=(expected,), dim=dim)
+    if x.device.type != "cpu":
+        raise ValueError(f"the integer GEMM runs on CPU tensors; got codes on {x.device}: move them with .cpu()")
+    if k != g.k:
+        raise ValueError(f"codes have {k} inputs per output channel but the layer was planned for {g.k}")
+
+
+def _args(g: IntegerGemm, isa_id: int) -> tuple:
+    return (g.packed, g.wide, g.bits, g.sign, g.kp, g.sub, g.group_size, g.offset, g.mult, g.shift,
+            g.zo, g.lo, g.hi, g.out_signed, isa_id)
+
+
+def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: str = "auto") -> torch.Tensor:
+    """Output codes (rows, C) (int8 or uint8 as planned) of input codes ``x`` (rows, K), contiguous, on the CPU.
+
+    ``engine="int_mm"`` computes the products with ``torch._int_mm`` (8-bit per-channel weights only) and
+    applies the same epilogue; ``"gradq"`` uses gradq's kernel; ``"auto"`` takes ``int_mm`` where it is
+    faster (8-bit per-channel weights, at least INT_MM_MIN_ROWS rows, native kernels in use). ``isa``
+    forces an instruction set of the native kernels (tests, benchmarks).
+    """
+    _check_codes(x, g, 2, x.shape[1])
+    module, isa_id = _kernels(x, isa)
+    if engine == "auto":
+        fast = g.int8_weights is not None and x.shape[0] >= INT_MM_MIN_ROWS and module is not _integer_reference
+        engine = "int_mm" if fast else "gradq"
+    if engine == "int_mm":
+        if g.int8_weights is None:
+            raise ValueError("engine='int_mm' needs 8-bit per-channel weights; use engine='gradq'")
+        xs = x if g.x_signed else (x ^ 128).view(torch.int8)  # uint8 codes minus 128
+        acc = torch._int_mm(xs, g.int8_weights)
+        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
+    if engine != "gradq":
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    extra = {"zeff": g.zeff} if module is _integer_reference else {}
+    return module.integer_linear(x, *_args(g, isa_id), **extra)
+
+
+def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], stride: tuple[int, int],
+                   padding: tuple[int, int], dilation: tuple[int, int], groups: int, isa: str = "auto") -> torch.Tensor:
+    """Output codes (N, C, OH, OW) of input codes ``x`` (N, C_in, H, W): im2col (padding with the code of
+    a real 0, ``zx``) and the GEMM of each of ``groups`` groups, on the CPU."""
+    _check_codes(x, g, 4, x.shape[1] // groups * math.prod(kernel))
+    module, isa_id = _kernels(x, isa)
+    conv = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding],
+            [int(v) for v in dilation], int(groups), g.zx)
+    extra = {"zeff": g.zeff} if module is _integer_reference else {}
+    return module.integer_conv2d(x, *_args(g, isa_id), *conv, **extra)

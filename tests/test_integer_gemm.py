@@ -1,0 +1,221 @@
+"""The integer GEMM kernels (csrc/integer_gemm.cpp): every instruction set this CPU has, bit-exact against
+the pure-PyTorch reference on odd shapes; the reference against an independent oracle (F.conv2d and
+matmul in float64, requantization in Python integers); the weight layout; requantization edge cases."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gradq import _integer_reference, integer_gemm
+from gradq._backend import native_available
+from gradq.fixedpoint import quantize_multiplier
+from gradq.integer_gemm import ISAS, integer_conv2d, integer_linear, native_isa, pack_layout, plan_integer_gemm
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels not built")
+
+BEST = ISAS[native_isa()]
+AVAILABLE = [name for name, v in ISAS.items() if 0 < v <= BEST]
+
+
+def test_this_cpu_runs_every_path():
+    # The machine the suite runs on has AVX-512 VNNI; elsewhere the narrower paths are still covered.
+    assert AVAILABLE == ["portable", "avx2", "avx512_vnni"][: len(AVAILABLE)] and len(AVAILABLE) >= 1
+
+
+def _codes(q_bits: int, sign: bool, c: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    if sign:
+        return torch.where(torch.rand(c, k, generator=gen) < 0.5, -1, 1)
+    half = 1 << (q_bits - 1)
+    return torch.randint(-half, half, (c, k), generator=gen)
+
+
+def _plan(c, k, bits, *, group=0, x_signed=False, out_signed=False, relu=False, zx=None, zero_frac=0.2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sign = bits == 1
+    q = _codes(bits, sign, c, k, gen)
+    r = torch.randint(1, 256, (c, k // group), generator=gen) if group else None
+    zero = torch.rand(c, generator=gen) < zero_frac
+    bq = torch.randint(-3000, 3000, (c,), generator=gen)
+    mult, shift = quantize_multiplier(torch.rand(c, generator=gen, dtype=torch.float64) * (2e-4 if group else 4e-3))
+    zx = (0 if x_signed else 9) if zx is None else zx
+    lo, hi = (-128, 127) if out_signed else (0, 255)
+    zo = 0 if out_signed else 5
+    if relu:
+        lo = max(lo, zo)
+    plan = plan_integer_gemm(q, r, zero, bits, sign, group, bq, mult, shift, zx, zo, lo, hi, x_signed, out_signed)
+    return plan, (q, r, zero, bq, mult, shift, zx, zo, lo, hi)
+
+
+def _inputs(shape, signed, seed):
+    gen = torch.Generator().manual_seed(seed)
+    if signed:
+        return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+    return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+
+
+def _oracle_requantize(acc: torch.Tensor, mult, shift, zo, lo, hi, channel_dim):
+    """docs/integer.md section 3 in Python integers, element by element."""
+    out = acc.clone()
+    flat_acc, flat_out = acc.movedim(channel_dim, -1).reshape(-1, acc.shape[channel_dim]), []
+    for row in flat_acc.tolist():
+        flat_out.append([min(max(((a * int(m) + (1 << (int(n) - 1))) >> int(n)) + zo, lo), hi)
+                         for a, m, n in zip(row, mult, shift, strict=True)])
+    moved = torch.tensor(flat_out, dtype=torch.int64).view(acc.movedim(channel_dim, -1).shape)
+    out.copy_(moved.movedim(-1, channel_dim))
+    return out
+
+
+def _oracle_wi(q, r, zero, group):
+    wi = q if r is None else q * r.repeat_interleave(group, dim=1)
+    return torch.where(zero.unsqueeze(1), 0, wi)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_layout_round_trip_and_bytes(bits):
+    gen = torch.Generator().manual_seed(bits)
+    q = _codes(bits, bits == 1, 3, 192, gen)
+    packed = pack_layout(q, bits, bits == 1)
+    assert packed.shape == (3, 192 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(_integer_reference.unpack_layout(packed, bits, bits == 1), q)
+    # byte 0 of a block: code 0 in its low bits; the next field is code 1 (8, 1 bit) or code 8*bits (2, 4 bit)
+    field = (q < 0).long() if bits == 1 else q & ((1 << bits) - 1)
+    second = 1 if bits in (1, 8) else 8 * bits
+    expected = int(field[0, 0]) if bits == 8 else int(field[0, 0]) | (int(field[0, second]) << bits)
+    assert int(packed[0, 0]) & ((1 << min(2 * bits, 8)) - 1) == expected
+
+
+CASES = [  # rows, channels, K, bits, group
+    (1, 5, 64, 8, 0), (3, 9, 100, 8, 0), (7, 13, 250, 4, 0), (5, 4, 64, 4, 64), (6, 7, 256, 4, 128),
+    (2, 11, 130, 2, 0), (9, 6, 192, 2, 64), (4, 10, 77, 1, 0), (1, 3, 512, 1, 0), (5, 5, 96, 3, 0),
+    (3, 6, 120, 5, 0), (4, 5, 40, 2, 8), (2, 3, 96, 4, 32), (17, 17, 320, 4, 0), (1, 33, 1000, 8, 0),
+]
+
+
+@pytest.mark.parametrize("rows,c,k,bits,group", CASES)
+@pytest.mark.parametrize("x_signed,out_signed,relu", [(False, False, True), (True, True, False), (False, True, False)])
+def test_linear_native_equals_reference_and_oracle(rows, c, k, bits, group, x_signed, out_signed, relu, monkeypatch):
+    plan, (q, r, zero, bq, mult, shift, zx, zo, lo, hi) = _plan(
+        c, k, bits, group=group, x_signed=x_signed, out_signed=out_signed, relu=relu, seed=rows * 31 + k
+    )
+    x = _inputs((rows, k), x_signed, seed=k)
+    acc = (x.long() - zx) @ _oracle_wi(q, r, zero, group).T + bq
+    expected = _oracle_requantize(acc, mult.tolist(), shift.tolist(), zo, lo, hi, -1)
+    monkeypatch.setenv("GRADQ_KERNELS", "reference")
+    ref = integer_linear(x, plan)
+    assert ref.dtype == (torch.int8 if out_signed else torch.uint8)
+    assert torch.equal(ref.long(), expected)
+    monkeypatch.setenv("GRADQ_KERNELS", "native")
+    for isa in AVAILABLE:
+        assert torch.equal(integer_linear(x, plan, isa=isa, engine="gradq"), ref), isa
+
+
+CONV_CASES = [  # N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups
+    (2, 3, 9, 7, 5, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (1, 4, 8, 8, 6, (3, 2), (2, 1), (0, 2), (1, 2), 2),
+    (3, 1, 28, 28, 6, (5, 5), (1, 1), (0, 0), (1, 1), 1),
+    (1, 6, 5, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1), 6),
+    (2, 8, 6, 11, 4, (1, 3), (1, 2), (0, 1), (1, 1), 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 0), (2, 0), (1, 0), (4, 64)])
+@pytest.mark.parametrize("x_signed", [False, True])
+def test_conv2d_native_equals_reference_and_float64_conv(case, bits, group, x_signed, monkeypatch):
+    n, cin, h, w, cout, kernel, stride, padding, dilation, groups = case
+    k = cin // groups * kernel[0] * kernel[1]
+    if group and k % group:
+        group = 0
+    plan, (q, r, zero, bq, mult, shift, zx, zo, lo, hi) = _plan(cout, k, bits, group=group, x_signed=x_signed,
+                                                               out_signed=x_signed, seed=k + n)
+    x = _inputs((n, cin, h, w), x_signed, seed=h * w)
+    wi = _oracle_wi(q, r, zero, group).view(cout, cin // groups, *kernel)
+    acc = F.conv2d((x.long() - zx).double(), wi.double(), bq.double(), stride, padding, dilation, groups)
+    expected = _oracle_requantize(acc.long(), mult.tolist(), shift.tolist(), zo, lo, hi, 1)
+    monkeypatch.setenv("GRADQ_KERNELS", "reference")
+    ref = integer_conv2d(x, plan, kernel, stride, padding, dilation, groups)
+    assert torch.equal(ref.long(), expected)
+    monkeypatch.setenv("GRADQ_KERNELS", "native")
+    for isa in AVAILABLE:
+        assert torch.equal(integer_conv2d(x, plan, kernel, stride, padding, dilation, groups, isa=isa), ref), isa
+
+
+@pytest.mark.parametrize("rows", [1, 5, 130])
+@pytest.mark.parametrize("x_signed", [False, True])
+def test_int_mm_engine_equals_gradq_kernel(rows, x_signed):
+    plan, _ = _plan(7, 100, 8, x_signed=x_signed, out_signed=not x_signed, seed=rows)
+    assert plan.int8_weights is not None
+    x = _inputs((rows, 100), x_signed, seed=rows)
+    assert torch.equal(integer_linear(x, plan, engine="int_mm"), integer_linear(x, plan, engine="gradq"))
+
+
+@pytest.mark.parametrize("isa", AVAILABLE)
+def test_wrapping_products_stay_exact(isa, monkeypatch):
+    # Within the layer's bound (K * 128 * 100 < 2**31 with zx = 128) the kernels' uint8 products
+    # sum_k 255 * 100 pass 2**31 and wrap; the offset brings acc = 127 * 100 * K back exactly.
+    k, c = 100_000, 3
+    q = torch.full((c, k), 100)
+    zero = torch.zeros(c, dtype=torch.bool)
+    mult, shift = quantize_multiplier(torch.full((c,), 1e-7, dtype=torch.float64))
+    bq = torch.tensor([0, 5, -5])
+    plan = plan_integer_gemm(q, None, zero, 8, False, 0, bq, mult, shift, 128, 0, -128, 127, False, True)
+    x = torch.full((2, k), 255, dtype=torch.uint8)
+    assert 255 * 100 * k > 2**31 > k * 128 * 100
+    acc = torch.full((2, c), 127 * 100 * k) + bq
+    expected = _oracle_requantize(acc, mult.tolist(), shift.tolist(), 0, -128, 127, -1)
+    monkeypatch.setenv("GRADQ_KERNELS", "native")
+    assert torch.equal(integer_linear(x, plan, isa=isa, engine="gradq").long(), expected)
+    assert expected.tolist()[0] == [127, 127, 127]  # 1.27e9 * 1e-7 = 127
+
+
+def test_threads_do_not_change_results():
+    plan, _ = _plan(70, 300, 4, seed=3)
+    x = _inputs((150, 300), False, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = integer_linear(x, plan)
+        torch.set_num_threads(2)
+        assert torch.equal(integer_linear(x, plan), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _requant_case(acc, mult, shift, zo=0, lo=-128, hi=127):
+    acc = torch.tensor(acc, dtype=torch.int32).view(-1, 1)
+    m = torch.tensor([mult], dtype=torch.int32)
+    n = torch.tensor([shift], dtype=torch.int8)
+    zero = torch.zeros(1, dtype=torch.int64)
+    native = integer_gemm._kernels(acc, "auto")[0].requantize_int32(acc, zero, m, n, zo, lo, hi, True)
+    ref = _integer_reference.requantize_int32(acc, zero, m, n, zo, lo, hi, True)
+    expected = _oracle_requantize(acc.long(), [mult], [shift], zo, lo, hi, -1)
+    assert torch.equal(native.long(), expected) and torch.equal(ref.long(), expected)
+    return native.view(-1).tolist()
+
+
+def test_requantization_edge_cases():
+    # ties at m = 1/2 round toward plus infinity
+    assert _requant_case([1, -1, 3, -3, 5, -5], 2**30, 31) == [1, 0, 2, -1, 3, -2]
+    # saturation at both ends, with a zero point
+    assert _requant_case([2**31 - 1, -(2**31), 300, -300], 2**30, 1, zo=3) == [127, -128, 127, -128]
+    # the largest multiplier M = 2**31 - 1 at shift 31 (m just below 1) and a tiny one at shift 62
+    assert _requant_case([100, -100, 127, -128], 2**31 - 1, 31) == [100, -100, 127, -128]
+    assert _requant_case([2**31 - 1, -(2**31)], 2**30, 62) == [0, 0]
+    # M = 0 (a multiplier below 2**-31) gives 0 + zo
+    assert _requant_case([123456, -7], 0, 1, zo=-4) == [-4, -4]
+
+
+def test_bad_arguments_are_named():
+    plan, _ = _plan(4, 64, 4, seed=1)
+    with pytest.raises(TypeError, match="codes must have dtype torch.uint8"):
+        integer_linear(torch.zeros(2, 64, dtype=torch.int8), plan)
+    with pytest.raises(ValueError, match="planned for 64"):
+        integer_linear(torch.zeros(2, 65, dtype=torch.uint8), plan)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, isa="sse9")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, engine="blas")
+    with pytest.raises(ValueError, match="needs 8-bit per-channel weights"):
+        integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, engine="int_mm")
+    with pytest.raises(ValueError, match="must be contiguous"):
+        integer_linear(torch.zeros(64, 2, dtype=torch.uint8).T, plan)
