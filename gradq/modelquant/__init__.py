@@ -1,7 +1,9 @@
 """Model quantization on the shared quantizer core: configure, prepare, calibrate (PTQ), train (QAT), report.
 
 Layers: ``config`` (what), ``weights``/``observer``/``learned``/``fixedpoint`` (how values are quantized),
-``modules`` (quantized layers), ``prepare``/``calibrate``/``report``/``convert`` (the workflows).
+``modules``/``quant_ops`` (quantized layers, residual add, average pooling), ``integer_ops`` (their integer
+arithmetic), ``integer_modules`` (the converted model's modules), ``prepare``/``calibrate``/``report``/
+``convert``/``serialize``/``onnx_export`` (the workflows).
 """
 
 from gradq.modelquant.calibrate import calibrate
@@ -13,12 +15,22 @@ from gradq.modelquant.calibrators import (
     register_calibrator,
 )
 from gradq.modelquant.config import QuantConfig, activation_scheme, weight_scheme
-from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, QuantizeInput, WeightOnlyLayer, convert
+from gradq.modelquant.convert import convert
+from gradq.modelquant.integer_modules import (
+    CodeReLU,
+    Dequantize,
+    IntegerAdd,
+    IntegerAvgPool,
+    IntegerLayer,
+    QuantizeInput,
+    WeightOnlyLayer,
+)
 from gradq.modelquant.learned import learned_fake_quantize
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.onnx_export import export_onnx
 from gradq.modelquant.prepare import prepare
+from gradq.modelquant.quant_ops import QuantAdd, QuantAvgPool
 from gradq.modelquant.report import QuantReport, quant_report
 from gradq.modelquant.serialize import load_quantized, save_quantized
 
@@ -26,6 +38,8 @@ __all__ = [
     "ActQuant",
     "CodeReLU",
     "Dequantize",
+    "IntegerAdd",
+    "IntegerAvgPool",
     "IntegerLayer",
     "QuantizeInput",
     "WeightOnlyLayer",
@@ -34,6 +48,8 @@ __all__ = [
     "CalibrationStats",
     "Calibrator",
     "QuantConfig",
+    "QuantAdd",
+    "QuantAvgPool",
     "QuantLayer",
     "QuantReport",
     "activation_scheme",

@@ -1,12 +1,15 @@
-"""The integer layer of docs/integer.md, section 3, on code tensors: shared by the prepared model's eval()
-and the converted integer model, so both compute the same integers by construction."""
+"""The integer operations of docs/integer.md on code tensors: the layer (section 3, the exact float
+emulation), the residual add and average pooling (section 5). Shared by the prepared model's eval() and
+the converted integer model, so both compute the same integers by construction."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
-from gradq.fixedpoint import requantize
+from gradq.fixedpoint import quantize_multiplier, requantize
 
 LAYER_FUNCTIONS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
 """The float op of each layer kind, with (input, weight, bias, **conv_args)."""
@@ -58,3 +61,42 @@ def integer_layer(
     view[channel_dim] = -1
     acc = acc + p["bq"].view(view)
     return requantize(acc, p["M"], p["n"], p["zo"], p["lo"], p["hi"], channel_dim)
+
+
+def add_multipliers(sa: torch.Tensor, sb: torch.Tensor, so: torch.Tensor) -> tuple[int, int, int]:
+    """(Ma, Mb, n) of the integer add (docs/integer.md section 5): ``m = fp64(s_in) / fp64(so)`` for each
+    input as ``M * 2**-n`` with one shift ``n`` for both, chosen (as in section 3) for the larger multiplier,
+    and the smaller rounded to the nearest integer (ties to even) at the same shift. Raises ValueError if a
+    multiplier is 2**30 or more."""
+    ma, mb = float(sa.double() / so.double()), float(sb.double() / so.double())
+    big, shift = quantize_multiplier(torch.tensor([max(ma, mb)], dtype=torch.float64))
+    n = int(shift)
+    if int(big) == 0:
+        return 0, 0, 1
+    return round(math.ldexp(ma, n)), round(math.ldexp(mb, n)), n
+
+
+def integer_add(qa: torch.Tensor, qb: torch.Tensor, p: dict) -> torch.Tensor:
+    """Output codes (int64) of the residual add: ``clamp(((qa - za) Ma + (qb - zb) Mb + 2**(n-1)) >> n) + zo,
+    lo, hi)``, broadcasting ``qa`` and ``qb``; ``p`` holds za, zb, Ma, Mb, n, zo, lo, hi as ints."""
+    v = (qa.to(torch.int64) - p["za"]) * p["Ma"] + (qb.to(torch.int64) - p["zb"]) * p["Mb"]
+    return ((v + (1 << (p["n"] - 1))) >> p["n"]).add_(p["zo"]).clamp_(p["lo"], p["hi"])
+
+
+def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] | None, stride: tuple[int, ...],
+                     padding: tuple[int, ...]) -> torch.Tensor:
+    """Output codes (int64) of average pooling on codes ``q`` (N, C, L) or (N, C, H, W), on the same grid:
+    ``floor((sum_window (q - z) + count // 2) / count) + z`` (the mean rounded to nearest, ties up), where
+    padding counts as real zeros (codes ``z``) and ``count`` is the window size; ``kernel=None`` pools the
+    whole plane (global average pooling to size 1)."""
+    two_d = q.dim() == 4
+    x = (q.to(torch.int64) - zero_point).to(torch.float64)  # sums of integers below 2**53: exact
+    x = x if two_d else x.unsqueeze(2)
+    if kernel is None:
+        kernel, stride, padding = tuple(x.shape[2:]), tuple(x.shape[2:]), (0, 0)
+    elif not two_d:
+        kernel, stride, padding = (1, kernel[0]), (1, stride[0]), (0, padding[0])
+    sums = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True, divisor_override=1)
+    count = math.prod(kernel)
+    out = torch.div(sums.to(torch.int64) + count // 2, count, rounding_mode="floor") + zero_point
+    return out if two_d else out.squeeze(2)

@@ -5,7 +5,8 @@ Each integer layer becomes DequantizeLinear(input codes) -> Conv/Gemm with Dequa
 QuantizeLinear(output scale): the pattern onnxruntime fuses into its integer kernels. Weights of any width
 travel as int8 initializers holding the same values (int4 and lower widened: ONNX int4 tensors are not
 used); per-group weights, whose integer form r * q exceeds int8, travel as int16 (opset 21). Max pooling,
-flatten and ReLU run on the codes; the model's outputs are dequantized. onnxruntime requantizes with a
+flatten and ReLU run on the codes; a residual add and average pooling run as DequantizeLinear -> Add /
+AveragePool -> QuantizeLinear; the model's outputs are dequantized. onnxruntime requantizes with a
 float multiplier, not our fixed-point one, so its codes may differ from gradq's by one step.
 """
 
@@ -17,9 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gradq.modelquant.convert import CodeReLU, Dequantize, IntegerLayer, QuantizeInput, WeightOnlyLayer
+from gradq.modelquant.integer_modules import (
+    ADD_FIELDS,
+    CodeReLU,
+    Dequantize,
+    IntegerAdd,
+    IntegerAvgPool,
+    IntegerLayer,
+    QuantizeInput,
+    WeightOnlyLayer,
+)
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import is_relu
+from gradq.modelquant.quant_ops import PoolSpec
 
 OPSET = 21
 
@@ -27,8 +38,8 @@ OPSET = 21
 def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | os.PathLike) -> None:
     """Write ``model`` (from ``gradq.convert``) as ONNX to ``path``; ``example_input`` fixes the input's
     shape after the batch dimension, which stays dynamic. Raises ValueError naming any operation outside
-    the exportable set (quantize, integer and weight-only Linear/Conv1d/Conv2d, ReLU, max pooling,
-    flatten from dimension 1, dequantize)."""
+    the exportable set (quantize, integer and weight-only Linear/Conv1d/Conv2d, residual add, average and
+    max pooling, ReLU, flatten from dimension 1, dequantize)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -104,6 +115,22 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
             qp = qparams(f"{name}.output", so, zo, target.out_dtype)
             nodes.append(helper.make_node("QuantizeLinear", [out, *qp], [name]))
             names[node], codes[name] = name, qp
+        elif isinstance(target, IntegerAdd):
+            a, b = (floats(names[arg]) for arg in node.args)
+            nodes.append(helper.make_node("Add", [a, b], [f"{name}.sum"]))
+            out = f"{name}.sum"
+            if target.relu:
+                nodes.append(helper.make_node("Relu", [out], [f"{name}.relu"]))
+                out = f"{name}.relu"
+            zo = int(target.integers[ADD_FIELDS.index("zo")])
+            qp = qparams(f"{name}.output", target.scales[2], zo, target.out_dtype)
+            nodes.append(helper.make_node("QuantizeLinear", [out, *qp], [name]))
+            names[node], codes[name] = name, qp
+        elif isinstance(target, IntegerAvgPool):
+            qp = codes[src]
+            nodes.append(_avg_pool(helper, target.spec, floats(src), f"{name}.mean"))
+            nodes.append(helper.make_node("QuantizeLinear", [f"{name}.mean", *qp], [name]))
+            names[node], codes[name] = name, qp
         elif isinstance(target, WeightOnlyLayer):
             bias = const(f"{name}.bias", target.bias) if target.bias is not None else None
             names[node] = compute(name, target, floats(src), bias)
@@ -124,7 +151,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
             nodes.append(helper.make_node("Identity", [out], ["output"]))
         else:
             raise ValueError(f"export_onnx: operation {node.format_node()} has no ONNX export here; supported: "
-                             "quantized Linear/Conv, ReLU, max pooling, flatten(x, 1)")
+                             "quantized Linear/Conv, residual add, average and max pooling, ReLU, flatten(x, 1)")
     with torch.no_grad():
         out_shape = ["N", *model(example_input).shape[1:]]
     graph = helper.make_graph(
@@ -136,12 +163,22 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     onnx.save(proto, str(path))
 
 
+def _avg_pool(helper, spec: PoolSpec, src: str, out: str) -> object:  # noqa: ANN001
+    """AveragePool (padding counted, as the integer pooling) or GlobalAveragePool on dequantized codes; the
+    QuantizeLinear that follows rounds half to even, gradq ties up: at most one step apart."""
+    if spec.kernel is None:
+        return helper.make_node("GlobalAveragePool", [src], [out])
+    return helper.make_node("AveragePool", [src], [out], kernel_shape=list(spec.kernel), strides=list(spec.stride),
+                            pads=list(spec.padding) * 2, count_include_pad=1)
+
+
 def _is_maxpool(node: fx.Node, target: nn.Module | None) -> bool:
     return isinstance(target, nn.MaxPool2d) or (node.op == "call_function" and node.target is F.max_pool2d)
 
 
 def _is_flatten(node: fx.Node, target: nn.Module | None) -> bool:
-    return isinstance(target, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten)
+    return (isinstance(target, nn.Flatten) or (node.op == "call_function" and node.target is torch.flatten)
+            or (node.op == "call_method" and node.target == "flatten"))
 
 
 def _code_op(helper, node: fx.Node, target: nn.Module | None, src: str, name: str, const) -> object:  # noqa: ANN001
@@ -149,7 +186,8 @@ def _code_op(helper, node: fx.Node, target: nn.Module | None, src: str, name: st
         zp = const(f"{name}.min", target.zero_point.to(torch.uint8 if int(target.zero_point) >= 0 else torch.int8))
         return helper.make_node("Max", [src, zp], [name])
     if _is_flatten(node, target):
-        start = target.start_dim if isinstance(target, nn.Flatten) else (node.args[1] if len(node.args) > 1 else 0)
+        start = target.start_dim if isinstance(target, nn.Flatten) else (
+            node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
         if start != 1:
             raise ValueError("export_onnx supports flatten from dimension 1 only")
         return helper.make_node("Flatten", [src], [name], axis=1)

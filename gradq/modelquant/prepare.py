@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from torch import fx, nn
 from gradq.modelquant.config import QuantConfig, resolve_config
 from gradq.modelquant.modules import KINDS, QuantLayer
 from gradq.modelquant.observer import ActQuant
+from gradq.modelquant.quant_ops import AVG_POOLS, QuantAdd, QuantAvgPool, pool_spec
 
 _BATCHNORM = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d}
 _RELU_FUNCTIONS = {F.relu, torch.relu}
@@ -22,6 +24,7 @@ _RELU_FUNCTIONS = {F.relu, torch.relu}
 _GRID_MODULES = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Dropout, nn.Identity)
 _GRID_FUNCTIONS = {F.relu, torch.relu, torch.flatten, F.max_pool1d, F.max_pool2d, F.dropout}
 _GRID_METHODS = {"view", "reshape", "flatten", "relu", "contiguous", "squeeze", "unsqueeze"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
 @dataclass
@@ -75,7 +78,8 @@ def is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
 def preserves_grid(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` maps values on a quantization grid to the same grid (eval mode; ReLU included)."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], _GRID_MODULES)
+        module = modules[node.target]
+        return isinstance(module, _GRID_MODULES) or (isinstance(module, QuantAvgPool) and module.grid is not None)
     if node.op == "call_function":
         return node.target in _GRID_FUNCTIONS
     return node.op == "call_method" and node.target in _GRID_METHODS
@@ -146,6 +150,80 @@ def _fuse(gm: fx.GraphModule, config: QuantConfig, floats: list[FloatEntry]) -> 
     return layers
 
 
+def _is_tensor_add(node: fx.Node) -> bool:
+    plain = (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ("add", "add_")
+    )
+    return plain and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)
+
+
+def _produces_codes(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value comes (through grid-preserving ops) from a quantized layer's or add's output."""
+    root = _grid_source(node, modules)
+    module = modules.get(root.target) if root.op == "call_module" else None
+    quantized_layer = isinstance(module, QuantLayer) and module.output_quant is not None
+    return isinstance(module, (QuantAdd, ActQuant)) or quantized_layer
+
+
+def _note_float_ops(gm: fx.GraphModule, floats: list[FloatEntry]) -> None:
+    """Record every operation that reads codes but has no integer form: it runs in float between a
+    dequantize and a quantize in the integer model."""
+    modules = dict(gm.named_modules())
+    listed = {f.name for f in floats}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or preserves_grid(node, modules):
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, (QuantLayer, ActQuant, QuantAdd, QuantAvgPool)):
+            continue
+        name = node.target if module is not None else node.name
+        if name in listed or not any(_produces_codes(a, modules) for a in node.all_input_nodes):
+            continue
+        kind = type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target))
+        floats.append(FloatEntry(name, kind, "no integer form: runs in float between a dequantize and a quantize"))
+        listed.add(name)
+
+
+def _fuse_adds(gm: fx.GraphModule, config: QuantConfig, floats: list[FloatEntry]) -> list[fx.Node]:
+    """Swap each tensor add of a quantized value (with a ReLU that follows) for a QuantAdd; its nodes."""
+    adds = []
+    for node in list(gm.graph.nodes):
+        modules = dict(gm.named_modules())
+        if not _is_tensor_add(node) or not any(_produces_codes(a, modules) for a in node.args):
+            continue
+        cfg, pattern = config.for_module(node.name)
+        if cfg is None or cfg.activation is None:
+            floats.append(FloatEntry(node.name, "add", f"left in float by override {pattern!r}"))
+            continue
+        user = _single_user(node)
+        relu = is_relu(user, modules)
+        name = f"quant_{node.name}"
+        gm.add_submodule(name, QuantAdd(cfg, name, relu))
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_module(name, tuple(node.args))
+        last = user if relu else node
+        last.replace_all_uses_with(new)
+        if relu:
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        adds.append(new)
+    return adds
+
+
+def _swap_pools(gm: fx.GraphModule, floats: list[FloatEntry]) -> None:
+    """Swap average-pooling modules for QuantAvgPool (integer once linked to a grid); others stay float."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if not isinstance(module, AVG_POOLS):
+            continue
+        spec, why = pool_spec(module)
+        if spec is None:
+            floats.append(FloatEntry(node.target, type(module).__name__, f"{why}: runs in float"))
+            continue
+        gm.add_submodule(node.target, QuantAvgPool(module, spec, node.target))
+
+
 def _chain(first: fx.Node, last: fx.Node) -> list[fx.Node]:
     """The fused nodes after ``first`` up to ``last``, last first (erase order)."""
     chain, node = [], last
@@ -161,10 +239,12 @@ def _grid_source(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node:
     return node
 
 
-def _place_quantizers(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
+def _place_quantizers(gm: fx.GraphModule, producers: list[fx.Node]) -> None:
+    """An output quantizer after each quantized layer and add; then, in graph order, each layer's, add's and
+    average pool's input linked to the quantizer whose codes it carries, or given its own."""
     modules = dict(gm.named_modules())
-    outputs: dict[fx.Node, QuantLayer] = {}
-    for node in layers:
+    outputs: dict[fx.Node, QuantLayer | QuantAdd] = {}
+    for node in producers:
         quant = modules[node.target]
         if quant.output_quant is None:
             continue
@@ -172,29 +252,51 @@ def _place_quantizers(gm: fx.GraphModule, layers: list[fx.Node]) -> None:
             out = gm.graph.call_module(f"{node.target}.output_quant", (node,))
         node.replace_all_uses_with(out, delete_user_cb=lambda user, out=out: user is not out)
         outputs[out] = quant
-    modules = dict(gm.named_modules())
     owned: dict[tuple[fx.Node, object], tuple[fx.Node, ActQuant]] = {}  # (source, scheme) -> its input quantizer
-    for node in layers:
-        quant = modules[node.target]
-        if quant.config.activation is None:
-            continue
-        source = node.args[0]
-        root = _grid_source(source, modules)
-        producer = outputs.get(root)
-        if producer is not None and producer.output_quant.scheme == quant.config.activation:
-            quant.link_input(producer.output_quant)
-            continue
-        key = (source, quant.config.activation)
-        if key in owned:
-            inp, shared = owned[key]
-            quant.link_input(shared)
-            node.args = (inp, *node.args[1:])
-            continue
-        quant.link_input(None)
-        with gm.graph.inserting_before(node):
-            inp = gm.graph.call_module(f"{node.target}.input_quant", (source,))
-        node.args = (inp, *node.args[1:])
-        owned[key] = (inp, quant.input_quant)
+
+    def source_quant(source: fx.Node, scheme: object) -> ActQuant | None:
+        producer = outputs.get(_grid_source(source, modules))
+        return producer.output_quant if producer is not None and producer.output_quant.scheme == scheme else None
+
+    def own_quant(user: fx.Node, source: fx.Node, scheme: object, make: object) -> tuple[fx.Node, ActQuant]:
+        key = (source, scheme)
+        if key not in owned:
+            quant, target = make()
+            with gm.graph.inserting_before(user):
+                owned[key] = (gm.graph.call_module(target, (source,)), quant)
+        return owned[key]
+
+    for node in list(gm.graph.nodes):
+        modules = dict(gm.named_modules())
+        target = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(target, QuantLayer) and target.config.activation is not None:
+            scheme, source = target.config.activation, node.args[0]
+            shared = source_quant(source, scheme)
+            if shared is None:
+                def make(t: QuantLayer = target, n: fx.Node = node) -> tuple[ActQuant, str]:
+                    t.link_input(None)  # creates its own input_quant
+                    return t.input_quant, f"{n.target}.input_quant"
+
+                inp, shared = own_quant(node, source, scheme, make)
+                node.args = (inp, *node.args[1:])
+            target.link_input(shared)
+        elif isinstance(target, QuantAdd):
+            scheme, quants, args = target.config.activation, [], []
+            for which, source in zip("ab", node.args, strict=True):
+                shared = source_quant(source, scheme)
+                if shared is None:
+                    def make(t: QuantAdd = target, w: str = which, n: fx.Node = node) -> tuple[ActQuant, str]:
+                        return t.new_input_quant(w), f"{n.target}.input_quant_{w}"
+
+                    source, shared = own_quant(node, source, scheme, make)
+                quants.append(shared)
+                args.append(source)
+            target.link_inputs(*quants)
+            node.args = tuple(args)
+        elif isinstance(target, QuantAvgPool):
+            producer = outputs.get(_grid_source(node.args[0], modules))
+            if producer is not None:
+                target.link_input(producer.output_quant)
 
 
 def prepare(model: nn.Module, config: QuantConfig | str | None = None, *, inplace: bool = False) -> fx.GraphModule:
@@ -221,11 +323,15 @@ def prepare(model: nn.Module, config: QuantConfig | str | None = None, *, inplac
     gm = _trace(source, config)
     floats: list[FloatEntry] = []
     layers = _fuse(gm, config, floats)
-    _place_quantizers(gm, layers)
+    adds = _fuse_adds(gm, config, floats) if layers else []
+    _swap_pools(gm, floats)
+    _place_quantizers(gm, layers + adds)
+    _note_float_ops(gm, floats)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     for name, module in dict(gm.named_modules()).items():
-        if name and not isinstance(module, (QuantLayer, ActQuant)) and type(module) not in KINDS:
+        quantized = isinstance(module, (QuantLayer, ActQuant, QuantAdd, QuantAvgPool)) or type(module) in KINDS
+        if name and not quantized:
             inside = any(name.startswith(f.name + ".") or name == f.name for f in floats)
             if any(True for _ in module.parameters(recurse=False)) and not inside:
                 floats.append(FloatEntry(name, type(module).__name__, "no quantized form: runs in float"))

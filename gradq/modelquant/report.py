@@ -10,6 +10,7 @@ from gradq.modelquant.calibrate import quant_layers
 from gradq.modelquant.modules import KINDS
 from gradq.modelquant.observer import ActQuant
 from gradq.modelquant.prepare import PreparedInfo
+from gradq.modelquant.quant_ops import QuantAdd, QuantAvgPool
 from gradq.scheme import PerAxis, PerGroup, PerTensor, QuantScheme
 
 
@@ -115,6 +116,20 @@ def quant_report(model: nn.Module) -> QuantReport:
             _range(layer.input_quantizer), _range(layer.output_quant), float_bytes, quant_bytes,
             "; ".join(n for n in (layer.note, "input shares the previous layer's output codes" if shared else "") if n),
         ))
+    for module in model.modules():
+        if isinstance(module, QuantAdd):
+            inputs = ", ".join(_range(q) for q in module.input_quantizers)
+            rows.append(ReportRow(
+                module.name, "add", f"integer add{'+ReLU' if module.relu else ''}", "-",
+                describe_scheme(module.config.activation) + f" ({module.config.calibrator})", inputs,
+                _range(module.output_quant), 0, 0, "inputs rescaled to the output scale with one rounding",
+            ))
+        elif isinstance(module, QuantAvgPool):
+            grid = module.grid
+            became = "integer average pool" if grid is not None else "float average pool"
+            note = "output keeps the input's codes" if grid is not None else "input not quantized"
+            rows.append(ReportRow(module.name, type(module.pool).__name__, became, "-", "-", _range(grid),
+                                  _range(grid), 0, 0, note))
     for entry in info.floats:
         module = model.get_submodule(entry.name) if _has(model, entry.name) else None
         nbytes = 4 * sum(p.numel() for p in module.parameters()) if module is not None else 0
