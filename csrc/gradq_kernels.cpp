@@ -18,7 +18,7 @@
 #include <limits>
 #include <vector>
 
-#include "integer_gemm.h"
+#include "integer_kernels.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -1080,4 +1080,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("integer_linear", &integer_linear, "integer Linear with packed weights", no_gil);
   m.def("integer_conv2d", &integer_conv2d, "integer Conv2d with packed weights", no_gil);
   m.def("requantize_int32", &requantize_int32, "requantization epilogue", no_gil);
+  m.def("im2col_codes", &im2col_codes, "im2col of code tensors", no_gil);
+  m.def("max_pool2d_codes", &max_pool2d_codes, "max pooling of code tensors", no_gil);
 }

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of the integer GEMM kernels (csrc/integer_gemm.cpp): the same arguments, the
+"""Pure-PyTorch reference of the integer GEMM kernels (csrc/integer_kernels.cpp): the same arguments, the
 arithmetic of docs/integer.md section 3 computed directly (no uint8 flip, no offset trick), exact in
 float64 because every partial sum is an integer below 2**31. The layout is read back by
 :func:`unpack_layout`, so the tests of the kernels against this module also check the layout.
@@ -76,11 +76,12 @@ def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bi
                    sub: torch.Tensor, group_size: int, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
                    zo: int, lo: int, hi: int, out_signed: bool, isa: int, kernel: list[int], stride: list[int],
                    padding: list[int], dilation: list[int], groups: int, zx: int, zeff: int) -> torch.Tensor:
-    """Output codes (N, C, OH, OW) of the integer Conv2d for input codes ``x`` (N, C_in, H, W); zero padding
-    pads ``x - zx`` with 0."""
+    """Output codes (N, C, OH, OW) of the integer Conv2d for input codes ``x`` (N, C_in, H, W), weights in
+    (kh, kw, C_in / groups) order; zero padding pads ``x - zx`` with 0."""
     n, cin = x.shape[:2]
     k = cin // groups * kernel[0] * kernel[1]
     wi = _integer_weights(packed, wide, bits, sign, kp, sub, group_size)[:, :k]
+    wi = wi.view(-1, *kernel, cin // groups).permute(0, 3, 1, 2).reshape(-1, k)  # F.unfold's (C_in, kh, kw)
     cols = F.unfold(_centered(x, zeff), kernel, dilation=dilation, padding=padding, stride=stride)
     c = wi.shape[0]
     w = wi.to(torch.float64).view(groups, c // groups, k)
@@ -91,8 +92,32 @@ def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bi
 
 
 def requantize_int32(acc: torch.Tensor, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zo: int,
-                     lo: int, hi: int, out_signed: bool) -> torch.Tensor:
-    """Output codes of int32 accumulators (rows, C) plus ``offset`` (wrapping in int32), requantized."""
+                     lo: int, hi: int, out_signed: bool, positions: int) -> torch.Tensor:
+    """Output codes of int32 accumulators (rows, C) plus ``offset`` (wrapping in int32), requantized; rows are
+    ``positions`` consecutive positions per sample and the result's memory is (N, C, positions)."""
     acc = (acc.to(torch.int64) + offset + 2**31) % 2**32 - 2**31
     codes = requantize(acc, mult.to(torch.int64), shift.to(torch.int64), zo, lo, hi, -1)
-    return codes.to(torch.int8 if out_signed else torch.uint8)
+    codes = codes.to(torch.int8 if out_signed else torch.uint8)
+    rows, c = codes.shape
+    return codes.view(rows // positions, positions, c).transpose(1, 2).reshape(rows, c)
+
+
+def im2col_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                 groups: int, width: int, zx: int, minus_128: bool) -> torch.Tensor:
+    """Rows (N * OH * OW, groups * width) uint8 of the patches of codes ``x``: each group's K columns (in
+    (kh, kw, C_in / groups) order) then zeros up to ``width``; padding with the code ``zx``; uint8 codes as
+    they are, int8 codes plus 128, and with ``minus_128`` the int8 bits of those values minus 128."""
+    mask = (128 if x.dtype == torch.int8 else 0) ^ (128 if minus_128 else 0)
+    bits = (x.view(torch.uint8).to(torch.int64) ^ mask).to(torch.float64)
+    pad = float((zx & 0xFF) ^ mask)
+    cols = F.unfold(bits - pad, kernel, dilation=dilation, padding=padding, stride=stride) + pad
+    n, kg, positions = cols.shape
+    k, taps = kg // groups, kernel[0] * kernel[1]
+    hwc = cols.view(n, groups, k // taps, taps, positions).transpose(2, 3).reshape(n, groups, k, positions)
+    per_group = F.pad(hwc, (0, 0, 0, width - k))
+    return per_group.permute(0, 3, 1, 2).reshape(n * positions, groups * width).to(torch.uint8)
+
+
+def max_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> torch.Tensor:
+    """Max pooling of codes (N, C, H, W), padding never chosen (exact in float64)."""
+    return F.max_pool2d(x.to(torch.float64), kernel, stride, padding).to(x.dtype)

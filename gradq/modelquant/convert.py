@@ -12,10 +12,12 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from gradq.modelquant.calibrate import quant_layers
 from gradq.modelquant.integer_modules import (
+    CodeMaxPool,
     CodeReLU,
     Dequantize,
     IntegerAdd,
@@ -111,6 +113,16 @@ def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModul
                 relu = add(CodeReLU(qparams(q)[1]), "code_relu")
                 with graph.inserting_before(node):
                     new = graph.call_module(relu, (node.args[0],))
+                node.replace_all_uses_with(new)
+                graph.erase_node(node)
+                codes[new] = q
+            elif type(target) is nn.MaxPool2d:
+                gm.add_submodule(node.target, CodeMaxPool.of(target))
+                codes[node] = q
+            elif node.op == "call_function" and node.target is F.max_pool2d:
+                pool = add(CodeMaxPool(*node.args[1:], **node.kwargs), "max_pool")
+                with graph.inserting_before(node):
+                    new = graph.call_module(pool, (node.args[0],))
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
                 codes[new] = q

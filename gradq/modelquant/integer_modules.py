@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradq.integer_gemm import IntegerGemm, integer_conv2d, integer_linear, plan_integer_gemm
+from gradq.integer_kernels import IntegerGemm, integer_conv2d, integer_linear, max_pool2d_codes, plan_integer_gemm
 from gradq.kernels import pack_bits, unpack_bits
 from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_add, integer_avg_pool, integer_layer
 from gradq.modelquant.modules import QuantLayer
@@ -60,6 +60,25 @@ class CodeReLU(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.clamp(min=int(self.zero_point))
+
+
+class CodeMaxPool(nn.MaxPool2d):
+    """``nn.MaxPool2d`` on codes: gradq's max-pooling kernel (dilation 1, floor mode), else the torch op on
+    contiguous codes (PyTorch's uint8 max pooling rejects channels-last input)."""
+
+    @classmethod
+    def of(cls, pool: nn.MaxPool2d) -> CodeMaxPool:
+        return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        def pair(v: int | tuple) -> tuple[int, int]:
+            return (v, v) if isinstance(v, int) else tuple(v)
+
+        native = pair(self.dilation) == (1, 1) and not self.ceil_mode and not self.return_indices
+        if not native or codes.device.type != "cpu" or codes.dim() != 4:
+            return super().forward(codes.contiguous())
+        kernel = pair(self.kernel_size)
+        return max_pool2d_codes(codes, kernel, pair(self.stride or kernel), pair(self.padding))
 
 
 class _PackedWeights(nn.Module):
@@ -145,6 +164,7 @@ class IntegerLayer(_PackedWeights):
                 self.weight_codes(), self.sub_scales, self.zero_channels, scheme.bits, scheme.codebook == "sign",
                 group, self.bias_q, self.multiplier, self.shift, zx, zo, lo, hi,
                 x_signed=self.in_dtype == torch.int8, out_signed=self.out_dtype == torch.int8,
+                taps=math.prod(self.weight_shape[2:]),
             )
         return self._gemm
 
@@ -162,12 +182,12 @@ class IntegerLayer(_PackedWeights):
         x = codes.unsqueeze(0) if unbatched else codes
         a = self.conv_args
         if self.kind == "conv1d":  # a Conv1d runs as a Conv2d of height 1
-            out = integer_conv2d(x.unsqueeze(2).contiguous(), self.gemm(), (1, self.weight_shape[2]),
+            out = integer_conv2d(x.unsqueeze(2), self.gemm(), (1, self.weight_shape[2]),
                                  (1, a["stride"][0]), (0, a["padding"][0]), (1, a["dilation"][0]), a["groups"])
             out = out.squeeze(2)
         else:
-            out = integer_conv2d(x.contiguous(), self.gemm(), self.weight_shape[2:], a["stride"], a["padding"],
-                                 a["dilation"], a["groups"])
+            out = integer_conv2d(x, self.gemm(), self.weight_shape[2:], a["stride"], a["padding"], a["dilation"],
+                                 a["groups"])
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:

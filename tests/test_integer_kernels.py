@@ -1,4 +1,4 @@
-"""The integer GEMM kernels (csrc/integer_gemm.cpp): every instruction set this CPU has, bit-exact against
+"""The integer GEMM kernels (csrc/integer_kernels.cpp): every instruction set this CPU has, bit-exact against
 the pure-PyTorch reference on odd shapes; the reference against an independent oracle (F.conv2d and
 matmul in float64, requantization in Python integers); the weight layout; requantization edge cases."""
 
@@ -6,10 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradq import _integer_reference, integer_gemm
+from gradq import _integer_reference, integer_kernels
 from gradq._backend import native_available
 from gradq.fixedpoint import quantize_multiplier
-from gradq.integer_gemm import ISAS, integer_conv2d, integer_linear, native_isa, pack_layout, plan_integer_gemm
+from gradq.integer_kernels import (
+    ISAS,
+    integer_conv2d,
+    integer_linear,
+    max_pool2d_codes,
+    native_isa,
+    pack_layout,
+    plan_integer_gemm,
+)
 
 pytestmark = pytest.mark.skipif(not native_available(), reason="native kernels not built")
 
@@ -29,7 +37,8 @@ def _codes(q_bits: int, sign: bool, c: int, k: int, gen: torch.Generator) -> tor
     return torch.randint(-half, half, (c, k), generator=gen)
 
 
-def _plan(c, k, bits, *, group=0, x_signed=False, out_signed=False, relu=False, zx=None, zero_frac=0.2, seed=0):
+def _plan(c, k, bits, *, group=0, x_signed=False, out_signed=False, relu=False, zx=None, zero_frac=0.2, seed=0,
+          taps=1):
     gen = torch.Generator().manual_seed(seed)
     sign = bits == 1
     q = _codes(bits, sign, c, k, gen)
@@ -42,7 +51,8 @@ def _plan(c, k, bits, *, group=0, x_signed=False, out_signed=False, relu=False, 
     zo = 0 if out_signed else 5
     if relu:
         lo = max(lo, zo)
-    plan = plan_integer_gemm(q, r, zero, bits, sign, group, bq, mult, shift, zx, zo, lo, hi, x_signed, out_signed)
+    plan = plan_integer_gemm(q, r, zero, bits, sign, group, bq, mult, shift, zx, zo, lo, hi, x_signed, out_signed,
+                             taps)
     return plan, (q, r, zero, bq, mult, shift, zx, zo, lo, hi)
 
 
@@ -127,7 +137,8 @@ def test_conv2d_native_equals_reference_and_float64_conv(case, bits, group, x_si
     if group and k % group:
         group = 0
     plan, (q, r, zero, bq, mult, shift, zx, zo, lo, hi) = _plan(cout, k, bits, group=group, x_signed=x_signed,
-                                                               out_signed=x_signed, seed=k + n)
+                                                               out_signed=x_signed, seed=k + n,
+                                                               taps=kernel[0] * kernel[1])
     x = _inputs((n, cin, h, w), x_signed, seed=h * w)
     wi = _oracle_wi(q, r, zero, group).view(cout, cin // groups, *kernel)
     acc = F.conv2d((x.long() - zx).double(), wi.double(), bq.double(), stride, padding, dilation, groups)
@@ -142,11 +153,68 @@ def test_conv2d_native_equals_reference_and_float64_conv(case, bits, group, x_si
 
 @pytest.mark.parametrize("rows", [1, 5, 130])
 @pytest.mark.parametrize("x_signed", [False, True])
-def test_int_mm_engine_equals_gradq_kernel(rows, x_signed):
-    plan, _ = _plan(7, 100, 8, x_signed=x_signed, out_signed=not x_signed, seed=rows)
-    assert plan.int8_weights is not None
+@pytest.mark.parametrize("bits", [8, 4, 1])
+def test_int_mm_engine_equals_gradq_kernel(rows, x_signed, bits):
+    plan, _ = _plan(7, 100, bits, x_signed=x_signed, out_signed=not x_signed, seed=rows)
     x = _inputs((rows, 100), x_signed, seed=rows)
-    assert torch.equal(integer_linear(x, plan, engine="int_mm"), integer_linear(x, plan, engine="gradq"))
+    expected = integer_linear(x, plan, engine="gradq")
+    assert torch.equal(integer_linear(x, plan, engine="int_mm"), expected)
+    assert plan.int8_weights().shape == (112, 7)  # K padded to a multiple of 16, made once, then kept
+    assert plan.int8_weights() is plan.int8_weights()
+    assert torch.equal(integer_linear(x, plan, engine="auto"), expected)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("bits", [8, 2, 1])
+def test_conv_int_mm_engine_equals_gradq_kernel(case, bits):
+    n, cin, h, w, cout, kernel, stride, padding, dilation, groups = case
+    if groups != 1:
+        return
+    k = cin * kernel[0] * kernel[1]
+    for x_signed in (False, True):
+        plan, _ = _plan(cout, k, bits, x_signed=x_signed, out_signed=x_signed, seed=k, taps=kernel[0] * kernel[1])
+        x = _inputs((n, cin, h, w), x_signed, seed=h)
+        expected = integer_conv2d(x, plan, kernel, stride, padding, dilation, 1, engine="gradq")
+        assert torch.equal(integer_conv2d(x, plan, kernel, stride, padding, dilation, 1, engine="int_mm"), expected)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("x_signed,minus_128", [(False, False), (False, True), (True, False), (True, True)])
+def test_im2col_native_equals_reference(case, x_signed, minus_128):
+    n, cin, h, w, _, kernel, stride, padding, dilation, groups = case
+    x = _inputs((n, cin, h, w), x_signed, seed=w)
+    if x_signed:  # any strides: a channels-last input gives the same rows
+        x = x.contiguous(memory_format=torch.channels_last)
+    width = cin // groups * kernel[0] * kernel[1] + 5
+    args = ([*kernel], [*stride], [*padding], [*dilation], groups, width, -3, minus_128)
+    native = integer_kernels._kernels(x, "auto")[0].im2col_codes(x, *args)
+    assert torch.equal(native, _integer_reference.im2col_codes(x, *args))
+
+
+def test_requantize_positions_lay_out_channels_first():
+    gen = torch.Generator().manual_seed(2)
+    acc = torch.randint(-(2**20), 2**20, (2 * 6, 5), generator=gen, dtype=torch.int32)
+    offset = torch.randint(-100, 100, (5,), generator=gen)
+    mult, shift = quantize_multiplier(torch.rand(5, generator=gen, dtype=torch.float64) * 1e-3)
+    args = (offset, mult.to(torch.int32), shift.to(torch.int8), 3, 0, 255, False, 6)
+    native = integer_kernels._kernels(acc, "auto")[0].requantize_int32(acc, *args)
+    ref = _integer_reference.requantize_int32(acc, *args)
+    assert torch.equal(native, ref)
+    flat = _integer_reference.requantize_int32(acc, *args[:-1], 1)  # (rows, C)
+    assert torch.equal(ref.view(2, 5, 6), flat.view(2, 6, 5).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
+                                                   ((3, 2), (1, 2), (1, 0)), ((2, 3), (3, 1), (0, 1))])
+def test_max_pool_of_codes_equals_torch(dtype, kernel, stride, padding, monkeypatch):
+    x = _inputs((2, 3, 9, 8), dtype == torch.int8, seed=4)
+    expected = torch.nn.functional.max_pool2d(x.double(), kernel, stride, padding).to(dtype)
+    for choice in ("native", "reference"):
+        monkeypatch.setenv("GRADQ_KERNELS", choice)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = max_pool2d_codes(x.contiguous(memory_format=layout), kernel, stride, padding)
+            assert torch.equal(out, expected), (choice, layout)
 
 
 @pytest.mark.parametrize("isa", AVAILABLE)
@@ -186,8 +254,8 @@ def _requant_case(acc, mult, shift, zo=0, lo=-128, hi=127):
     m = torch.tensor([mult], dtype=torch.int32)
     n = torch.tensor([shift], dtype=torch.int8)
     zero = torch.zeros(1, dtype=torch.int64)
-    native = integer_gemm._kernels(acc, "auto")[0].requantize_int32(acc, zero, m, n, zo, lo, hi, True)
-    ref = _integer_reference.requantize_int32(acc, zero, m, n, zo, lo, hi, True)
+    native = integer_kernels._kernels(acc, "auto")[0].requantize_int32(acc, zero, m, n, zo, lo, hi, True, 1)
+    ref = _integer_reference.requantize_int32(acc, zero, m, n, zo, lo, hi, True, 1)
     expected = _oracle_requantize(acc.long(), [mult], [shift], zo, lo, hi, -1)
     assert torch.equal(native.long(), expected) and torch.equal(ref.long(), expected)
     return native.view(-1).tolist()
@@ -215,7 +283,8 @@ def test_bad_arguments_are_named():
         integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, isa="sse9")
     with pytest.raises(ValueError, match="engine must be one of"):
         integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, engine="blas")
-    with pytest.raises(ValueError, match="needs 8-bit per-channel weights"):
-        integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, engine="int_mm")
+    grouped, _ = _plan(4, 128, 4, group=64, seed=1)
+    with pytest.raises(ValueError, match="needs per-channel weights"):
+        integer_linear(torch.zeros(2, 128, dtype=torch.uint8), grouped, engine="int_mm")
     with pytest.raises(ValueError, match="must be contiguous"):
         integer_linear(torch.zeros(64, 2, dtype=torch.uint8).T, plan)

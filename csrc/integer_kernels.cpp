@@ -21,7 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "integer_gemm.h"
+#include "integer_kernels.h"
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -68,8 +68,13 @@ inline int64_t requantize_one(uint32_t raw, int64_t c, const Epilogue& e) {
   return std::min(std::max(v, e.lo), e.hi);
 }
 
-inline void store(const Output& o, int64_t m, int64_t c, int64_t v) {
-  const int64_t i = (m / o.positions) * o.channels * o.positions + c * o.positions + m % o.positions;
+// Index in the output of row m, channel 0 (row m is position m % P of sample m / P); channel c adds c * P.
+inline int64_t row_base(const Output& o, int64_t m) {
+  return o.positions == 1 ? m * o.channels : (m / o.positions) * o.channels * o.positions + m % o.positions;
+}
+
+inline void store(const Output& o, int64_t base, int64_t c, int64_t v) {
+  const int64_t i = base + c * o.positions;
   if (o.is_signed) {
     static_cast<int8_t*>(o.data)[i] = static_cast<int8_t>(v);
   } else {
@@ -123,6 +128,7 @@ uint32_t dot_portable(const uint8_t* x, const Weights& w, int64_t c) {
 
 #define GRADQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define GRADQ_AVX2 __attribute__((target("avx2,fma")))
+#define GRADQ_AVX512_DQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 template <int BITS>
 GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
@@ -357,8 +363,9 @@ void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilo
         (nc == 4 ? t.t14 : t.t11)(xr, x_stride, w, c, raw);
       }
       for (int64_t i = 0; i < nm; ++i) {
+        const int64_t base = row_base(o, m + i);
         for (int64_t j = 0; j < nc; ++j) {
-          store(o, m + i, channel_base + c + j, requantize_one(raw[i * nc + j], c + j, e));
+          store(o, base, channel_base + c + j, requantize_one(raw[i * nc + j], c + j, e));
         }
       }
       m += nm;
@@ -448,6 +455,63 @@ torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed
   return out;
 }
 
+torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t width,
+                           int64_t zx, bool minus_128) {
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], cg = cin / groups;
+  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t positions = oh * ow, rows = n * positions, row_width = groups * width;
+  // uint8 codes pass as they are, int8 codes are flipped to uint8; minus_128 flips back to int8 bits
+  const auto mask = static_cast<uint8_t>((x.scalar_type() == torch::kInt8 ? 0x80 : 0) ^ (minus_128 ? 0x80 : 0));
+  const auto pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ mask);  // the code of a real 0
+  // The input as (N, H, W, C) bytes, so that a patch row is runs of C_in/groups bytes (channels-last input
+  // is read in place).
+  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  torch::Tensor hwc;
+  const uint8_t* t = src;
+  if (!(sc == 1 && sw == cin && sh == wd * cin && sn == h * wd * cin)) {
+    hwc = torch::empty({n, h, wd, cin}, x.options().dtype(torch::kUInt8));
+    uint8_t* buf = hwc.data_ptr<uint8_t>();
+    at::parallel_for(0, n * h, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const uint8_t* in = src + (r / h) * sn + (r % h) * sh;
+        uint8_t* out = buf + r * wd * cin;
+        for (int64_t c = 0; c < cin; ++c) {
+          for (int64_t xx = 0; xx < wd; ++xx) out[xx * cin + c] = in[c * sc + xx * sw];
+        }
+      }
+    });
+    t = buf;
+  }
+  auto cols = torch::empty({rows, row_width}, x.options().dtype(torch::kUInt8));
+  uint8_t* dst = cols.data_ptr<uint8_t>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / positions, p = r % positions, oy = p / ow, ox = p % ow;
+      for (int64_t g = 0; g < groups; ++g) {
+        uint8_t* out_row = dst + r * row_width + g * width;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t y = oy * stride[0] - padding[0] + i * dilation[0];
+          for (int64_t j = 0; j < kw; ++j, out_row += cg) {
+            const int64_t xx = ox * stride[1] - padding[1] + j * dilation[1];
+            if (y >= 0 && y < h && xx >= 0 && xx < wd) {
+              const uint8_t* in = t + ((s * h + y) * wd + xx) * cin + g * cg;
+              for (int64_t c = 0; c < cg; ++c) out_row[c] = in[c] ^ mask;
+            } else {
+              std::memset(out_row, pad, cg);
+            }
+          }
+        }
+        std::memset(out_row, 0, width - kh * kw * cg);
+      }
+    }
+  });
+  return cols;
+}
+
 torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
                              int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
                              const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
@@ -456,38 +520,13 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
                              std::vector<int64_t> dilation, int64_t groups, int64_t zx) {
   const Isa chosen = resolve_isa(isa);
   const Layer l = make_layer(packed, wide, bits, sign, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
-  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
-  const int64_t kh = kernel[0], kw = kernel[1], cg = cin / groups;
-  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  const int64_t positions = oh * ow, rows = n * positions, width = groups * kp;
-  const uint8_t mask = x.scalar_type() == torch::kInt8 ? 0x80 : 0;
-  const auto pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ mask);  // the code of a real 0
-  auto cols = torch::zeros({rows, width}, x.options().dtype(torch::kUInt8));
-  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
-  uint8_t* dst = cols.data_ptr<uint8_t>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t s = r / positions, p = r % positions, oy = p / ow, ox = p % ow;
-      for (int64_t g = 0; g < groups; ++g) {
-        uint8_t* out_row = dst + r * width + g * kp;
-        for (int64_t ci = 0; ci < cg; ++ci) {
-          const uint8_t* plane = src + (s * cin + g * cg + ci) * h * wd;
-          for (int64_t i = 0; i < kh; ++i) {
-            const int64_t y = oy * stride[0] - padding[0] + i * dilation[0];
-            for (int64_t j = 0; j < kw; ++j) {
-              const int64_t xx = ox * stride[1] - padding[1] + j * dilation[1];
-              const bool inside = y >= 0 && y < h && xx >= 0 && xx < wd;
-              *out_row++ = inside ? static_cast<uint8_t>(plane[y * wd + xx] ^ mask) : pad;
-            }
-          }
-        }
-      }
-    }
-  });
+  const torch::Tensor cols = im2col_codes(x, kernel, stride, padding, dilation, groups, kp, zx, false);
+  const int64_t n = x.size(0), rows = cols.size(0), positions = rows / n, width = groups * kp;
+  const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
   const int64_t cout = l.channels, cpg = cout / groups;
-  auto out = torch::empty({n, cout, oh, ow}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
-  const Output o{out.data_ptr(), out_signed, positions, cout};
+  auto out = torch::empty({n, oh, positions / oh, cout}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Output o{out.data_ptr(), out_signed, 1, cout};  // rows x channels: channels last
+  const uint8_t* dst = cols.data_ptr<uint8_t>();
   for (int64_t g = 0; g < groups; ++g) {
     Weights wg = l.w;
     if (wg.wide != nullptr) wg.wide += g * cpg * kp;
@@ -499,23 +538,173 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
     eg.shift += g * cpg;
     gemm(dst + g * kp, rows, width, wg, cpg, eg, o, g * cpg, chosen);
   }
-  return out;
+  return out.permute({0, 3, 1, 2});
 }
 
+namespace {
+
+// The epilogue of rows of C int32 accumulators into rows of C codes, 16 channels at a time in int64 lanes.
+struct VectorEpilogue {
+  std::vector<int32_t> offset;               // offset mod 2^32
+  std::vector<int64_t> mult, round, shift;
+};
+
+VectorEpilogue vector_epilogue(const Epilogue& e, int64_t channels) {
+  const int64_t padded = (channels + 15) / 16 * 16;
+  VectorEpilogue v{std::vector<int32_t>(padded), std::vector<int64_t>(padded), std::vector<int64_t>(padded, 1),
+                   std::vector<int64_t>(padded, 1)};
+  for (int64_t c = 0; c < channels; ++c) {
+    v.offset[c] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(e.offset[c])));
+    v.mult[c] = e.mult[c];
+    v.shift[c] = e.shift[c];
+    v.round[c] = int64_t{1} << (e.shift[c] - 1);
+  }
+  return v;
+}
+
+GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels, const VectorEpilogue& v,
+                                           const Epilogue& e, uint8_t* out) {
+  const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
+  for (int64_t c = 0; c < channels; c += 16) {
+    const int64_t left = std::min<int64_t>(16, channels - c);
+    const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1);
+    const __m512i sum = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc + c), _mm512_loadu_si512(v.offset.data() + c));
+    __m128i bytes[2];
+    for (int half = 0; half < 2; ++half) {
+      const __m256i part = half ? _mm512_extracti64x4_epi64(sum, 1) : _mm512_castsi512_si256(sum);
+      const int64_t at = c + 8 * half;
+      __m512i x = _mm512_mullo_epi64(_mm512_cvtepi32_epi64(part), _mm512_loadu_si512(v.mult.data() + at));
+      x = _mm512_srav_epi64(_mm512_add_epi64(x, _mm512_loadu_si512(v.round.data() + at)),
+                            _mm512_loadu_si512(v.shift.data() + at));
+      x = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
+      bytes[half] = _mm512_cvtepi64_epi8(x);
+    }
+    _mm_mask_storeu_epi8(out + c, mask, _mm_unpacklo_epi64(bytes[0], bytes[1]));
+  }
+}
+
+bool has_avx512_dq() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+}  // namespace
+
 torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
-                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed,
+                               int64_t positions) {
   const int64_t rows = acc.size(0), channels = acc.size(1);
   auto out = torch::empty({rows, channels}, acc.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
   const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
-  const Output o{out.data_ptr(), out_signed, 1, channels};
+  const Output o{out.data_ptr(), out_signed, positions, channels};
   const int32_t* a = acc.data_ptr<int32_t>();
+  if (positions == 1 && has_avx512_dq()) {
+    const VectorEpilogue v = vector_epilogue(e, channels);
+    auto* dst = static_cast<uint8_t*>(out.data_ptr());
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) requantize_row_avx512(a + m * channels, channels, v, e, dst + m * channels);
+    });
+    return out;
+  }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
+      const int64_t base = row_base(o, m);
       for (int64_t c = 0; c < channels; ++c) {
-        store(o, m, c, requantize_one(static_cast<uint32_t>(a[m * channels + c]), c, e));
+        store(o, base, c, requantize_one(static_cast<uint32_t>(a[m * channels + c]), c, e));
       }
     }
   });
+  return out;
+}
+
+namespace {
+
+// Max pooling of one (H, W) plane of codes; padding never wins (it is -infinity).
+template <typename T>
+void max_pool_plane(const T* in, T* out, int64_t h, int64_t w, int64_t oh, int64_t ow, const std::vector<int64_t>& k,
+                    const std::vector<int64_t>& s, const std::vector<int64_t>& p, T* rowmax) {
+  for (int64_t oy = 0; oy < oh; ++oy) {
+    const int64_t y0 = std::max<int64_t>(oy * s[0] - p[0], 0), y1 = std::min(oy * s[0] - p[0] + k[0], h);
+    std::copy(in + y0 * w, in + (y0 + 1) * w, rowmax);
+    for (int64_t y = y0 + 1; y < y1; ++y) {
+      const T* row = in + y * w;
+      for (int64_t x = 0; x < w; ++x) rowmax[x] = std::max(rowmax[x], row[x]);
+    }
+    for (int64_t ox = 0; ox < ow; ++ox) {
+      const int64_t x0 = std::max<int64_t>(ox * s[1] - p[1], 0), x1 = std::min(ox * s[1] - p[1] + k[1], w);
+      T m = rowmax[x0];
+      for (int64_t x = x0 + 1; x < x1; ++x) m = std::max(m, rowmax[x]);
+      out[oy * ow + ox] = m;
+    }
+  }
+}
+
+template <typename T>
+void max_pool_codes(const torch::Tensor& x, torch::Tensor& out, const std::vector<int64_t>& k,
+                    const std::vector<int64_t>& s, const std::vector<int64_t>& p) {
+  const int64_t planes = x.size(0) * x.size(1), h = x.size(2), w = x.size(3), oh = out.size(2), ow = out.size(3);
+  const T* src = static_cast<const T*>(x.data_ptr());
+  T* dst = static_cast<T*>(out.data_ptr());
+  at::parallel_for(0, planes, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> rowmax(w);
+    for (int64_t i = begin; i < end; ++i) {
+      max_pool_plane(src + i * h * w, dst + i * oh * ow, h, w, oh, ow, k, s, p, rowmax.data());
+    }
+  });
+}
+
+}  // namespace
+
+namespace {
+
+// Max pooling of channels-last codes: each output position is the element-wise max of C-byte rows.
+template <typename T>
+void max_pool_channels_last(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
+                            const std::vector<int64_t>& k, const std::vector<int64_t>& s,
+                            const std::vector<int64_t>& p) {
+  at::parallel_for(0, n * oh, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / oh, oy = r % oh;
+      const int64_t y0 = std::max<int64_t>(oy * s[0] - p[0], 0), y1 = std::min(oy * s[0] - p[0] + k[0], h);
+      for (int64_t ox = 0; ox < ow; ++ox) {
+        const int64_t x0 = std::max<int64_t>(ox * s[1] - p[1], 0), x1 = std::min(ox * s[1] - p[1] + k[1], w);
+        T* o = out + ((b * oh + oy) * ow + ox) * c;
+        std::copy(in + ((b * h + y0) * w + x0) * c, in + ((b * h + y0) * w + x0 + 1) * c, o);
+        for (int64_t y = y0; y < y1; ++y) {
+          for (int64_t xx = (y == y0 ? x0 + 1 : x0); xx < x1; ++xx) {
+            const T* v = in + ((b * h + y) * w + xx) * c;
+            for (int64_t i = 0; i < c; ++i) o[i] = std::max(o[i], v[i]);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding) {
+  const int64_t oh = (x.size(2) + 2 * padding[0] - kernel[0]) / stride[0] + 1;
+  const int64_t ow = (x.size(3) + 2 * padding[1] - kernel[1]) / stride[1] + 1;
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    auto out = torch::empty({x.size(0), oh, ow, x.size(1)}, x.options());
+    if (x.scalar_type() == torch::kInt8) {
+      max_pool_channels_last(static_cast<const int8_t*>(x.data_ptr()), static_cast<int8_t*>(out.data_ptr()),
+                             x.size(0), x.size(2), x.size(3), x.size(1), oh, ow, kernel, stride, padding);
+    } else {
+      max_pool_channels_last(static_cast<const uint8_t*>(x.data_ptr()), static_cast<uint8_t*>(out.data_ptr()),
+                             x.size(0), x.size(2), x.size(3), x.size(1), oh, ow, kernel, stride, padding);
+    }
+    return out.permute({0, 3, 1, 2});
+  }
+  auto out = torch::empty({x.size(0), x.size(1), oh, ow}, x.options());
+  if (x.scalar_type() == torch::kInt8) {
+    max_pool_codes<int8_t>(x, out, kernel, stride, padding);
+  } else {
+    max_pool_codes<uint8_t>(x, out, kernel, stride, padding);
+  }
   return out;
 }
 

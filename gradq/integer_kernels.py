@@ -1,19 +1,21 @@
-"""Integer GEMM with packed low-bit weights and the fused requantization epilogue (docs/integer.md
-section 3; the weight layout and the kernels in docs/kernels.md, "Integer GEMM").
+"""Integer inference kernels: GEMM with packed low-bit weights and the fused requantization epilogue,
+im2col for convolutions, max pooling of codes (docs/integer.md section 3; the weight layout and the
+kernels in docs/kernels.md, "Integer GEMM").
 
 :func:`plan_integer_gemm` turns one layer's stored integers (codes q, sub-scales r, bias, multipliers) into
 an :class:`IntegerGemm`: weights repacked once into the kernels' layout at their width (1, 2, 4 or 8 bits
 per code; 3, 5, 6 and 7 bits widen to 8), and the offset that folds the bias and the input zero point.
 :func:`integer_linear` and :func:`integer_conv2d` run it on code tensors: natively (AVX-512 VNNI, AVX2 or
 portable C++, chosen at run time) or by the pure-PyTorch reference (``GRADQ_KERNELS=reference``), with
-bit-identical results. 8-bit per-channel weights can instead use ``torch._int_mm`` (oneDNN) for the
-products, followed by the same epilogue (:func:`integer_linear` with ``engine="int_mm"``).
+bit-identical results. Per-channel weights of any width can instead use ``torch._int_mm`` (oneDNN) for
+the products, on an int8 copy of the weights made at first use, followed by the same epilogue
+(``engine="int_mm"``); ``engine="auto"`` takes it where it was measured faster: from INT_MM_MIN_ROWS rows.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,9 +27,13 @@ BLOCK = 64
 ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512_vnni": 3}
 """Instruction sets of the native kernels, by name (``auto``: the widest this CPU has)."""
 ENGINES = ("auto", "gradq", "int_mm")
+INT_MM_K_MULTIPLE = 16
+"""``torch._int_mm``'s reduction length is padded to this multiple: oneDNN ran 4x slower at K = 9 than at 16."""
 INT_MM_MIN_ROWS = 128
-"""``engine="auto"`` uses ``torch._int_mm`` for 8-bit per-channel weights from this many rows on: measured
-faster than gradq's kernel there, slower below (benchmarks/integer.py, the GEMM table)."""
+"""``engine="auto"`` uses ``torch._int_mm`` for per-channel weights from this many rows (GEMM rows: batch
+rows of a Linear, output positions of a convolution) on: compute-bound there, where oneDNN's int8 kernel
+was measured faster than gradq's; below it the GEMM reads weights more than it computes, and gradq's
+packed kernel, reading 8/bits times fewer weight bytes, was faster (benchmarks/integer.py)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,9 +43,9 @@ class IntegerGemm:
     int16 Wi when the sub-scale groups are not multiples of 64 (the other empty); ``sub`` (C, G) int32
     sub-scales per ``group_size`` codes, or empty. Epilogue: ``offset`` (C,) int64 = bq - zeff * sum_k Wi
     with ``zeff`` the input zero point on uint8 codes (zx, plus 128 for int8 codes), ``mult`` (C,) int32,
-    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``int8_weights`` (K, C) int8 for
-    ``torch._int_mm`` where the weights are 8-bit per channel, else None, with ``int8_offset`` = offset +
-    128 * sum_k Wi (its inputs are the codes minus 128 as int8)."""
+    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``int8_offset`` = offset + 128 *
+    sum_k Wi where Wi fits int8 (per-channel weights; the ``torch._int_mm`` engine, whose inputs are the
+    uint8 codes minus 128), else None."""
 
     packed: torch.Tensor
     wide: torch.Tensor
@@ -58,8 +64,8 @@ class IntegerGemm:
     hi: int
     x_signed: bool
     out_signed: bool
-    int8_weights: torch.Tensor | None
     int8_offset: torch.Tensor | None
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def channels(self) -> int:
@@ -68,6 +74,19 @@ class IntegerGemm:
     @property
     def zeff(self) -> int:
         return self.zx + (128 if self.x_signed else 0)
+
+    def int8_weights(self) -> torch.Tensor:
+        """Wi (K16, C) int8 for ``torch._int_mm`` (K rounded up to a multiple of 16 with zero rows), unpacked
+        from the layout at the first call and kept."""
+        if self.int8_offset is None:
+            raise ValueError("engine='int_mm' needs per-channel weights (Wi must fit int8); use engine='gradq'")
+        if "int8" not in self._cache:
+            wi = _integer_reference.unpack_layout(self.packed, self.bits, self.sign)[:, : self.k]
+            if self.sub.numel():  # the binary zero-channel mask
+                wi = wi * self.sub.to(torch.int64)
+            k16 = -(-self.k // INT_MM_K_MULTIPLE) * INT_MM_K_MULTIPLE
+            self._cache["int8"] = torch.nn.functional.pad(wi, (0, k16 - self.k)).T.to(torch.int8).contiguous()
+        return self._cache["int8"]
 
     def weight_nbytes(self) -> int:
         """Bytes of the weights as the kernels read them (layout or wide Wi, plus sub-scales)."""
@@ -90,19 +109,23 @@ def pack_layout(q: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
 
 def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
                       group_size: int, bq: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zx: int,
-                      zo: int, lo: int, hi: int, x_signed: bool, out_signed: bool) -> IntegerGemm:
+                      zo: int, lo: int, hi: int, x_signed: bool, out_signed: bool, taps: int = 1) -> IntegerGemm:
     """The :class:`IntegerGemm` of a layer with weight codes ``q`` (C, K), sub-scales ``r`` (C, K /
     group_size) or None, all-zero channel mask ``zero`` (C,), ``bits``-wide codes (``sign``: binary), int32
     bias ``bq``, multipliers ``mult``/``shift`` (docs/integer.md section 4) and the input/output code
-    parameters."""
+    parameters. A convolution's K = C_in / groups * ``taps`` columns, given in (C_in, kh, kw) order, are
+    planned in the (kh, kw, C_in) order of :func:`integer_conv2d`'s patches; its per-group weights then run
+    from int16 Wi (the groups no longer lie in runs of the new order)."""
     c, k = q.shape
     kp = -(-k // BLOCK) * BLOCK
     q = torch.where(zero.unsqueeze(1), 0, q.to(torch.int64)) if not sign else q.to(torch.int64)
     wi = q if r is None else q * r.to(torch.int64).repeat_interleave(group_size, dim=1)
     wi = torch.where(zero.unsqueeze(1), 0, wi)
+    if taps > 1:
+        q, wi = (t.view(c, k // taps, taps).transpose(1, 2).reshape(c, k) for t in (q, wi))
     empty8, empty16, empty32 = (torch.empty(0, dtype=d) for d in (torch.uint8, torch.int16, torch.int32))
     packed, wide, sub, width = empty8, empty16, empty32, bits if bits in (1, 2, 4, 8) else 8
-    grouped_layout = r is not None and group_size % BLOCK == 0
+    grouped_layout = r is not None and group_size % BLOCK == 0 and taps == 1
     if r is not None and not grouped_layout:
         wide = torch.nn.functional.pad(wi, (0, kp - k)).to(torch.int16).contiguous()
     else:
@@ -112,15 +135,14 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
         elif sign and bool(zero.any()):  # a binary zero channel: one sub-scale per row, 0 where all-zero
             sub, group_size = (~zero).to(torch.int32).unsqueeze(1).contiguous(), kp
     zeff = zx + (128 if x_signed else 0)
-    int8_ok = r is None and not sign and bits == 8
+    int8_ok = r is None
     colsum = wi.sum(1)
     offset = (bq.to(torch.int64) - zeff * colsum).contiguous()
     return IntegerGemm(
         packed=packed.contiguous(), wide=wide, bits=width, sign=sign, k=k, kp=kp, sub=sub, group_size=group_size,
         offset=offset, mult=mult.to(torch.int32).contiguous(),
         shift=shift.to(torch.int8).contiguous(), zx=zx, zo=zo, lo=lo, hi=hi, x_signed=x_signed,
-        out_signed=out_signed, int8_weights=wi.T.to(torch.int8).contiguous() if int8_ok else None,
-        int8_offset=offset + 128 * colsum if int8_ok else None,
+        out_signed=out_signed, int8_offset=offset + 128 * colsum if int8_ok else None,
     )
 
 
@@ -142,7 +164,7 @@ def _kernels(x: torch.Tensor, isa: str) -> tuple[object, int]:
 
 def _check_codes(x: torch.Tensor, g: IntegerGemm, dim: int, k: int) -> None:
     expected = torch.int8 if g.x_signed else torch.uint8
-    check_tensor("codes", x, dtypes=(expected,), dim=dim)
+    check_tensor("codes", x, dtypes=(expected,), dim=dim, contiguous=dim == 2)
     if x.device.type != "cpu":
         raise ValueError(f"the integer GEMM runs on CPU tensors; got codes on {x.device}: move them with .cpu()")
     if k != g.k:
@@ -157,35 +179,67 @@ def _args(g: IntegerGemm, isa_id: int) -> tuple:
 def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: str = "auto") -> torch.Tensor:
     """Output codes (rows, C) (int8 or uint8 as planned) of input codes ``x`` (rows, K), contiguous, on the CPU.
 
-    ``engine="int_mm"`` computes the products with ``torch._int_mm`` (8-bit per-channel weights only) and
-    applies the same epilogue; ``"gradq"`` uses gradq's kernel; ``"auto"`` takes ``int_mm`` where it is
-    faster (8-bit per-channel weights, at least INT_MM_MIN_ROWS rows, native kernels in use). ``isa``
-    forces an instruction set of the native kernels (tests, benchmarks).
+    ``engine="int_mm"`` computes the products with ``torch._int_mm`` (per-channel weights only) and
+    applies the same epilogue; ``"gradq"`` uses gradq's kernel; ``"auto"`` chooses (:data:`INT_MM_MIN_ROWS`).
+    ``isa`` forces an instruction set of the native kernels (tests, benchmarks).
     """
     _check_codes(x, g, 2, x.shape[1])
     module, isa_id = _kernels(x, isa)
-    if engine == "auto":
-        fast = g.int8_weights is not None and x.shape[0] >= INT_MM_MIN_ROWS and module is not _integer_reference
-        engine = "int_mm" if fast else "gradq"
-    if engine == "int_mm":
-        if g.int8_weights is None:
-            raise ValueError("engine='int_mm' needs 8-bit per-channel weights; use engine='gradq'")
+    if _engine(engine, g, x.shape[0], module) == "int_mm":
         xs = x if g.x_signed else (x ^ 128).view(torch.int8)  # uint8 codes minus 128
-        acc = torch._int_mm(xs, g.int8_weights)
-        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
-    if engine != "gradq":
-        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        weights = g.int8_weights()
+        if weights.shape[0] != g.k:
+            xs = torch.nn.functional.pad(xs, (0, weights.shape[0] - g.k))
+        acc = torch._int_mm(xs, weights)
+        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed, 1)
     extra = {"zeff": g.zeff} if module is _integer_reference else {}
     return module.integer_linear(x, *_args(g, isa_id), **extra)
 
 
+def _engine(engine: str, g: IntegerGemm, rows: int, module: object) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "auto":
+        fast = g.int8_offset is not None and rows >= INT_MM_MIN_ROWS and module is not _integer_reference
+        return "int_mm" if fast else "gradq"
+    if engine == "int_mm" and g.int8_offset is None:
+        raise ValueError("engine='int_mm' needs per-channel weights (Wi must fit int8); use engine='gradq'")
+    return engine
+
+
 def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], stride: tuple[int, int],
-                   padding: tuple[int, int], dilation: tuple[int, int], groups: int, isa: str = "auto") -> torch.Tensor:
-    """Output codes (N, C, OH, OW) of input codes ``x`` (N, C_in, H, W): im2col (padding with the code of
-    a real 0, ``zx``) and the GEMM of each of ``groups`` groups, on the CPU."""
+                   padding: tuple[int, int], dilation: tuple[int, int], groups: int, isa: str = "auto",
+                   engine: str = "auto") -> torch.Tensor:
+    """Output codes (N, C, OH, OW), channels last in memory (natively), of input codes ``x`` (N, C_in, H, W)
+    in any memory format: im2col (padding with the code of a real 0, ``zx``) and the GEMM of each of
+    ``groups`` groups, on the CPU. ``engine`` as for :func:`integer_linear` (``int_mm`` for ``groups == 1``
+    only; its rows are the N * OH * OW positions)."""
     _check_codes(x, g, 4, x.shape[1] // groups * math.prod(kernel))
     module, isa_id = _kernels(x, isa)
     conv = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding],
             [int(v) for v in dilation], int(groups), g.zx)
+    n, oh, ow = x.shape[0], *(
+        (x.shape[2 + i] + 2 * conv[2][i] - conv[3][i] * (conv[0][i] - 1) - 1) // conv[1][i] + 1 for i in range(2)
+    )
+    chosen = _engine("gradq" if engine == "auto" and groups != 1 else engine, g, n * oh * ow, module)
+    if chosen == "int_mm":
+        if groups != 1:
+            raise ValueError("engine='int_mm' runs convolutions with groups=1 only; use engine='gradq'")
+        weights = g.int8_weights()
+        cols = module.im2col_codes(x, *conv[:4], 1, weights.shape[0], g.zx, True).view(torch.int8)
+        acc = torch._int_mm(cols, weights)
+        codes = module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed, 1)
+        return codes.view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last in memory
     extra = {"zeff": g.zeff} if module is _integer_reference else {}
     return module.integer_conv2d(x, *_args(g, isa_id), *conv, **extra)
+
+
+def max_pool2d_codes(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                     padding: tuple[int, int]) -> torch.Tensor:
+    """Max pooling (dilation 1, floor mode) of codes ``x`` (N, C, H, W) uint8/int8 on the CPU, equal to
+    ``F.max_pool2d`` on the codes; contiguous or channels-last input (the output keeps its memory format)."""
+    check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
+    if not x.is_contiguous():
+        x = x.contiguous(memory_format=torch.channels_last)
+    module, _ = _kernels(x, "auto")
+    return module.max_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding])

@@ -1,0 +1,43 @@
+// The integer GEMM kernels of csrc/integer_kernels.cpp, bound in csrc/gradq_kernels.cpp.
+// Arguments are validated in Python (gradq/integer_kernels.py): contiguous CPU tensors of the documented dtypes.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <vector>
+
+// The instruction set the kernels choose: 1 portable C++, 2 AVX2, 3 AVX-512 VNNI.
+int64_t integer_gemm_isa();
+
+// Codes (rows, K) uint8/int8 -> output codes (rows, C) of the integer Linear.
+torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
+                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
+                             int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa);
+
+// Codes (N, C_in, H, W) -> output codes (N, C, OH, OW), channels-last in memory, of the integer Conv2d
+// (im2col, then the GEMM).
+torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
+                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
+                             int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa,
+                             std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                             std::vector<int64_t> dilation, int64_t groups, int64_t zx);
+
+// The requantization epilogue alone, on int32 accumulators (rows, C) plus the offset; rows are positions of
+// samples (N * positions rows): the output is (N, C, positions) flattened, (rows, C) for positions = 1.
+torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed,
+                               int64_t positions);
+
+// im2col of codes (N, C_in, H, W), any strides: rows (N * OH * OW, groups * width) uint8, each group's K =
+// kh * kw * C_in / groups columns in (kh, kw, C_in) order first (the rest of width zero), padding with the
+// code zx; values as uint8 codes (int8 codes plus 128), or with minus_128 as int8 bits minus 128 (torch._int_mm).
+torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t width,
+                           int64_t zx, bool minus_128);
+
+// Max pooling (dilation 1, floor mode) of codes (N, C, H, W) uint8 or int8, contiguous or channels-last
+// (the output keeps the input's memory format).
+torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding);
