@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 MPIRUN := OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(VENV)/bin/mpirun --oversubscribe \
 	--mca btl_tcp_if_include lo -x GLOO_SOCKET_IFNAME=lo
 
-.PHONY: setup horovod bench demo test bench-kernels bench-ddp bench-cluster bench-quant clean
+.PHONY: setup horovod bench demo test bench-kernels bench-ddp bench-cluster bench-quant bench-integer clean
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,10 @@ bench-kernels: setup
 # Model quantization: LeNet-5 PTQ (every calibrator), Fashion-MNIST QAT, 4-rank DDP QAT + onebit, torchao.
 bench-quant: setup
 	$(PY) benchmarks/quantization.py --output benchmarks/results/quantization
+
+# The integer model: exactness, file size, onnxruntime agreement and speed; the integer GEMM kernels.
+bench-integer: setup
+	$(PY) benchmarks/integer.py --output benchmarks/results/integer
 
 bench-ddp: setup
 	$(PY) benchmarks/ddp.py --output benchmarks/results/ddp

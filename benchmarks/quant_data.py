@@ -114,6 +114,28 @@ class FashionCNN(nn.Module):
         return self.linear2(self.relu3(self.linear1(x)))
 
 
+class ResidualNet(nn.Module):
+    """A small residual CNN (exercises the integer residual add and average pooling): a stride-2 conv stem
+    (1->16)-BN-ReLU, one residual block (conv-BN-ReLU-conv-BN, add, ReLU), 2x2 average pooling, global
+    average pooling, fc 16->10. Input float32 (N, 1, 28, 28); output (N, 10) logits. Randomly initialised."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, channels, 3, padding=1, stride=2), nn.BatchNorm2d(channels)
+        self.c1, self.b1 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.c2, self.b2 = nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.pool = nn.AvgPool2d(2)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(x + self.b2(self.c2(y)))
+        x = self.pool(x)
+        return self.fc(self.gap(x).flatten(1))
+
+
 def lenet5_weights_path() -> Path:
     """Path of advertorch's clean-trained MNIST LeNet-5 state dict."""
     return _package_file("advertorch_examples", "trained_models/mnist_lenet5_clntrained.pt", ADVERTORCH_INSTALL)

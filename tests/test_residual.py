@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradq
-from benchmarks.quant_data import load_mnist5k, mnist5k_split
+from benchmarks.quant_data import ResidualNet, load_mnist5k, mnist5k_split
 from gradq.modelquant import (
     Dequantize,
     IntegerAdd,
@@ -25,29 +25,9 @@ from gradq.modelquant import (
 from gradq.modelquant.integer_ops import add_multipliers, integer_add, integer_avg_pool
 
 
-class ResidualNet(nn.Module):
-    """A stem, one residual block (conv-BN-ReLU-conv-BN, add, ReLU), average pooling, global pooling, head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1, stride=2), nn.BatchNorm2d(8)
-        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.pool = nn.AvgPool2d(2)
-        self.gap = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn0(self.stem(x)))
-        y = F.relu(self.b1(self.c1(x)))
-        x = F.relu(x + self.b2(self.c2(y)))
-        x = self.pool(x)
-        return self.fc(self.gap(x).flatten(1))
-
-
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    model = ResidualNet()
+    model = ResidualNet(channels=8)
     with torch.no_grad():  # non-trivial BatchNorm statistics, so folding matters
         for bn in (model.bn0, model.b1, model.b2):
             bn.running_mean.uniform_(-0.2, 0.2)
@@ -143,7 +123,7 @@ def test_float_operation_is_reported_and_bracketed(digits):
             return self.fc(self.gap(torch.sigmoid(self.c1(x))).flatten(1))
 
     torch.manual_seed(0)
-    prepared = gradq.prepare(WithSigmoid().eval(), "w8a8")
+    prepared = gradq.prepare(WithSigmoid(channels=8).eval(), "w8a8")
     gradq.calibrate(prepared, digits[0], progress=False)
     rows = {r.name: r for r in gradq.quant_report(prepared).rows}
     assert rows["sigmoid"].became == "float" and "between a dequantize and a quantize" in rows["sigmoid"].note
