@@ -1082,4 +1082,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("requantize_int32", &requantize_int32, "requantization epilogue", no_gil);
   m.def("im2col_codes", &im2col_codes, "im2col of code tensors", no_gil);
   m.def("max_pool2d_codes", &max_pool2d_codes, "max pooling of code tensors", no_gil);
+  m.def("add_codes", &add_codes, "integer residual add of code tensors", no_gil);
 }

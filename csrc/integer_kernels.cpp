@@ -455,6 +455,22 @@ torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed
   return out;
 }
 
+namespace {
+
+bool has_avx512_bw() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
+// out[0:n] = in[0:n] ^ mask for n <= 64, one masked load and store (masked-off bytes are not touched).
+GRADQ_AVX512 inline void copy_xor_avx512(uint8_t* out, const uint8_t* in, int64_t n, uint8_t mask) {
+  const __mmask64 keep = n == 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
+  const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, in), _mm512_set1_epi8(static_cast<char>(mask)));
+  _mm512_mask_storeu_epi8(out, keep, v);
+}
+
+}  // namespace
+
 torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t width,
                            int64_t zx, bool minus_128) {
@@ -472,7 +488,8 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   torch::Tensor hwc;
   const uint8_t* t = src;
-  if (!(sc == 1 && sw == cin && sh == wd * cin && sn == h * wd * cin)) {
+  const bool channels_last = (sc == 1 || cin == 1) && sw == cin && sh == wd * cin && sn == h * wd * cin;
+  if (!channels_last) {
     hwc = torch::empty({n, h, wd, cin}, x.options().dtype(torch::kUInt8));
     uint8_t* buf = hwc.data_ptr<uint8_t>();
     at::parallel_for(0, n * h, 16, [&](int64_t begin, int64_t end) {
@@ -486,26 +503,41 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
     });
     t = buf;
   }
-  auto cols = torch::empty({rows, row_width}, x.options().dtype(torch::kUInt8));
+  const int64_t used = kh * kw * cg;  // columns per group before the zero fill up to width
+  auto cols = used == width ? torch::empty({rows, row_width}, x.options().dtype(torch::kUInt8))
+                            : torch::zeros({rows, row_width}, x.options().dtype(torch::kUInt8));
   uint8_t* dst = cols.data_ptr<uint8_t>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t s = r / positions, p = r % positions, oy = p / ow, ox = p % ow;
+  const bool wide_copy = has_avx512_bw();
+  // One task per output row (sample, oy): each tap (i, j) copies C_in/groups bytes for every ox, padding
+  // outside the valid range [lo, hi) of ox.
+  at::parallel_for(0, n * oh, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t s = task / oh, oy = task % oh;
+      uint8_t* block = dst + task * ow * row_width;  // rows (s, oy, 0..ow-1)
       for (int64_t g = 0; g < groups; ++g) {
-        uint8_t* out_row = dst + r * row_width + g * width;
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t y = oy * stride[0] - padding[0] + i * dilation[0];
-          for (int64_t j = 0; j < kw; ++j, out_row += cg) {
-            const int64_t xx = ox * stride[1] - padding[1] + j * dilation[1];
-            if (y >= 0 && y < h && xx >= 0 && xx < wd) {
-              const uint8_t* in = t + ((s * h + y) * wd + xx) * cin + g * cg;
-              for (int64_t c = 0; c < cg; ++c) out_row[c] = in[c] ^ mask;
+          const bool row_inside = y >= 0 && y < h;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t first = j * dilation[1] - padding[1];  // input column of ox = 0
+            const int64_t lo = row_inside ? std::min(ow, first >= 0 ? 0 : (-first + stride[1] - 1) / stride[1]) : ow;
+            const int64_t hi = row_inside ? std::max(lo, std::min(ow, first >= wd ? 0 : (wd - 1 - first) / stride[1] + 1)) : ow;
+            uint8_t* out = block + g * width + (i * kw + j) * cg;
+            const uint8_t* in = t + (s * h + std::max<int64_t>(y, 0)) * wd * cin + g * cg + first * cin;
+            const int64_t step = stride[1] * cin;
+            for (int64_t ox = 0; ox < lo; ++ox) std::memset(out + ox * row_width, pad, cg);
+            if (cg == 1) {
+              for (int64_t ox = lo; ox < hi; ++ox) out[ox * row_width] = in[ox * step] ^ mask;
+            } else if (wide_copy && cg <= 64) {
+              for (int64_t ox = lo; ox < hi; ++ox) copy_xor_avx512(out + ox * row_width, in + ox * step, cg, mask);
             } else {
-              std::memset(out_row, pad, cg);
+              for (int64_t ox = lo; ox < hi; ++ox) {
+                for (int64_t c = 0; c < cg; ++c) out[ox * row_width + c] = in[ox * step + c] ^ mask;
+              }
             }
+            for (int64_t ox = hi; ox < ow; ++ox) std::memset(out + ox * row_width, pad, cg);
           }
         }
-        std::memset(out_row, 0, width - kh * kw * cg);
       }
     }
   });
@@ -709,3 +741,23 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
 }
 
 #pragma GCC diagnostic pop
+
+torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t za, int64_t zb, int64_t ma,
+                        int64_t mb, int64_t n, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
+  auto out = torch::empty_like(a, a.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const int64_t count = a.numel();
+  const bool a_signed = a.scalar_type() == torch::kInt8, b_signed = b.scalar_type() == torch::kInt8;
+  const auto* pa = static_cast<const uint8_t*>(a.data_ptr());
+  const auto* pb = static_cast<const uint8_t*>(b.data_ptr());
+  auto* po = static_cast<uint8_t*>(out.data_ptr());
+  const int64_t round = int64_t{1} << (n - 1);
+  at::parallel_for(0, count, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t qa = a_signed ? static_cast<int8_t>(pa[i]) : pa[i];
+      const int64_t qb = b_signed ? static_cast<int8_t>(pb[i]) : pb[i];
+      const int64_t v = (((qa - za) * ma + (qb - zb) * mb + round) >> n) + zo;
+      po[i] = static_cast<uint8_t>(std::min(std::max(v, lo), hi));
+    }
+  });
+  return out;
+}

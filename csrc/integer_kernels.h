@@ -41,3 +41,8 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
 // (the output keeps the input's memory format).
 torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
                                std::vector<int64_t> padding);
+
+// The integer residual add (docs/integer.md section 5) of two code tensors of the same shape and strides,
+// dense in their memory format: the output has that layout.
+torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t za, int64_t zb, int64_t ma,
+                        int64_t mb, int64_t n, int64_t zo, int64_t lo, int64_t hi, bool out_signed);

@@ -121,3 +121,11 @@ def im2col_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding:
 def max_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int]) -> torch.Tensor:
     """Max pooling of codes (N, C, H, W), padding never chosen (exact in float64)."""
     return F.max_pool2d(x.to(torch.float64), kernel, stride, padding).to(x.dtype)
+
+
+def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: int, n: int, zo: int, lo: int,
+              hi: int, out_signed: bool) -> torch.Tensor:
+    """The integer residual add (docs/integer.md section 5) of code tensors ``a`` and ``b``."""
+    v = (a.to(torch.int64) - za) * ma + (b.to(torch.int64) - zb) * mb
+    codes = ((v + (1 << (n - 1))) >> n).add_(zo).clamp_(lo, hi)
+    return codes.to(torch.int8 if out_signed else torch.uint8)

@@ -243,3 +243,21 @@ def max_pool2d_codes(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int
         x = x.contiguous(memory_format=torch.channels_last)
     module, _ = _kernels(x, "auto")
     return module.max_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding])
+
+
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: int, n: int, zo: int, lo: int,
+              hi: int, out_signed: bool) -> torch.Tensor:
+    """The integer residual add (docs/integer.md section 5) of uint8/int8 code tensors ``a`` and ``b``:
+    ``clamp((((a - za) ma + (b - zb) mb + 2**(n-1)) >> n) + zo, lo, hi)`` as int8 or uint8 codes. Natively
+    when both have the same shape and strides (dense, contiguous or channels-last), else by the reference
+    (which broadcasts)."""
+    for name, t in (("a", a), ("b", b)):
+        check_tensor(name, t, dtypes=(torch.uint8, torch.int8), contiguous=False)
+    module, _ = _kernels(a, "auto")
+    if a.shape != b.shape or a.stride() != b.stride() or not _dense(a) or a.device.type != "cpu":
+        module = _integer_reference
+    return module.add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, out_signed)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradq
+import gradq.integer_kernels
 from benchmarks.quant_data import ResidualNet, load_mnist5k, mnist5k_split
 from gradq.modelquant import (
     Dequantize,
@@ -176,3 +177,28 @@ def test_residual_save_load_and_onnxruntime(tmp_path, digits):
 
 def _output_dequantize(model: nn.Module) -> str:
     return next(name for name, m in model.named_modules() if isinstance(m, Dequantize))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("a_dtype,b_dtype,out_signed", [
+    (torch.uint8, torch.uint8, False), (torch.int8, torch.uint8, True), (torch.int8, torch.int8, False)])
+def test_add_kernel_equals_the_arithmetic(layout, a_dtype, b_dtype, out_signed, monkeypatch):
+    gen = torch.Generator().manual_seed(9)
+
+    def codes(dtype):
+        lo, hi = (-128, 128) if dtype == torch.int8 else (0, 256)
+        return torch.randint(lo, hi, (3, 5, 7, 6), generator=gen).to(dtype).contiguous(memory_format=layout)
+
+    a, b = codes(a_dtype), codes(b_dtype)
+    ma, mb, n = add_multipliers(torch.tensor(0.02), torch.tensor(0.05), torch.tensor(0.06))
+    lo, hi = (-128, 127) if out_signed else (0, 255)
+    p = {"za": 3, "zb": -2 if b_dtype == torch.int8 else 120, "Ma": ma, "Mb": mb, "n": n, "zo": 1, "lo": lo, "hi": hi}
+    expected = integer_add(a, b, p)
+    args = (p["za"], p["zb"], ma, mb, n, p["zo"], lo, hi, out_signed)
+    for choice in ("native", "reference"):
+        monkeypatch.setenv("GRADQ_KERNELS", choice)
+        out = gradq.integer_kernels.add_codes(a, b, *args)
+        assert out.dtype == (torch.int8 if out_signed else torch.uint8)
+        assert torch.equal(out.long(), expected), choice
+    broadcast = gradq.integer_kernels.add_codes(a, b[:1], *args)  # shapes differ: the reference broadcasts
+    assert torch.equal(broadcast.long(), integer_add(a, b[:1], p))

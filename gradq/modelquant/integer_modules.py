@@ -11,9 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradq.integer_kernels import IntegerGemm, integer_conv2d, integer_linear, max_pool2d_codes, plan_integer_gemm
+from gradq.integer_kernels import (
+    IntegerGemm,
+    add_codes,
+    integer_conv2d,
+    integer_linear,
+    max_pool2d_codes,
+    plan_integer_gemm,
+)
 from gradq.kernels import pack_bits, unpack_bits
-from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_add, integer_avg_pool, integer_layer
+from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_avg_pool, integer_layer
 from gradq.modelquant.modules import QuantLayer
 from gradq.modelquant.quant_ops import PoolSpec, QuantAdd
 from gradq.modelquant.weights import dequantized_weight, integer_weights
@@ -232,8 +239,8 @@ class IntegerAdd(nn.Module):
             self.scales.copy_(torch.stack([q.qparams()[0] for q in (*add.input_quantizers, add.output_quant)]))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        p = dict(zip(ADD_FIELDS, self.integers.tolist(), strict=True))
-        return integer_add(a, b, p).to(self.out_dtype)
+        za, zb, ma, mb, n, zo, lo, hi = self.integers.tolist()
+        return add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, self.out_dtype == torch.int8)
 
     def extra_repr(self) -> str:
         return f"{self.name}: integer add{'+ReLU' if self.relu else ''}"
