@@ -86,9 +86,9 @@ def integer_add(qa: torch.Tensor, qb: torch.Tensor, p: dict) -> torch.Tensor:
 def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] | None, stride: tuple[int, ...],
                      padding: tuple[int, ...]) -> torch.Tensor:
     """Output codes (int64) of average pooling on codes ``q`` (N, C, L) or (N, C, H, W), on the same grid:
-    ``floor((sum_window (q - z) + count // 2) / count) + z`` (the mean rounded to nearest, ties up), where
-    padding counts as real zeros (codes ``z``) and ``count`` is the window size; ``kernel=None`` pools the
-    whole plane (global average pooling to size 1)."""
+    the window mean of ``q - z`` rounded to nearest, ties to even, plus ``z``, where padding counts as real
+    zeros (codes ``z``) and the mean divides by the window size; ``kernel=None`` pools the whole plane
+    (global average pooling to size 1)."""
     two_d = q.dim() == 4
     x = (q.to(torch.int64) - zero_point).to(torch.float64)  # sums of integers below 2**53: exact
     x = x if two_d else x.unsqueeze(2)
@@ -98,5 +98,8 @@ def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] |
         kernel, stride, padding = (1, kernel[0]), (1, stride[0]), (0, padding[0])
     sums = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True, divisor_override=1)
     count = math.prod(kernel)
-    out = torch.div(sums.to(torch.int64) + count // 2, count, rounding_mode="floor") + zero_point
+    twice = 2 * sums.to(torch.int64) + count  # mean + 1/2 = twice / (2 count)
+    out = torch.div(twice, 2 * count, rounding_mode="floor")
+    tie = (twice % (2 * count) == 0) & (out % 2 == 1)
+    out = out - tie.to(torch.int64) + zero_point
     return out if two_d else out.squeeze(2)
