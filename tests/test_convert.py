@@ -131,3 +131,47 @@ def test_relu_that_is_not_fused_runs_on_codes():
     assert len(relus) == 1 and relus[0].zero_point > 0  # the conv output is affine: ReLU is max(q, z)
     x = torch.randn(3, 2, 9, 9)
     assert torch.equal(converted(x), prepared(x))
+
+
+class Relu6Net(nn.Module):
+    """Conv-BN-ReLU6 and Linear-ReLU6 (MobileNet's activation), fused as the clamp [zo, code of 6]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc1, self.fc2 = nn.Linear(6 * 8 * 8, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu6(self.bn(self.conv(x))), 2)
+        return self.fc2(nn.functional.relu6(self.fc1(torch.flatten(x, 1))))
+
+
+def test_relu6_is_fused_as_the_clamp_at_the_code_of_six(tmp_path):
+    torch.manual_seed(0)
+    model = Relu6Net().eval()
+    with torch.no_grad():
+        model.fc1.weight.mul_(8)  # many fc1 pre-activations pass 6
+    x = torch.randn(64, 1, 16, 16) * 4
+    prepared = gradq.prepare(model, "w8a8")
+    assert prepared.conv.fused == ("BatchNorm", "ReLU6") and prepared.fc1.relu6
+    gradq.calibrate(prepared, [x], progress=False)
+    prepared.fc1.output_quant.scale.fill_(0.04)  # a range past 6: the clamp is the code of 6, 150, not 255
+    prepared.eval()
+    p = prepared.fc1.integer_parameters()
+    assert p["hi"] == 150 and p["lo"] == p["zo"] == 0
+    converted = gradq.convert(prepared)
+    seen = []
+    converted.fc1.register_forward_hook(lambda m, i, out: seen.append(out))
+    assert torch.equal(converted(x), prepared(x))
+    assert int(seen[0].max()) == 150  # saturated at 6.0 exactly
+    with torch.no_grad():
+        reference, quantized = model(x), prepared(x)
+    assert float((quantized - reference).abs().mean()) < 0.1 * float(reference.abs().mean())
+    gradq.export_onnx(converted, x[:1], tmp_path / "relu6.onnx")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "relu6.onnx"), providers=["CPUExecutionProvider"])
+    theirs = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    outputs = [m for m in converted.modules() if isinstance(m, gradq.modelquant.Dequantize)]
+    step = float(outputs[-1].scale)
+    assert float((theirs - converted(x)).abs().max()) <= step * 1.001

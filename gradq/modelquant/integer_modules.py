@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradq.integer_kernels import (
@@ -21,7 +20,7 @@ from gradq.integer_kernels import (
 )
 from gradq.kernels import pack_bits, unpack_bits
 from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_avg_pool, integer_layer
-from gradq.modelquant.modules import QuantLayer
+from gradq.modelquant.modules import QuantLayer, activate
 from gradq.modelquant.quant_ops import PoolSpec, QuantAdd
 from gradq.modelquant.weights import dequantized_weight, integer_weights
 from gradq.quantize import quantize
@@ -96,7 +95,8 @@ class _PackedWeights(nn.Module):
         super().__init__()
         scheme = layer.weight_quant.scheme
         self.kind, self.name, self.weight_scheme = layer.kind, layer.name, scheme
-        self.weight_shape, self.conv_args, self.relu = tuple(layer.weight.shape), dict(layer.conv_args), layer.relu
+        self.weight_shape, self.conv_args = tuple(layer.weight.shape), dict(layer.conv_args)
+        self.relu, self.relu6 = layer.relu, layer.relu6
         c, k = self.weight_shape[0], math.prod(self.weight_shape[1:])
         groups = k // scheme.granularity.group_size if isinstance(scheme.granularity, PerGroup) else None
         self.register_buffer("packed_weight", torch.zeros((c * k * scheme.bits + 7) // 8, dtype=torch.uint8))
@@ -217,7 +217,7 @@ class WeightOnlyLayer(_PackedWeights):
         if self._weight is None:
             self._weight = dequantized_weight(self.integer_weights(), self.weight_scale, self.weight_shape)
         y = LAYER_FUNCTIONS[self.kind](x, self._weight.to(x.dtype), self.bias, **self.conv_args)
-        return F.relu(y) if self.relu else y
+        return activate(y, self.relu, self.relu6)
 
 
 ADD_FIELDS = ("za", "zb", "Ma", "Mb", "n", "zo", "lo", "hi")

@@ -26,6 +26,11 @@ from gradq.scheme import PerAxis, PerGroup
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
+def activate(y: torch.Tensor, relu: bool, relu6: bool) -> torch.Tensor:
+    """The fused activation of a layer: ReLU6, ReLU or none."""
+    return F.relu6(y) if relu6 else F.relu(y) if relu else y
+
+
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with an eval-mode BatchNorm folded in (float64 math, fp32 result):
     w' = w * g / sqrt(var + eps), b' = (b - mean) * g / sqrt(var + eps) + beta."""
@@ -43,15 +48,19 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Modul
 class QuantLayer(nn.Module):
     """A quantized Linear/Conv1d/Conv2d (``kind``), built by ``gradq.prepare`` from a float layer.
 
-    ``weight``/``bias`` are parameters (BatchNorm already folded in). ``relu``: a fused ReLU. The input
+    ``weight``/``bias`` are parameters (BatchNorm already folded in). ``relu``: a fused ReLU (``relu6``: a
+    fused ReLU6, whose cap at 6 becomes the upper clamp at the code of 6). The input
     quantizer is set by ``prepare`` with :meth:`link_input` (its own ``input_quant`` child, or the output
     quantizer of the layer it reads from); ``output_quant`` is its own child.
     """
 
-    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, bn: nn.Module | None, relu: bool) -> None:
+    def __init__(self, layer: nn.Module, config: QuantConfig, name: str, bn: nn.Module | None, relu: bool,
+                 relu6: bool = False) -> None:
         super().__init__()
-        self.kind, self.name, self.config, self.relu = KINDS[type(layer)], name, config, relu
-        self.fused = tuple(x for x, on in (("BatchNorm", bn is not None), ("ReLU", relu)) if on)
+        self.kind, self.name, self.config = KINDS[type(layer)], name, config
+        self.relu, self.relu6 = relu or relu6, relu6
+        activation = "ReLU6" if relu6 else "ReLU"
+        self.fused = tuple(x for x, on in (("BatchNorm", bn is not None), (activation, self.relu)) if on)
         weight, bias = layer.weight, layer.bias
         if bn is not None:
             weight, bias = fold_batchnorm(weight, bias, bn)
@@ -82,7 +91,7 @@ class QuantLayer(nn.Module):
         if self.weight_quant is not None:
             self.weight_quant.init_step(self.weight)
         self.output_quant = (
-            self._new_act_quant(f"{name}.output_quant", non_negative=relu) if config.activation is not None else None
+            None if config.activation is None else self._new_act_quant(f"{name}.output_quant", non_negative=self.relu)
         )
         if self.output_quant is not None and self.weight_quant is not None:
             self.output_quant.gridded_in_eval = True
@@ -123,7 +132,7 @@ class QuantLayer(nn.Module):
             y = self._op(x, weight.to(x.dtype), self.bias)
         else:
             return self._integer_forward(x)
-        return F.relu(y) if self.relu else y
+        return activate(y, self.relu, self.relu6)
 
     def _state_key(self) -> tuple:
         """Identity and version of every tensor the integer parameters derive from: in-place updates (an
@@ -166,8 +175,11 @@ class QuantLayer(nn.Module):
         except ValueError as exc:
             raise ValueError(f"{self.name}: {exc}") from exc
         lo = max(scheme_out.qmin, zo) if self.relu else scheme_out.qmin
+        hi = scheme_out.qmax
+        if self.relu6:  # the cap: the code of 6.0 under the output parameters, as gradq.quantize gives it
+            hi = min(hi, int(self.output_quant.codes(torch.tensor([6.0], device=so.device))[0]))
         return {"q": q, "r": r, "zero": zero, "Wi": wi, "sw": sw, "bq": bq, "M": mult, "n": shift, "sx": sx,
-                "zx": zx, "so": so, "zo": zo, "lo": lo, "hi": scheme_out.qmax, "bound": bound}
+                "zx": zx, "so": so, "zo": zo, "lo": lo, "hi": hi, "bound": bound}
 
     def _integer_forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.integer_parameters()

@@ -80,7 +80,11 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
                                           dilations=list(ca["dilation"]), group=ca["groups"],
                                           kernel_shape=list(layer.weight_shape[2:])))
         out = f"{prefix}.out"
-        if layer.relu:
+        if layer.relu6:
+            bounds = [const(f"{prefix}.{n}", torch.tensor(v)) for n, v in (("min", 0.0), ("max", 6.0))]
+            nodes.append(helper.make_node("Clip", [out, *bounds], [f"{prefix}.relu6"]))
+            out = f"{prefix}.relu6"
+        elif layer.relu:
             nodes.append(helper.make_node("Relu", [out], [f"{prefix}.relu"]))
             out = f"{prefix}.relu"
         return out

@@ -64,6 +64,15 @@ def _single_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def is_relu6(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` applies ReLU6 (``nn.ReLU6`` or ``F.relu6``)."""
+    if node is None:
+        return False
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU6
+    return node.op == "call_function" and node.target is F.relu6
+
+
 def is_relu(node: fx.Node | None, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` applies a plain ReLU (module, F.relu, torch.relu or the method)."""
     if node is None:
@@ -137,10 +146,11 @@ def _fuse(gm: fx.GraphModule, config: QuantConfig, floats: list[FloatEntry]) -> 
         ):
             bn, last = modules[user.target], user
             user = _single_user(user)
-        relu = is_relu(user, modules)
+        relu6 = is_relu6(user, modules)
+        relu = relu6 or is_relu(user, modules)
         if relu:
             last = user
-        quant = QuantLayer(layer, cfg, name, bn, relu)
+        quant = QuantLayer(layer, cfg, name, bn, relu, relu6)
         gm.add_submodule(name, quant)
         if last is not node:
             last.replace_all_uses_with(node)
