@@ -18,6 +18,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -760,4 +762,73 @@ torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t 
     }
   });
   return out;
+}
+
+namespace {
+
+// floor(a / b) for b > 0.
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+}  // namespace
+
+torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, int64_t zero_point) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t oh = (h + 2 * padding[0] - kernel[0]) / stride[0] + 1;
+  const int64_t ow = (w + 2 * padding[1] - kernel[1]) / stride[1] + 1;
+  auto out = torch::empty({n, c, oh, ow}, x.options().memory_format(x.suggest_memory_format()));
+  const int64_t count = kernel[0] * kernel[1];
+  const bool is_signed = x.scalar_type() == torch::kInt8;
+  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
+  auto* dst = static_cast<uint8_t*>(out.data_ptr());
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const int64_t dn = out.stride(0), dc = out.stride(1), dh = out.stride(2), dw = out.stride(3);
+  at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t b = plane / c, ch = plane % c;
+      const uint8_t* in = src + b * sn + ch * sc;
+      for (int64_t oy = 0; oy < oh; ++oy) {
+        const int64_t y0 = std::max<int64_t>(oy * stride[0] - padding[0], 0);
+        const int64_t y1 = std::min(oy * stride[0] - padding[0] + kernel[0], h);
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const int64_t x0 = std::max<int64_t>(ox * stride[1] - padding[1], 0);
+          const int64_t x1 = std::min(ox * stride[1] - padding[1] + kernel[1], w);
+          int64_t t = 0;  // sum of (q - z) over the window; padding adds 0
+          for (int64_t y = y0; y < y1; ++y) {
+            for (int64_t xx = x0; xx < x1; ++xx) {
+              const uint8_t v = in[y * sh + xx * sw];
+              t += (is_signed ? static_cast<int8_t>(v) : v) - zero_point;
+            }
+          }
+          int64_t r = floor_div(2 * t + count, 2 * count);  // round(t / count), ties up ...
+          if ((2 * t + count) % (2 * count) == 0 && (r & 1)) --r;  // ... then ties to even
+          dst[b * dn + ch * dc + oy * dh + ox * dw] = static_cast<uint8_t>(r + zero_point);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::vector<torch::Tensor> quantize_codes(const torch::Tensor& x, double scale, int64_t zero_point, int64_t qmin,
+                                          int64_t qmax, bool out_signed) {
+  auto out = torch::empty(x.sizes(), x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const float* src = x.data_ptr<float>();
+  auto* dst = static_cast<uint8_t*>(out.data_ptr());
+  const auto s = static_cast<float>(scale), z = static_cast<float>(zero_point);
+  const auto lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  const int64_t count = x.numel();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, count, 1 << 14, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t i = begin; i < end; ++i) {
+      const float v = src[i];
+      const bool fin = std::isfinite(v);
+      ok &= fin;
+      const float q = fin ? std::min(std::max(std::nearbyint(v / s) + z, lo), hi) : lo;
+      dst[i] = static_cast<uint8_t>(static_cast<int32_t>(q));
+    }
+    if (!ok) finite = false;
+  });
+  return {out, torch::tensor(finite.load())};
 }

@@ -124,8 +124,32 @@ def max_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padd
 
 
 def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: int, n: int, zo: int, lo: int,
-              hi: int, out_signed: bool) -> torch.Tensor:
-    """The integer residual add (docs/integer.md section 5) of code tensors ``a`` and ``b``."""
+              hi: int, out_signed: bool | None) -> torch.Tensor:
+    """The integer residual add (docs/integer.md section 5) of code tensors ``a`` and ``b`` (broadcasting):
+    int8/uint8 codes, or int64 for ``out_signed=None``."""
     v = (a.to(torch.int64) - za) * ma + (b.to(torch.int64) - zb) * mb
     codes = ((v + (1 << (n - 1))) >> n).add_(zo).clamp_(lo, hi)
-    return codes.to(torch.int8 if out_signed else torch.uint8)
+    return codes if out_signed is None else codes.to(torch.int8 if out_signed else torch.uint8)
+
+
+def avg_pool2d_codes(q: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                     zero_point: int) -> torch.Tensor:
+    """Average pooling of integer codes ``q`` (N, C, H, W) on their grid (docs/integer.md section 5): the
+    window mean of ``q - z`` rounded to nearest, ties to even, plus ``z``; padding counts as ``z``. Same
+    dtype as ``q``."""
+    x = (q.to(torch.int64) - zero_point).to(torch.float64)  # sums of integers below 2**53: exact
+    sums = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True, divisor_override=1)
+    count = kernel[0] * kernel[1]
+    twice = 2 * sums.to(torch.int64) + count  # mean + 1/2 = twice / (2 count)
+    out = torch.div(twice, 2 * count, rounding_mode="floor")
+    out = out - ((twice % (2 * count) == 0) & (out % 2 == 1)).to(torch.int64)
+    return (out + zero_point).to(q.dtype)
+
+
+def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                   out_signed: bool) -> list[torch.Tensor]:
+    """``clamp(round(fp32(x / scale)) + zero_point, qmin, qmax)`` as int8/uint8 codes (round half to even,
+    the arithmetic of ``gradq.quantize``), and whether every value of ``x`` was finite."""
+    y = torch.round(x.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)) + float(zero_point)
+    codes = y.clamp(qmin, qmax).nan_to_num(float(qmin)).to(torch.int8 if out_signed else torch.uint8)
+    return [codes, torch.isfinite(x).all()]

@@ -261,3 +261,30 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: i
     if a.shape != b.shape or a.stride() != b.stride() or not _dense(a) or a.device.type != "cpu":
         module = _integer_reference
     return module.add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, out_signed)
+
+
+def avg_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                     zero_point: int) -> torch.Tensor:
+    """Average pooling of uint8/int8 codes ``x`` (N, C, H, W) in any memory format (kept) on their grid
+    (docs/integer.md section 5): natively on the CPU, else by the reference."""
+    check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
+    module, _ = _kernels(x, "auto")
+    if x.device.type != "cpu":
+        module = _integer_reference
+    return module.avg_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
+                                   [int(v) for v in padding], int(zero_point))
+
+
+def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                   out_signed: bool) -> torch.Tensor:
+    """Codes ``clamp(round(fp32(x / scale)) + zero_point, qmin, qmax)`` (int8 or uint8) of float ``x``, as
+    ``gradq.quantize`` computes them for a per-tensor uniform scheme; natively for contiguous fp32 CPU
+    tensors. Raises ValueError if ``x`` holds NaN or Inf."""
+    check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16), contiguous=False)
+    module, _ = _kernels(x, "auto")
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+        module = _integer_reference
+    codes, finite = module.quantize_codes(x, float(scale), int(zero_point), int(qmin), int(qmax), out_signed)
+    if not bool(finite):
+        raise ValueError("x contains NaN or Inf; uniform quantization needs finite values")
+    return codes

@@ -288,3 +288,40 @@ def test_bad_arguments_are_named():
         integer_linear(torch.zeros(2, 128, dtype=torch.uint8), grouped, engine="int_mm")
     with pytest.raises(ValueError, match="must be contiguous"):
         integer_linear(torch.zeros(64, 2, dtype=torch.uint8).T, plan)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_quantize_codes_equals_gradq_quantize(signed, monkeypatch):
+    import gradq
+
+    gen = torch.Generator().manual_seed(6)
+    scale, zp = 0.037, (0 if signed else 97)
+    x = torch.randn(3, 7, 11, generator=gen) * 3
+    x.view(-1)[:50] = (torch.arange(50) - 25 + 0.5) * scale  # ties, rounded to even
+    scheme = gradq.QuantScheme.uniform(8, signed=signed, symmetric=signed)
+    zero_point = None if signed else torch.tensor(zp)
+    expected = gradq.quantize(x, scheme, scale=torch.tensor(scale), zero_point=zero_point).codes
+    qmin, qmax = scheme.qmin, scheme.qmax
+    for choice in ("native", "reference"):
+        monkeypatch.setenv("GRADQ_KERNELS", choice)
+        codes = integer_kernels.quantize_codes(x, scale, zp, qmin, qmax, signed)
+        assert codes.dtype == (torch.int8 if signed else torch.uint8)
+        assert torch.equal(codes.long(), expected.long()), choice
+        bad = x.clone()
+        bad[1, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            integer_kernels.quantize_codes(bad, scale, zp, qmin, qmax, signed)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
+@pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
+                                                   ((3, 2), (1, 2), (1, 0)), ((9, 8), (9, 8), (0, 0))])
+def test_avg_pool_of_codes_native_equals_reference(dtype, kernel, stride, padding, monkeypatch):
+    x = _inputs((2, 3, 9, 8), dtype == torch.int8, seed=8)
+    zp = -3 if dtype == torch.int8 else 100
+    expected = _integer_reference.avg_pool2d_codes(x.long(), [*kernel], [*stride], [*padding], zp)
+    for choice in ("native", "reference"):
+        monkeypatch.setenv("GRADQ_KERNELS", choice)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            out = integer_kernels.avg_pool2d_codes(x.contiguous(memory_format=layout), kernel, stride, padding, zp)
+            assert out.dtype == dtype and torch.equal(out.long(), expected), (choice, layout)

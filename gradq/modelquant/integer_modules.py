@@ -13,18 +13,20 @@ from torch import nn
 from gradq.integer_kernels import (
     IntegerGemm,
     add_codes,
+    avg_pool2d_codes,
     integer_conv2d,
     integer_linear,
     max_pool2d_codes,
     plan_integer_gemm,
+    quantize_codes,
 )
 from gradq.kernels import pack_bits, unpack_bits
-from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_avg_pool, integer_layer
+from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer, pool_window
 from gradq.modelquant.modules import QuantLayer, activate
 from gradq.modelquant.quant_ops import PoolSpec, QuantAdd
 from gradq.modelquant.weights import dequantized_weight, integer_weights
 from gradq.quantize import quantize
-from gradq.scheme import PerGroup, QuantScheme
+from gradq.scheme import PerGroup, PerTensor, QuantScheme
 
 
 def code_dtype(scheme: QuantScheme) -> torch.dtype:
@@ -41,8 +43,12 @@ class QuantizeInput(nn.Module):
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        zp = self.zero_point if self.scheme.has_zero_point else None
-        return quantize(x, self.scheme, scale=self.scale, zero_point=zp).codes
+        s = self.scheme
+        if s.rounding == "nearest" and s.codebook == "uniform" and isinstance(s.granularity, PerTensor):
+            zp = int(self.zero_point) if s.has_zero_point else 0
+            return quantize_codes(x, float(self.scale), zp, s.qmin, s.qmax, s.signed)
+        zp = self.zero_point if s.has_zero_point else None
+        return quantize(x, s, scale=self.scale, zero_point=zp).codes
 
 
 class Dequantize(nn.Module):
@@ -257,7 +263,9 @@ class IntegerAvgPool(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        return integer_avg_pool(codes, int(self.zero_point), s.kernel, s.stride, s.padding).to(codes.dtype)
+        x, kernel, stride, padding = pool_window(codes, s.kernel, s.stride, s.padding)
+        out = avg_pool2d_codes(x, kernel, stride, padding, int(self.zero_point))
+        return out if codes.dim() == 4 else out.squeeze(2)
 
     def extra_repr(self) -> str:
         return f"{'global ' if self.spec.kernel is None else ''}average pooling on codes"

@@ -9,6 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gradq import _integer_reference
 from gradq.fixedpoint import quantize_multiplier, requantize
 
 LAYER_FUNCTIONS = {"linear": F.linear, "conv1d": F.conv1d, "conv2d": F.conv2d}
@@ -79,8 +80,20 @@ def add_multipliers(sa: torch.Tensor, sb: torch.Tensor, so: torch.Tensor) -> tup
 def integer_add(qa: torch.Tensor, qb: torch.Tensor, p: dict) -> torch.Tensor:
     """Output codes (int64) of the residual add: ``clamp(((qa - za) Ma + (qb - zb) Mb + 2**(n-1)) >> n) + zo,
     lo, hi)``, broadcasting ``qa`` and ``qb``; ``p`` holds za, zb, Ma, Mb, n, zo, lo, hi as ints."""
-    v = (qa.to(torch.int64) - p["za"]) * p["Ma"] + (qb.to(torch.int64) - p["zb"]) * p["Mb"]
-    return ((v + (1 << (p["n"] - 1))) >> p["n"]).add_(p["zo"]).clamp_(p["lo"], p["hi"])
+    return _integer_reference.add_codes(qa, qb, p["za"], p["zb"], p["Ma"], p["Mb"], p["n"], p["zo"], p["lo"],
+                                        p["hi"], None)
+
+
+def pool_window(q: torch.Tensor, kernel: tuple[int, ...] | None, stride: tuple[int, ...],
+                padding: tuple[int, ...]) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+    """``q`` (N, C, L) or (N, C, H, W) as 4-D with the 2-D kernel, stride and padding of an average pooling
+    (``kernel=None``: the whole plane)."""
+    x = q if q.dim() == 4 else q.unsqueeze(2)
+    if kernel is None:
+        return x, list(x.shape[2:]), list(x.shape[2:]), [0, 0]
+    if q.dim() == 4:
+        return x, list(kernel), list(stride), list(padding)
+    return x, [1, kernel[0]], [1, stride[0]], [0, padding[0]]
 
 
 def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] | None, stride: tuple[int, ...],
@@ -89,17 +102,6 @@ def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] |
     the window mean of ``q - z`` rounded to nearest, ties to even, plus ``z``, where padding counts as real
     zeros (codes ``z``) and the mean divides by the window size; ``kernel=None`` pools the whole plane
     (global average pooling to size 1)."""
-    two_d = q.dim() == 4
-    x = (q.to(torch.int64) - zero_point).to(torch.float64)  # sums of integers below 2**53: exact
-    x = x if two_d else x.unsqueeze(2)
-    if kernel is None:
-        kernel, stride, padding = tuple(x.shape[2:]), tuple(x.shape[2:]), (0, 0)
-    elif not two_d:
-        kernel, stride, padding = (1, kernel[0]), (1, stride[0]), (0, padding[0])
-    sums = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True, divisor_override=1)
-    count = math.prod(kernel)
-    twice = 2 * sums.to(torch.int64) + count  # mean + 1/2 = twice / (2 count)
-    out = torch.div(twice, 2 * count, rounding_mode="floor")
-    tie = (twice % (2 * count) == 0) & (out % 2 == 1)
-    out = out - tie.to(torch.int64) + zero_point
-    return out if two_d else out.squeeze(2)
+    x, k, s, p = pool_window(q.to(torch.int64), kernel, stride, padding)
+    out = _integer_reference.avg_pool2d_codes(x, k, s, p, zero_point)
+    return out if q.dim() == 4 else out.squeeze(2)
