@@ -766,8 +766,15 @@ torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t 
 
 namespace {
 
-// floor(a / b) for b > 0.
-inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+// round(t / count) + z, to nearest with ties to even: r = floor((2t + count) / (2 count)), minus 1 where that
+// quotient is an exact odd integer. The double division is exact enough: |2t + count| < 2^53, and a
+// quotient that is not an integer lies at least 1 / (2 count) from one.
+inline int64_t rounded_mean(int64_t t, int64_t count, int64_t zero_point) {
+  const int64_t num = 2 * t + count, den = 2 * count;
+  int64_t r = static_cast<int64_t>(std::floor(static_cast<double>(num) / static_cast<double>(den)));
+  if (r * den == num && (r & 1)) --r;
+  return r + zero_point;
+}
 
 }  // namespace
 
@@ -783,6 +790,34 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
   auto* dst = static_cast<uint8_t*>(out.data_ptr());
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const int64_t dn = out.stride(0), dc = out.stride(1), dh = out.stride(2), dw = out.stride(3);
+  if (sc == 1 && c > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // whole channel rows at a time
+    at::parallel_for(0, n * oh, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> t(c);
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / oh, oy = row % oh;
+        const int64_t y0 = std::max<int64_t>(oy * stride[0] - padding[0], 0);
+        const int64_t y1 = std::min(oy * stride[0] - padding[0] + kernel[0], h);
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          const int64_t x0 = std::max<int64_t>(ox * stride[1] - padding[1], 0);
+          const int64_t x1 = std::min(ox * stride[1] - padding[1] + kernel[1], w);
+          std::fill(t.begin(), t.end(), -zero_point * (y1 - y0) * (x1 - x0));
+          for (int64_t y = y0; y < y1; ++y) {
+            for (int64_t xx = x0; xx < x1; ++xx) {
+              const uint8_t* v = src + b * sn + y * sh + xx * sw;
+              if (is_signed) {
+                for (int64_t ch = 0; ch < c; ++ch) t[ch] += static_cast<int8_t>(v[ch]);
+              } else {
+                for (int64_t ch = 0; ch < c; ++ch) t[ch] += v[ch];
+              }
+            }
+          }
+          uint8_t* o = dst + b * dn + oy * dh + ox * dw;
+          for (int64_t ch = 0; ch < c; ++ch) o[ch] = static_cast<uint8_t>(rounded_mean(t[ch], count, zero_point));
+        }
+      }
+    });
+    return out;
+  }
   at::parallel_for(0, n * c, 16, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / c, ch = plane % c;
@@ -800,9 +835,7 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
               t += (is_signed ? static_cast<int8_t>(v) : v) - zero_point;
             }
           }
-          int64_t r = floor_div(2 * t + count, 2 * count);  // round(t / count), ties up ...
-          if ((2 * t + count) % (2 * count) == 0 && (r & 1)) --r;  // ... then ties to even
-          dst[b * dn + ch * dc + oy * dh + ox * dw] = static_cast<uint8_t>(r + zero_point);
+          dst[b * dn + ch * dc + oy * dh + ox * dw] = static_cast<uint8_t>(rounded_mean(t, count, zero_point));
         }
       }
     }
