@@ -766,14 +766,15 @@ torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t 
 
 namespace {
 
-// round(t / count) + z, to nearest with ties to even: r = floor((2t + count) / (2 count)), minus 1 where that
-// quotient is an exact odd integer. The double division is exact enough: |2t + count| < 2^53, and a
-// quotient that is not an integer lies at least 1 / (2 count) from one.
+// The window's mean code, (t + count * z) / count, rounded to nearest with ties to the even code:
+// r = floor((2T + count) / (2 count)) for T = t + count * z, minus 1 where that quotient is an exact odd
+// integer. The double division is exact enough: |2T + count| < 2^53, and a quotient that is not an integer
+// lies at least 1 / (2 count) from one.
 inline int64_t rounded_mean(int64_t t, int64_t count, int64_t zero_point) {
-  const int64_t num = 2 * t + count, den = 2 * count;
+  const int64_t num = 2 * (t + count * zero_point) + count, den = 2 * count;
   int64_t r = static_cast<int64_t>(std::floor(static_cast<double>(num) / static_cast<double>(den)));
   if (r * den == num && (r & 1)) --r;
-  return r + zero_point;
+  return r;
 }
 
 }  // namespace

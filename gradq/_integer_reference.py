@@ -135,15 +135,16 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: i
 def avg_pool2d_codes(q: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
                      zero_point: int) -> torch.Tensor:
     """Average pooling of integer codes ``q`` (N, C, H, W) on their grid (docs/integer.md section 5): the
-    window mean of ``q - z`` rounded to nearest, ties to even, plus ``z``; padding counts as ``z``. Same
-    dtype as ``q``."""
-    x = (q.to(torch.int64) - zero_point).to(torch.float64)  # sums of integers below 2**53: exact
-    sums = F.avg_pool2d(x, kernel, stride, padding, ceil_mode=False, count_include_pad=True, divisor_override=1)
+    window's mean code (padding counted as ``z``) rounded to nearest, ties to the even code. Same dtype as
+    ``q``."""
+    x = q.to(torch.float64)  # sums of integers below 2**53: exact
+    total = F.avg_pool2d(x - zero_point, kernel, stride, padding, ceil_mode=False, count_include_pad=True,
+                         divisor_override=1).to(torch.int64)
     count = kernel[0] * kernel[1]
-    twice = 2 * sums.to(torch.int64) + count  # mean + 1/2 = twice / (2 count)
+    twice = 2 * (total + count * zero_point) + count  # mean code + 1/2 = twice / (2 count)
     out = torch.div(twice, 2 * count, rounding_mode="floor")
-    out = out - ((twice % (2 * count) == 0) & (out % 2 == 1)).to(torch.int64)
-    return (out + zero_point).to(q.dtype)
+    out = out - ((twice % (2 * count) == 0) & (out % 2 != 0)).to(torch.int64)
+    return out.to(q.dtype)
 
 
 def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,

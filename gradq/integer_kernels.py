@@ -265,8 +265,9 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: i
 
 def avg_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
                      zero_point: int) -> torch.Tensor:
-    """Average pooling of uint8/int8 codes ``x`` (N, C, H, W) in any memory format (kept) on their grid
-    (docs/integer.md section 5): natively on the CPU, else by the reference."""
+    """Average pooling of uint8/int8 codes ``x`` (N, C, H, W) in any memory format (kept) on their grid: the
+    window's mean code rounded to nearest, ties to even (docs/integer.md section 5); natively on the CPU,
+    else by the reference."""
     check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
     module, _ = _kernels(x, "auto")
     if x.device.type != "cpu":

@@ -81,14 +81,14 @@ def test_integer_add_against_python_integers_and_real_sum():
 
 @pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 1), (1, 1)),
                                                    ((3, 2), (1, 2), (1, 0)), (None, (), ())])
-def test_integer_avg_pool_rounds_the_mean_to_nearest_ties_to_even(kernel, stride, padding):
+def test_integer_avg_pool_rounds_the_mean_code_ties_to_even(kernel, stride, padding):
     gen = torch.Generator().manual_seed(3)
     q = torch.randint(-128, 128, (2, 3, 7, 6), generator=gen)
     z = 5
     out = integer_avg_pool(q, z, kernel, stride, padding)
     k = kernel or (7, 6)
     means = F.avg_pool2d((q - z).double(), k, stride or k, padding or 0, count_include_pad=True)
-    assert torch.equal(out, torch.round(means).long() + z)  # torch.round: ties to even; a tie is exact here
+    assert torch.equal(out, torch.round(means + z).long())  # the mean code, ties to the even code (exact here)
     if kernel is not None:  # ties occur with even windows (and are exact in float64)
         assert bool(((means * 2) % 2 == 1).any()) == (math.prod(k) % 2 == 0)
     # 1-D pooling is the 2-D one of height 1

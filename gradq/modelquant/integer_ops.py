@@ -99,9 +99,9 @@ def pool_window(q: torch.Tensor, kernel: tuple[int, ...] | None, stride: tuple[i
 def integer_avg_pool(q: torch.Tensor, zero_point: int, kernel: tuple[int, ...] | None, stride: tuple[int, ...],
                      padding: tuple[int, ...]) -> torch.Tensor:
     """Output codes (int64) of average pooling on codes ``q`` (N, C, L) or (N, C, H, W), on the same grid:
-    the window mean of ``q - z`` rounded to nearest, ties to even, plus ``z``, where padding counts as real
-    zeros (codes ``z``) and the mean divides by the window size; ``kernel=None`` pools the whole plane
-    (global average pooling to size 1)."""
+    the window's mean code rounded to nearest, ties to the even code, where padding counts as real zeros
+    (codes ``z``) and the mean divides by the window size; ``kernel=None`` pools the whole plane (global
+    average pooling to size 1)."""
     x, k, s, p = pool_window(q.to(torch.int64), kernel, stride, padding)
     out = _integer_reference.avg_pool2d_codes(x, k, s, p, zero_point)
     return out if q.dim() == 4 else out.squeeze(2)
