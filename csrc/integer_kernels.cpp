@@ -43,6 +43,7 @@ struct Weights {
   int64_t row_bytes = 0;
   int bits = 8;
   bool sign = false;                // 1-bit sign codes: bit 1 is -1, bit 0 is +1
+  bool offset_binary = false;       // 2/4-bit fields hold q + 2^(bits-1) (else two's complement)
   int64_t nblocks = 0;              // kp / 64
   const int32_t* sub = nullptr;     // (C, groups) sub-scales r, or null
   int64_t blocks_per_group = 0;
@@ -104,6 +105,8 @@ inline int32_t weight_at(const Weights& w, int64_t c, int64_t k) {
   int32_t q;
   if (w.sign) {
     q = 1 - 2 * f;
+  } else if (w.offset_binary) {
+    q = f - (1 << (w.bits - 1));
   } else {
     const int32_t s = 1 << (w.bits - 1);
     q = (f ^ s) - s;
@@ -132,7 +135,7 @@ uint32_t dot_portable(const uint8_t* x, const Weights& w, int64_t c) {
 #define GRADQ_AVX2 __attribute__((target("avx2,fma")))
 #define GRADQ_AVX512_DQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-template <int BITS>
+template <int BITS, bool OFFSET>
 GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
   if constexpr (BITS == 8) {
     return _mm512_loadu_si512(p);
@@ -157,12 +160,13 @@ GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
       f = _mm512_inserti32x4(f, _mm_and_si128(_mm_srli_epi16(v, 4), mask), 2);
       f = _mm512_inserti32x4(f, _mm_and_si128(_mm_srli_epi16(v, 6), mask), 3);
     }
+    if constexpr (OFFSET) return f;  // q + 2^(BITS-1), corrected per row after the dot products
     const __m512i s = _mm512_set1_epi8(1 << (BITS - 1));
     return _mm512_sub_epi8(_mm512_xor_si512(f, s), s);
   }
 }
 
-template <int BITS, int MR, int NR, bool GROUPED>
+template <int BITS, int MR, int NR, bool GROUPED, bool OFFSET>
 GRADQ_AVX512 void tile_avx512(const uint8_t* x, int64_t x_stride, const Weights& w, int64_t c0, uint32_t* raw) {
   __m512i acc[MR][NR], part[MR][NR];
   for (int i = 0; i < MR; ++i) {
@@ -171,7 +175,7 @@ GRADQ_AVX512 void tile_avx512(const uint8_t* x, int64_t x_stride, const Weights&
   const int64_t block_bytes = 8 * BITS;
   for (int64_t b = 0; b < w.nblocks; ++b) {
     __m512i wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = unpack512<BITS>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, w.sign);
+    for (int j = 0; j < NR; ++j) wv[j] = unpack512<BITS, OFFSET>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, w.sign);
     for (int i = 0; i < MR; ++i) {
       const __m512i xv = _mm512_loadu_si512(x + i * x_stride + b * kBlock);
       for (int j = 0; j < NR; ++j) {
@@ -219,7 +223,7 @@ GRADQ_AVX2 inline __m256i expand_sign_bits(uint32_t bits) {
   return _mm256_or_si256(set, _mm256_set1_epi8(1));  // -1 where the bit is 1, else +1
 }
 
-template <int BITS>
+template <int BITS, bool OFFSET>
 GRADQ_AVX2 inline void unpack256(const uint8_t* p, __m256i* h) {
   if constexpr (BITS == 8) {
     h[0] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -232,15 +236,23 @@ GRADQ_AVX2 inline void unpack256(const uint8_t* p, __m256i* h) {
   } else if constexpr (BITS == 4) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     const __m256i mask = _mm256_set1_epi8(0x0F);
-    h[0] = sign_extend256(_mm256_and_si256(v, mask), 4);
-    h[1] = sign_extend256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), 4);
+    h[0] = _mm256_and_si256(v, mask);
+    h[1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    if constexpr (!OFFSET) {
+      h[0] = sign_extend256(h[0], 4);
+      h[1] = sign_extend256(h[1], 4);
+    }
   } else {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     const __m128i mask = _mm_set1_epi8(3);
     const __m128i s0 = _mm_and_si128(v, mask), s1 = _mm_and_si128(_mm_srli_epi16(v, 2), mask);
     const __m128i s2 = _mm_and_si128(_mm_srli_epi16(v, 4), mask), s3 = _mm_and_si128(_mm_srli_epi16(v, 6), mask);
-    h[0] = sign_extend256(_mm256_set_m128i(s1, s0), 2);
-    h[1] = sign_extend256(_mm256_set_m128i(s3, s2), 2);
+    h[0] = _mm256_set_m128i(s1, s0);
+    h[1] = _mm256_set_m128i(s3, s2);
+    if constexpr (!OFFSET) {
+      h[0] = sign_extend256(h[0], 2);
+      h[1] = sign_extend256(h[1], 2);
+    }
   }
 }
 
@@ -267,7 +279,7 @@ GRADQ_AVX2 inline uint32_t hsum256(__m256i v) {
   return static_cast<uint32_t>(_mm_cvtsi128_si32(s));
 }
 
-template <int BITS, int MR, int NR, bool GROUPED>
+template <int BITS, int MR, int NR, bool GROUPED, bool OFFSET>
 GRADQ_AVX2 void tile_avx2(const uint8_t* x, int64_t x_stride, const Weights& w, int64_t c0, uint32_t* raw) {
   __m256i acc[MR][NR], part[MR][NR];
   for (int i = 0; i < MR; ++i) {
@@ -276,7 +288,7 @@ GRADQ_AVX2 void tile_avx2(const uint8_t* x, int64_t x_stride, const Weights& w, 
   const int64_t block_bytes = 8 * BITS;
   for (int64_t b = 0; b < w.nblocks; ++b) {
     __m256i wv[NR][2];
-    for (int j = 0; j < NR; ++j) unpack256<BITS>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, wv[j]);
+    for (int j = 0; j < NR; ++j) unpack256<BITS, OFFSET>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, wv[j]);
     for (int i = 0; i < MR; ++i) {
       const uint8_t* xb = x + i * x_stride + b * kBlock;
       for (int j = 0; j < NR; ++j) {
@@ -311,28 +323,32 @@ struct Tiles {
   TileFn t44, t14, t41, t11;
 };
 
-template <int BITS, bool GROUPED>
+template <int BITS, bool GROUPED, bool OFFSET>
 Tiles tiles_for(Isa isa) {
   if (isa == kAvx512Vnni) {
-    return {tile_avx512<BITS, 4, 4, GROUPED>, tile_avx512<BITS, 1, 4, GROUPED>, tile_avx512<BITS, 4, 1, GROUPED>,
-            tile_avx512<BITS, 1, 1, GROUPED>};
+    return {tile_avx512<BITS, 4, 4, GROUPED, OFFSET>, tile_avx512<BITS, 1, 4, GROUPED, OFFSET>,
+            tile_avx512<BITS, 4, 1, GROUPED, OFFSET>, tile_avx512<BITS, 1, 1, GROUPED, OFFSET>};
   }
-  return {tile_avx2<BITS, 4, 4, GROUPED>, tile_avx2<BITS, 1, 4, GROUPED>, tile_avx2<BITS, 4, 1, GROUPED>,
-          tile_avx2<BITS, 1, 1, GROUPED>};
+  return {tile_avx2<BITS, 4, 4, GROUPED, OFFSET>, tile_avx2<BITS, 1, 4, GROUPED, OFFSET>,
+          tile_avx2<BITS, 4, 1, GROUPED, OFFSET>, tile_avx2<BITS, 1, 1, GROUPED, OFFSET>};
 }
 
 template <int BITS>
-Tiles tiles_for_bits(Isa isa, bool grouped) {
-  return grouped ? tiles_for<BITS, true>(isa) : tiles_for<BITS, false>(isa);
+Tiles tiles_for_bits(Isa isa, bool grouped, bool offset) {
+  if (grouped) return tiles_for<BITS, true, false>(isa);
+  if constexpr (BITS == 2 || BITS == 4) {
+    if (offset) return tiles_for<BITS, false, true>(isa);
+  }
+  return tiles_for<BITS, false, false>(isa);
 }
 
 Tiles select_tiles(Isa isa, const Weights& w) {
   const bool grouped = w.sub != nullptr;
   switch (w.bits) {
-    case 8: return tiles_for_bits<8>(isa, grouped);
-    case 4: return tiles_for_bits<4>(isa, grouped);
-    case 2: return tiles_for_bits<2>(isa, grouped);
-    default: return tiles_for_bits<1>(isa, grouped);
+    case 8: return tiles_for_bits<8>(isa, grouped, false);
+    case 4: return tiles_for_bits<4>(isa, grouped, w.offset_binary);
+    case 2: return tiles_for_bits<2>(isa, grouped, w.offset_binary);
+    default: return tiles_for_bits<1>(isa, grouped, false);
   }
 }
 
@@ -349,9 +365,12 @@ Isa resolve_isa(int64_t requested) {
 
 // out rows [m0, m1) x channels [c0, c1) of one GEMM; x points at row 0 (row stride x_stride).
 void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilogue& e, const Output& o,
-               int64_t channel_base, Isa isa, const Tiles& t, int64_t m0, int64_t m1, int64_t c0, int64_t c1) {
+               int64_t channel_base, Isa isa, const Tiles& t, const uint32_t* row_sums, int64_t m0, int64_t m1,
+               int64_t c0, int64_t c1) {
   uint32_t raw[16];
   const bool vector = isa != kPortable && w.wide == nullptr;
+  // offset-binary weights give sum_k x (q + half): take half * sum_k x off again
+  const uint32_t half = vector && w.offset_binary ? (1u << (w.bits - 1)) : 0u;
   for (int64_t c = c0; c < c1;) {
     const int64_t nc = (vector && c + 4 <= c1) ? 4 : 1;
     for (int64_t m = m0; m < m1;) {
@@ -366,8 +385,9 @@ void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilo
       }
       for (int64_t i = 0; i < nm; ++i) {
         const int64_t base = row_base(o, m + i);
+        const uint32_t correction = half ? half * row_sums[m + i] : 0u;
         for (int64_t j = 0; j < nc; ++j) {
-          store(o, base, channel_base + c + j, requantize_one(raw[i * nc + j], c + j, e));
+          store(o, base, channel_base + c + j, requantize_one(raw[i * nc + j] - correction, c + j, e));
         }
       }
       m += nm;
@@ -380,12 +400,25 @@ void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilo
 void gemm(const uint8_t* x, int64_t rows, int64_t x_stride, const Weights& w, int64_t channels, const Epilogue& e,
           const Output& o, int64_t channel_base, Isa isa) {
   const Tiles t = (isa == kPortable || w.wide != nullptr) ? Tiles{} : select_tiles(isa, w);
+  std::vector<uint32_t> row_sums;
+  if (w.offset_binary && isa != kPortable) {
+    row_sums.resize(rows);
+    const int64_t kp = w.nblocks * kBlock;
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        uint32_t sum = 0;
+        for (int64_t k = 0; k < kp; ++k) sum += x[m * x_stride + k];
+        row_sums[m] = sum;
+      }
+    });
+  }
   const int64_t row_chunks = (rows + kRowChunk - 1) / kRowChunk;
   const int64_t chan_chunks = (channels + kChanChunk - 1) / kChanChunk;
   at::parallel_for(0, row_chunks * chan_chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t rc = task % row_chunks, cc = task / row_chunks;
-      run_block(x, x_stride, w, e, o, channel_base, isa, t, rc * kRowChunk, std::min(rows, (rc + 1) * kRowChunk),
+      run_block(x, x_stride, w, e, o, channel_base, isa, t, row_sums.data(), rc * kRowChunk,
+                std::min(rows, (rc + 1) * kRowChunk),
                 cc * kChanChunk, std::min(channels, (cc + 1) * kChanChunk));
     }
   });
@@ -397,7 +430,8 @@ struct Layer {
   Epilogue e;
 };
 
-Layer make_layer(const torch::Tensor& packed, const torch::Tensor& wide, int64_t bits, bool sign, int64_t kp,
+Layer make_layer(const torch::Tensor& packed, const torch::Tensor& wide, int64_t bits, bool sign, bool offset_binary,
+                 int64_t kp,
                  const torch::Tensor& sub, int64_t group_size, const torch::Tensor& offset, const torch::Tensor& mult,
                  const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi) {
   Layer l{};
@@ -405,6 +439,7 @@ Layer make_layer(const torch::Tensor& packed, const torch::Tensor& wide, int64_t
   l.w.nblocks = kp / kBlock;
   l.w.bits = static_cast<int>(bits);
   l.w.sign = sign;
+  l.w.offset_binary = offset_binary;
   if (wide.numel() > 0) {
     l.w.wide = wide.data_ptr<int16_t>();
     l.channels = wide.size(0);
@@ -445,11 +480,13 @@ torch::Tensor padded_rows(const torch::Tensor& x, int64_t kp) {
 int64_t integer_gemm_isa() { return resolve_isa(kAuto); }
 
 torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
-                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             int64_t bits, bool sign, bool offset_binary, int64_t kp, const torch::Tensor& sub,
+                             int64_t group_size,
                              const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
                              int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa) {
   const Isa chosen = resolve_isa(isa);
-  const Layer l = make_layer(packed, wide, bits, sign, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
+  const Layer l =
+      make_layer(packed, wide, bits, sign, offset_binary, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
   const torch::Tensor rows = padded_rows(x, kp);
   auto out = torch::empty({x.size(0), l.channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
   const Output o{out.data_ptr(), out_signed, 1, l.channels};
@@ -547,13 +584,15 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
 }
 
 torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
-                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             int64_t bits, bool sign, bool offset_binary, int64_t kp, const torch::Tensor& sub,
+                             int64_t group_size,
                              const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
                              int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa,
                              std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups, int64_t zx) {
   const Isa chosen = resolve_isa(isa);
-  const Layer l = make_layer(packed, wide, bits, sign, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
+  const Layer l =
+      make_layer(packed, wide, bits, sign, offset_binary, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
   const torch::Tensor cols = im2col_codes(x, kernel, stride, padding, dilation, groups, kp, zx, false);
   const int64_t n = x.size(0), rows = cols.size(0), positions = rows / n, width = groups * kp;
   const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;

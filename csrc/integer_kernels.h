@@ -11,14 +11,16 @@ int64_t integer_gemm_isa();
 
 // Codes (rows, K) uint8/int8 -> output codes (rows, C) of the integer Linear.
 torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
-                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             int64_t bits, bool sign, bool offset_binary, int64_t kp, const torch::Tensor& sub,
+                             int64_t group_size,
                              const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
                              int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa);
 
 // Codes (N, C_in, H, W) -> output codes (N, C, OH, OW), channels-last in memory, of the integer Conv2d
 // (im2col, then the GEMM).
 torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wide,
-                             int64_t bits, bool sign, int64_t kp, const torch::Tensor& sub, int64_t group_size,
+                             int64_t bits, bool sign, bool offset_binary, int64_t kp, const torch::Tensor& sub,
+                             int64_t group_size,
                              const torch::Tensor& offset, const torch::Tensor& mult, const torch::Tensor& shift,
                              int64_t zo, int64_t lo, int64_t hi, bool out_signed, int64_t isa,
                              std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,

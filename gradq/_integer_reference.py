@@ -14,8 +14,9 @@ from gradq.fixedpoint import requantize
 BLOCK = 64
 
 
-def unpack_layout(packed: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
-    """Codes q (C, kp) int64 of a weight layout (C, kp * bits / 8) uint8 (docs/kernels.md, "Integer GEMM")."""
+def unpack_layout(packed: torch.Tensor, bits: int, sign: bool, offset_binary: bool = False) -> torch.Tensor:
+    """Codes q (C, kp) int64 of a weight layout (C, kp * bits / 8) uint8 (docs/kernels.md, "Integer GEMM");
+    ``offset_binary``: the fields hold q + 2**(bits-1) instead of q's two's complement."""
     c = packed.shape[0]
     raw = packed.to(torch.int64)
     mask = (1 << bits) - 1
@@ -30,14 +31,14 @@ def unpack_layout(packed: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
     if sign:
         return 1 - 2 * fields
     half = 1 << (bits - 1)
-    return (fields ^ half) - half
+    return fields - half if offset_binary else (fields ^ half) - half
 
 
-def _integer_weights(packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
-                     sub: torch.Tensor, group_size: int) -> torch.Tensor:
+def _integer_weights(packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, offset_binary: bool,
+                     kp: int, sub: torch.Tensor, group_size: int) -> torch.Tensor:
     if wide.numel():
         return wide.to(torch.int64)
-    q = unpack_layout(packed, bits, sign)
+    q = unpack_layout(packed, bits, sign, offset_binary)
     if sub.numel():
         q = q * sub.to(torch.int64).repeat_interleave(group_size, dim=1)
     return q
@@ -63,16 +64,18 @@ def _centered(x: torch.Tensor, zeff: int) -> torch.Tensor:
     return (flipped - zeff).to(torch.float64)
 
 
-def integer_linear(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
+def integer_linear(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool,
+                   offset_binary: bool, kp: int,
                    sub: torch.Tensor, group_size: int, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
                    zo: int, lo: int, hi: int, out_signed: bool, isa: int, zeff: int) -> torch.Tensor:
     """Output codes (rows, C) of the integer Linear for input codes ``x`` (rows, K)."""
-    wi = _integer_weights(packed, wide, bits, sign, kp, sub, group_size)[:, : x.shape[1]]
+    wi = _integer_weights(packed, wide, bits, sign, offset_binary, kp, sub, group_size)[:, : x.shape[1]]
     acc = (_centered(x, zeff) @ wi.T.to(torch.float64)).to(torch.int64)
     return _finish(acc, offset, wi, zeff, mult, shift, zo, lo, hi, out_signed, -1)
 
 
-def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool, kp: int,
+def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bits: int, sign: bool,
+                   offset_binary: bool, kp: int,
                    sub: torch.Tensor, group_size: int, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor,
                    zo: int, lo: int, hi: int, out_signed: bool, isa: int, kernel: list[int], stride: list[int],
                    padding: list[int], dilation: list[int], groups: int, zx: int, zeff: int) -> torch.Tensor:
@@ -80,7 +83,7 @@ def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bi
     (kh, kw, C_in / groups) order; zero padding pads ``x - zx`` with 0."""
     n, cin = x.shape[:2]
     k = cin // groups * kernel[0] * kernel[1]
-    wi = _integer_weights(packed, wide, bits, sign, kp, sub, group_size)[:, :k]
+    wi = _integer_weights(packed, wide, bits, sign, offset_binary, kp, sub, group_size)[:, :k]
     wi = wi.view(-1, *kernel, cin // groups).permute(0, 3, 1, 2).reshape(-1, k)  # F.unfold's (C_in, kh, kw)
     cols = F.unfold(_centered(x, zeff), kernel, dilation=dilation, padding=padding, stride=stride)
     c = wi.shape[0]

@@ -51,6 +51,7 @@ class IntegerGemm:
     wide: torch.Tensor
     bits: int
     sign: bool
+    offset_binary: bool
     k: int
     kp: int
     sub: torch.Tensor
@@ -81,7 +82,7 @@ class IntegerGemm:
         if self.int8_offset is None:
             raise ValueError("engine='int_mm' needs per-channel weights (Wi must fit int8); use engine='gradq'")
         if "int8" not in self._cache:
-            wi = _integer_reference.unpack_layout(self.packed, self.bits, self.sign)[:, : self.k]
+            wi = _integer_reference.unpack_layout(self.packed, self.bits, self.sign, self.offset_binary)[:, : self.k]
             if self.sub.numel():  # the binary zero-channel mask
                 wi = wi * self.sub.to(torch.int64)
             k16 = -(-self.k // INT_MM_K_MULTIPLE) * INT_MM_K_MULTIPLE
@@ -93,12 +94,16 @@ class IntegerGemm:
         return self.packed.numel() + 2 * self.wide.numel() + 4 * self.sub.numel()
 
 
-def pack_layout(q: torch.Tensor, bits: int, sign: bool) -> torch.Tensor:
+def pack_layout(q: torch.Tensor, bits: int, sign: bool, offset_binary: bool = False) -> torch.Tensor:
     """Codes q (C, kp) int64 -> the kernels' layout (C, kp * bits / 8) uint8: blocks of 64 codes; 8 and 1
     bit in natural LSB-first order (sign codes: bit 1 for -1), 4 and 2 bits as 8/bits slices of 8*bits
-    codes with byte j holding code j of slice t in bits [t*bits, (t+1)*bits)."""
+    codes with byte j holding code j of slice t in bits [t*bits, (t+1)*bits). Fields are two's complement,
+    or with ``offset_binary`` (2 and 4 bits) q + 2**(bits-1)."""
     c, kp = q.shape
-    fields = (q < 0).to(torch.int64) if sign else q & ((1 << bits) - 1)
+    if sign:
+        fields = (q < 0).to(torch.int64)
+    else:
+        fields = q + (1 << (bits - 1)) if offset_binary else q & ((1 << bits) - 1)
     if bits in (8, 1):
         per_byte = 8 // bits
         shifts = torch.arange(per_byte, dtype=torch.int64) * bits
@@ -126,10 +131,14 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
     empty8, empty16, empty32 = (torch.empty(0, dtype=d) for d in (torch.uint8, torch.int16, torch.int32))
     packed, wide, sub, width = empty8, empty16, empty32, bits if bits in (1, 2, 4, 8) else 8
     grouped_layout = r is not None and group_size % BLOCK == 0 and taps == 1
+    # 2/4-bit per-channel codes stored as q + 2**(bits-1): the kernels skip the sign extension and take
+    # 2**(bits-1) * sum_k x off per row instead
+    offset_binary = width in (2, 4) and not sign and r is None
     if r is not None and not grouped_layout:
         wide = torch.nn.functional.pad(wi, (0, kp - k)).to(torch.int16).contiguous()
     else:
-        packed = pack_layout(torch.nn.functional.pad(q, (0, kp - k), value=1 if sign else 0), width, sign)
+        packed = pack_layout(torch.nn.functional.pad(q, (0, kp - k), value=1 if sign else 0), width, sign,
+                             offset_binary)
         if grouped_layout:
             sub = torch.where(zero.unsqueeze(1), 0, r.to(torch.int32)).contiguous()
         elif sign and bool(zero.any()):  # a binary zero channel: one sub-scale per row, 0 where all-zero
@@ -139,7 +148,8 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
     colsum = wi.sum(1)
     offset = (bq.to(torch.int64) - zeff * colsum).contiguous()
     return IntegerGemm(
-        packed=packed.contiguous(), wide=wide, bits=width, sign=sign, k=k, kp=kp, sub=sub, group_size=group_size,
+        packed=packed.contiguous(), wide=wide, bits=width, sign=sign, offset_binary=offset_binary, k=k, kp=kp,
+        sub=sub, group_size=group_size,
         offset=offset, mult=mult.to(torch.int32).contiguous(),
         shift=shift.to(torch.int8).contiguous(), zx=zx, zo=zo, lo=lo, hi=hi, x_signed=x_signed,
         out_signed=out_signed, int8_offset=offset + 128 * colsum if int8_ok else None,
@@ -172,7 +182,7 @@ def _check_codes(x: torch.Tensor, g: IntegerGemm, dim: int, k: int) -> None:
 
 
 def _args(g: IntegerGemm, isa_id: int) -> tuple:
-    return (g.packed, g.wide, g.bits, g.sign, g.kp, g.sub, g.group_size, g.offset, g.mult, g.shift,
+    return (g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub, g.group_size, g.offset, g.mult, g.shift,
             g.zo, g.lo, g.hi, g.out_signed, isa_id)
 
 

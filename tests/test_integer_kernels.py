@@ -92,6 +92,11 @@ def test_layout_round_trip_and_bytes(bits):
     second = 1 if bits in (1, 8) else 8 * bits
     expected = int(field[0, 0]) if bits == 8 else int(field[0, 0]) | (int(field[0, second]) << bits)
     assert int(packed[0, 0]) & ((1 << min(2 * bits, 8)) - 1) == expected
+    if bits in (2, 4):  # offset binary: the fields are q + 2**(bits-1)
+        offset = pack_layout(q, bits, False, offset_binary=True)
+        assert torch.equal(_integer_reference.unpack_layout(offset, bits, False, offset_binary=True), q)
+        half = 1 << (bits - 1)
+        assert int(offset[0, 0]) & ((1 << bits) - 1) == int(q[0, 0]) + half
 
 
 CASES = [  # rows, channels, K, bits, group
