@@ -174,6 +174,12 @@ GRADQ_AVX512 void tile_avx512(const uint8_t* x, int64_t x_stride, const Weights&
   }
   const int64_t block_bytes = 8 * BITS;
   for (int64_t b = 0; b < w.nblocks; ++b) {
+    if constexpr (MR == 1) {  // a GEMV streams the weights once: fetch rows two channel tiles ahead
+      for (int j = 0; j < NR; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(w.packed + (c0 + 2 * NR + j) * w.row_bytes + b * block_bytes),
+                     _MM_HINT_T0);
+      }
+    }
     __m512i wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = unpack512<BITS, OFFSET>(w.packed + (c0 + j) * w.row_bytes + b * block_bytes, w.sign);
     for (int i = 0; i < MR; ++i) {
