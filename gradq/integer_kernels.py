@@ -1,6 +1,7 @@
-"""Integer inference kernels: GEMM with packed low-bit weights and the fused requantization epilogue,
-im2col for convolutions, max pooling of codes (docs/integer.md section 3; the weight layout and the
-kernels in docs/kernels.md, "Integer GEMM").
+"""Integer inference kernels of the integer model: GEMM with packed low-bit weights and the fused
+requantization epilogue, im2col for convolutions, max and average pooling of codes, the residual add and
+the input quantization (docs/integer.md sections 3 and 5; the weight layout and the kernels in
+docs/kernels.md, "Integer GEMM"). Each runs natively on CPU tensors or by ``gradq._integer_reference``.
 
 :func:`plan_integer_gemm` turns one layer's stored integers (codes q, sub-scales r, bias, multipliers) into
 an :class:`IntegerGemm`: weights repacked once into the kernels' layout at their width (1, 2, 4 or 8 bits
