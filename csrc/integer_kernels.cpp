@@ -134,6 +134,7 @@ uint32_t dot_portable(const uint8_t* x, const Weights& w, int64_t c) {
 #define GRADQ_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define GRADQ_AVX2 __attribute__((target("avx2,fma")))
 #define GRADQ_AVX512_DQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define GRADQ_AVX512_BW __attribute__((target("avx512f,avx512bw")))
 
 template <int BITS, bool OFFSET>
 GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
@@ -508,7 +509,7 @@ bool has_avx512_bw() {
 }
 
 // out[0:n] = in[0:n] ^ mask for n <= 64, one masked load and store (masked-off bytes are not touched).
-GRADQ_AVX512 inline void copy_xor_avx512(uint8_t* out, const uint8_t* in, int64_t n, uint8_t mask) {
+GRADQ_AVX512_BW inline void copy_xor_avx512(uint8_t* out, const uint8_t* in, int64_t n, uint8_t mask) {
   const __mmask64 keep = n == 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
   const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, in), _mm512_set1_epi8(static_cast<char>(mask)));
   _mm512_mask_storeu_epi8(out, keep, v);
