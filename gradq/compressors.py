@@ -176,7 +176,10 @@ class _Blocked(Compressor):
         for row in payloads:
             self._check_payload(row, numel)
         nscale_bytes = self._scale_nbytes(numel)
-        return payloads[:, nscale_bytes:].contiguous(), payloads[:, :nscale_bytes].contiguous().view(torch.float32)
+        # fresh copies: a one-row slice counts as contiguous with its parent's row stride, which a byte ->
+        # fp32 view rejects unless it is a multiple of 4 (the world-size-1 case)
+        scales = payloads[:, :nscale_bytes].clone(memory_format=torch.contiguous_format)
+        return payloads[:, nscale_bytes:].contiguous(), scales.view(torch.float32)
 
     def _as_fp32(self, x: torch.Tensor) -> torch.Tensor:
         return self._check_input(x).to(torch.float32)
