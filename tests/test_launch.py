@@ -35,3 +35,18 @@ def test_inconsistent_launch_variables_are_rejected(monkeypatch, env, words):
         monkeypatch.setenv(name, value)
     with pytest.raises(RuntimeError, match=words):
         init_from_mpi()
+
+
+def test_engine_entry_points_are_importable_from_comm_hooks():
+    import comm_hooks
+    import comm_hooks.horovod
+    import comm_hooks.launch
+    import comm_hooks.mpi
+
+    assert comm_hooks.init_from_mpi is comm_hooks.launch.init_from_mpi
+    assert comm_hooks.find_mpirun is comm_hooks.launch.find_mpirun
+    assert comm_hooks.mpi_allreduce is comm_hooks.mpi.allreduce and comm_hooks.MPIState is comm_hooks.mpi.MPIState
+    assert comm_hooks.HorovodDistributedOptimizer is comm_hooks.horovod.DistributedOptimizer
+    assert set(comm_hooks.__all__) >= {"register", "init_from_mpi", "mpi_allreduce", "HorovodDistributedOptimizer"}
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        comm_hooks.nonexistent  # noqa: B018
