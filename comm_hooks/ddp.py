@@ -15,6 +15,7 @@ buckets). ``overlap=False`` runs the job inside the hook call.
 import functools
 import queue
 import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -136,6 +137,8 @@ class GradqState:
         self.iteration = 0
         self.stats = HookStats()
         self._agreed = False
+        self._compressed_in_step = False
+        self._said_uncompressed = False
 
     def close(self) -> None:
         """Release what the hook holds: its background thread (after the jobs already handed to it) and the
@@ -226,8 +229,19 @@ class GradqState:
                 out = self.allreduce(flat, self.transport, key=canonical, step=iteration, out=flat)
                 mean = self.reorder(out.mean, canonical, key)
             self.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
+            self._compressed_in_step = True
         if last:
             self.stats.end_step()
+            if iteration >= self.start_iter and not self._compressed_in_step and not self._said_uncompressed:
+                self._said_uncompressed = True
+                warnings.warn(
+                    f"gradq hook: every gradient bucket of this model is below min_numel={self.min_numel} elements, "
+                    "so each goes through plain fp32 allreduce and nothing is compressed; pass a smaller "
+                    "min_numel to comm_hooks.register (e.g. min_numel=0) to compress them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._compressed_in_step = False
         return mean
 
 

@@ -99,6 +99,31 @@ def test_world_size_one_trains_with_every_compressed_mode():
         assert acc > 0.85, (name, mode, acc)
 
 
+def _small_buckets(rank, world, workdir):
+    import warnings
+
+    said = {}
+    for min_numel in (1024, 0):
+        torch.manual_seed(0)  # the PyTorch DDP tutorial's toy model: 175 parameters, one bucket
+        ddp = DDP(torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.ReLU(), torch.nn.Linear(10, 5)))
+        state = comm_hooks.register(ddp, "onebit", min_numel=min_numel)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(5):
+                ddp(torch.randn(20, 10)).sum().backward()
+        state.close()
+        said[min_numel] = [str(w.message) for w in caught if "min_numel" in str(w.message)]
+    return said
+
+
+def test_a_model_whose_buckets_are_all_below_min_numel_is_told_once():
+    said = distributed.run(_small_buckets, 2)
+    for rank_said in said:
+        assert len(rank_said[1024]) == 1 and "min_numel=1024" in rank_said[1024][0]
+        assert "min_numel=0" in rank_said[1024][0]  # names the setting to change
+        assert rank_said[0] == []  # compressed: nothing to say
+
+
 def test_four_rank_training_on_digits_converges_with_every_compressor():
     results = distributed.run(_convergence, 4)
     accuracies, stats = results[0]
