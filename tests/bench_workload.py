@@ -29,6 +29,10 @@ def not_a_workload() -> int:
     return 3
 
 
+def raises() -> Workload:
+    raise FileNotFoundError("train.csv is missing")
+
+
 def broken_on_rank_1() -> Workload:
     import dataclasses
 

@@ -6,6 +6,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,8 @@ def test_mpirun_launcher(tmp_path):
         (["--cluster", "4", "--launcher", "mpirun"], "drop --launcher"),
         (["--model", "no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
         (["--model", "tests.bench_workload:not_a_workload"], "returned int, not a Workload"),
+        (["--model", "tests.bench_workload:raises"], "raises() raised FileNotFoundError: train.csv is missing"),
+        (["--output", str(ROOT / "pyproject.toml" / "results")], "cannot create it (Not a directory"),
         (["--model", "justaname"], "unknown workload 'justaname'"),
         (["--workload", "imagenet"], "invalid choice: 'imagenet'"),
         (["--model", "a:b", "--workload", "digits"], "not allowed with argument"),
@@ -253,6 +256,21 @@ def test_usage_errors(flags, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: gradq-bench" in err and message in err
+
+
+def test_output_and_model_problems_are_usage_errors_before_training(tmp_path, monkeypatch, capsys):
+    (tmp_path / "out" / "results.json").mkdir(parents=True)  # would only fail after training, at the write
+    (tmp_path / "broken_model.py").write_text("def workload(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [(["--output", str(tmp_path / "out")], "results.json there is a directory"),
+             (["--model", "broken_model:workload"], "importing 'broken_model' failed: SyntaxError")]
+    for flags, message in cases:
+        started = time.perf_counter()
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(flags)
+        assert exit_info.value.code == 2 and time.perf_counter() - started < 5  # no training started
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_cluster_without_root_is_a_clear_message(monkeypatch, capsys, tmp_path):

@@ -81,6 +81,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+OUTPUT_FILES = ("results.json", "table.txt", "curves.png", "step_time.png")
+
+
+def _check_output(parser: argparse.ArgumentParser, output: Path) -> None:
+    """Exit with a usage error unless ``output`` is (or can be made) a writable directory whose result files
+    can be written: checked before any training, so a run never fails at its end."""
+    if output.exists() and not output.is_dir():
+        parser.error(f"--output {output} is a file; name a directory (it is created if missing)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--output {output}: cannot create it ({exc.strerror}: {exc.filename}); name a writable directory")
+    if not os.access(output, os.W_OK | os.X_OK):
+        parser.error(f"--output {output} is not writable; name a directory you can write to")
+    for name in OUTPUT_FILES:
+        if (output / name).is_dir():
+            parser.error(f"--output {output}: {name} there is a directory; remove it or name another --output")
+
+
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], Workload, Link | None]:
     """Check the flags; exits with a usage error naming the problem."""
     try:
@@ -110,8 +129,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
-    if args.output.exists() and not args.output.is_dir():
-        parser.error(f"--output {args.output} is a file; name a directory (it is created if missing)")
     if args.warmup < START_ITER + 1:
         parser.error(f"--warmup must be >= {START_ITER + 1}: compression starts at step {START_ITER}")
     if args.model is None and args.workload is None:
@@ -142,6 +159,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
             f"--batch {workload.batch_size} exceeds the {shard} training samples each of {args.ranks} ranks holds; "
             "use a smaller --batch or fewer --ranks"
         )
+    _check_output(parser, args.output)  # last: it creates the directory
     return [FLOOR, *methods], workload, link
 
 

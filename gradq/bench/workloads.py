@@ -117,10 +117,15 @@ def load_workload(spec: str) -> Workload:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"--model {spec}: cannot import {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    except Exception as exc:  # a syntax error or a failing import inside the user's module
+        raise ValueError(f"--model {spec}: importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ValueError(f"--model {spec}: {module_name} has no function {function_name!r}")
-    workload = function()
+    try:
+        workload = function()
+    except Exception as exc:
+        raise ValueError(f"--model {spec}: {function_name}() raised {type(exc).__name__}: {exc}") from None
     if not isinstance(workload, Workload):
         raise ValueError(f"--model {spec}: {function_name}() returned {type(workload).__name__}, not a Workload")
     return workload
