@@ -187,22 +187,44 @@ class GradqState:
         self._agreed = True
 
     def state_dict(self) -> dict[str, object]:
-        """Picklable state: settings, iteration, bucket layouts, statistics and residuals (on the CPU)."""
+        """Picklable state of this rank: settings, rank and world size, iteration, bucket layouts, statistics
+        and residuals (on the CPU). Residuals are per rank: save one file per rank."""
         return {
             "settings": self.settings(),
+            "rank": self.transport.rank,
+            "world_size": self.transport.world_size,
             "iteration": self.iteration,
             "layouts": sorted(self.layouts.values()),
             "stats": asdict(self.stats),
             "residuals": self.allreduce.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore :meth:`state_dict`'s output; the settings must match this hook's."""
+    def _checkpoint_problem(self, state: dict[str, object]) -> str:
+        """Why this rank cannot load ``state`` ('' when it can)."""
         if state["settings"] != self.settings():
-            raise ValueError(
-                f"checkpoint was made with gradq hook settings {state['settings']}, this hook has "
-                f"{self.settings()}; register the same compressor and options before loading"
-            )
+            return (f"checkpoint was made with gradq hook settings {state['settings']}, this hook has "
+                    f"{self.settings()}; register the same compressor and options before loading")
+        world, rank = self.transport.world_size, self.transport.rank
+        if "world_size" in state and state["world_size"] != world:
+            return (f"the gradq hook checkpoint was made by {state['world_size']} ranks, this job has {world}: "
+                    "its residuals are split per rank and cannot be re-chunked; resume with "
+                    f"{state['world_size']} ranks, or load only the model and optimizer (the hook then starts "
+                    "its error feedback from zero)")
+        if "rank" in state and state["rank"] != rank:
+            return (f"this gradq hook checkpoint holds rank {state['rank']}'s residuals, loaded on rank {rank}; "
+                    "save one file per rank (e.g. f'ckpt{dist.get_rank()}.pt') and load each rank's own")
+        return ""
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s output of this same rank. Collective: call it on every rank; if any
+        rank's checkpoint does not fit (settings, world size, another rank's file), every rank raises."""
+        problem = self._checkpoint_problem(state)
+        verdicts: list[str] = [""] * self.transport.world_size
+        dist.all_gather_object(verdicts, problem, group=self.process_group)
+        bad = [(r, v) for r, v in enumerate(verdicts) if v]
+        if bad:
+            rank, first = bad[0]
+            raise ValueError(first if rank == self.transport.rank else f"rank {rank}: {first}")
         self.iteration = int(state["iteration"])
         self.stats = HookStats(**state["stats"])
         self.layouts = {frozenset(key): tuple(key) for key in state["layouts"]}

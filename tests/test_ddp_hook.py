@@ -166,6 +166,42 @@ def test_resuming_from_a_checkpoint_continues_exactly(name, tmp_path):
         assert torch.equal(a, b)
 
 
+def _load_checkpoint_of(rank, world, workdir, source):
+    ddp = DDP(mlp(seed=3))
+    state = comm_hooks.register(ddp, "onebit", start_iter=1, seed=5)
+    ckpt = torch.load(workdir / f"ckpt{source(rank)}.pt", weights_only=False)
+    try:
+        state.load_state_dict(ckpt["hook"])
+    except ValueError as exc:
+        return str(exc)
+    return ""
+
+
+def _own_file(rank):
+    return rank
+
+
+def _other_rank_file(rank):
+    return 1 - rank
+
+
+def _rank0_file(rank):
+    return 0
+
+
+def test_a_checkpoint_of_another_rank_or_world_size_fails_on_every_rank(tmp_path):
+    distributed.run(_checkpoint, 2, "onebit", "first", 12, 5, workdir=tmp_path)
+    assert distributed.run(_load_checkpoint_of, 2, _own_file, workdir=tmp_path) == ["", ""]
+    swapped = distributed.run(_load_checkpoint_of, 2, _other_rank_file, workdir=tmp_path)
+    assert "holds rank 1's residuals, loaded on rank 0" in swapped[0] and "one file per rank" in swapped[0]
+    # the README's old single-file pattern: rank 0 would load fine and then hang; now both ranks raise
+    single = distributed.run(_load_checkpoint_of, 2, _rank0_file, workdir=tmp_path)
+    assert single[0].startswith("rank 1: this gradq hook checkpoint holds rank 0's")
+    assert "loaded on rank 1" in single[1]
+    grown = distributed.run(_load_checkpoint_of, 3, _rank0_file, workdir=tmp_path)
+    assert all("made by 2 ranks, this job has 3" in e and "cannot be re-chunked" in e for e in grown)
+
+
 def _many_buckets(rank, world, workdir, mode, overlap=True):
     out = {}
     for name in ("onebit", "qsgd", "none"):
