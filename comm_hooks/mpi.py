@@ -69,6 +69,7 @@ class MPIState:
         )
         self.transport = MPITransport(comm if comm is not None else MPI.COMM_WORLD)
         self.steps: dict[Hashable, int] = {}
+        self.numels: dict[Hashable, int] = {}
         self.bytes_sent = 0
         self.codec_seconds = 0.0
         self._agreed = False
@@ -77,6 +78,27 @@ class MPIState:
         """Collective: raise on every rank if the ranks' settings differ."""
         ensure_same_settings(self.allreduce.settings(), self.transport.comm.allgather, "MPI")
         self._agreed = True
+
+    def check_call(self, key: Hashable, tensor: torch.Tensor) -> None:
+        """At a key's first call, collectively: raise on every rank unless every rank calls the same key with
+        a tensor of the same size and dtype (a digest each; a mismatch would otherwise average unrelated
+        tensors, truncate a receive or hang). Later calls of the key must keep its size (checked locally)."""
+        known = self.numels.get(key)
+        if known is not None:
+            if known != tensor.numel():
+                raise ValueError(f"allreduce key {key!r} had {known} elements and now has {tensor.numel()}; a key "
+                                 "names one tensor for the whole run (its residuals have that size)")
+            return
+        mine = {"key": repr(key), "numel": tensor.numel(), "dtype": str(tensor.dtype)}
+        everyone = self.transport.comm.allgather(mine)
+        differing = [rank for rank, call in enumerate(everyone) if call != everyone[0]]
+        if differing:
+            raise RuntimeError(
+                f"gradq MPI allreduce: ranks {differing} called with another key, size or dtype than rank 0 "
+                f"({everyone[0]}); this rank called {mine}. Every rank must call allreduce with the same keys, "
+                "in the same order, with tensors of the same size and dtype."
+            )
+        self.numels[key] = tensor.numel()
 
 
 def allreduce(
@@ -92,7 +114,9 @@ def allreduce(
     Pass a ``state`` (an :class:`MPIState`, which holds the compressor and communicator) to keep error
     feedback and random streams across calls; ``compressor``/``comm`` without a state make a one-off call
     (default compressor onebit, communicator COMM_WORLD). Every rank must call it with the same keys in
-    the same order. ``key`` names the tensor across calls; a key's step is the number of earlier calls.
+    the same order, with tensors of the same size and dtype: a key's first call checks this on every rank
+    and raises the same error everywhere. ``key`` names the tensor across calls; a key's step is the number
+    of earlier calls.
     """
     if state is None:
         state = MPIState(compressor if compressor is not None else "onebit", comm=comm)
@@ -104,6 +128,7 @@ def allreduce(
         raise ValueError(f"tensor must be 1-D, got shape {tuple(tensor.shape)}; pass tensor.reshape(-1)")
     if not state._agreed:
         state.check_agreement()
+    state.check_call(key, tensor)
     step = state.steps.get(key, 0)
     out = state.allreduce(tensor.contiguous(), state.transport, key=key, step=step)
     state.steps[key] = step + 1

@@ -92,3 +92,31 @@ def test_bad_tensors_are_rejected():
         gmpi.allreduce(torch.ones(4, 4), state=state)
     with pytest.raises(ValueError, match="mode must be one of"):
         gmpi.MPIState("onebit", mode="ring")
+
+
+def _raised(call) -> str:
+    try:
+        call()
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    return ""
+
+
+def test_keys_sizes_and_empty_tensors_that_differ_across_ranks_fail_on_every_rank():
+    rank = COMM.Get_rank()
+    x = torch.ones(64)
+    # keys in another order on rank 1: without the check, rank 0's "a" would be averaged with rank 1's "b"
+    state = gmpi.MPIState("none")
+    order = ["a", "b"] if rank != 1 else ["b", "a"]
+    err = _raised(lambda: [gmpi.allreduce(x, state=state, key=k) for k in order])
+    assert "called with another key, size or dtype than rank 0" in err and "same keys" in err
+    # sizes that differ (a truncated receive or a hang before), and an empty tensor on one rank
+    world = COMM.Get_size()
+    for numel, differing in ((64 + rank, list(range(1, world))), (0 if rank == 1 else 64, [1])):
+        err = _raised(lambda numel=numel: gmpi.allreduce(torch.ones(numel), state=gmpi.MPIState("onebit"), key="w"))
+        assert f"ranks {differing} called with another key" in err and f"'numel': {numel}" in err
+    # a key whose size changes later is refused locally
+    state = gmpi.MPIState("none")
+    gmpi.allreduce(x, state=state, key="w")
+    assert "had 64 elements and now has 32" in _raised(lambda: gmpi.allreduce(torch.ones(32), state=state, key="w"))
+    COMM.Barrier()
