@@ -12,7 +12,10 @@ PowerSGD and quantization hooks issue them from future callbacks, and crash on G
 buckets). ``overlap=False`` runs the job inside the hook call.
 """
 
+import datetime
 import functools
+import json
+import os
 import queue
 import threading
 import warnings
@@ -25,7 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradq._validate import check_flag
-from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, ring_allreduce_bytes
+from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes
 from gradq.compressors import Compressor
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -136,7 +139,6 @@ class GradqState:
         self.transport = TorchTransport(process_group)
         self.iteration = 0
         self.stats = HookStats()
-        self._agreed = False
         self._compressed_in_step = False
         self._said_uncompressed = False
 
@@ -174,17 +176,6 @@ class GradqState:
     def settings(self) -> dict[str, object]:
         """Everything that must be identical on all ranks."""
         return {**self.allreduce.settings(), "start_iter": self.start_iter, "min_numel": self.min_numel}
-
-    def check_agreement(self) -> None:
-        """Collective: raise on every rank if the ranks' settings differ."""
-
-        def gather(digest: str) -> list[str]:
-            everyone: list[str] = [""] * self.transport.world_size
-            dist.all_gather_object(everyone, digest, group=self.process_group)
-            return everyone
-
-        ensure_same_settings(self.settings(), gather, "hook")
-        self._agreed = True
 
     def state_dict(self) -> dict[str, object]:
         """Picklable state of this rank: settings, rank and world size, iteration, bucket layouts, statistics
@@ -233,8 +224,6 @@ class GradqState:
 
     def reduce_bucket(self, buffer: torch.Tensor, key: tuple[str, ...], iteration: int, last: bool) -> torch.Tensor:
         """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group."""
-        if not self._agreed:
-            self.check_agreement()
         world = self.transport.world_size
         fp32_bytes = ring_allreduce_bytes(4 * buffer.numel(), world)
         if iteration < self.start_iter or buffer.numel() < self.min_numel:
@@ -315,6 +304,63 @@ def _unwrap(done: torch.futures.Future) -> torch.Tensor:
     return result
 
 
+# register's rendezvous: every rank of a group calls register in the same order, so (group ranks, call number)
+# names one registration; each rank publishes its settings (or its error) in the default store under it.
+_register_calls: dict[tuple[int, ...], int] = {}
+REGISTER_TIMEOUT_ENV = "GRADQ_REGISTER_TIMEOUT"
+REGISTER_TIMEOUT_S = 300.0
+
+
+def _registration_key(group_ranks: tuple[int, ...], call: int, rank: int) -> str:
+    return f"gradq/register/{','.join(map(str, group_ranks))}/{call}/{rank}"
+
+
+def _publish_registration(group_ranks: tuple[int, ...], call: int, outcome: dict) -> None:
+    """Tell the group's other ranks how this rank's register call went (its settings, or its error)."""
+    if dist.is_initialized() and dist.get_rank() in group_ranks:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(_registration_key(group_ranks, call, dist.get_rank()), json.dumps(outcome, default=str))
+
+
+def _register_timeout() -> datetime.timedelta:
+    raw = os.environ.get(REGISTER_TIMEOUT_ENV, str(REGISTER_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{REGISTER_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def _agree_on_registration(group_ranks: tuple[int, ...], call: int, settings: dict) -> None:
+    """Wait (at most GRADQ_REGISTER_TIMEOUT seconds, default 300) for every rank of the group to reach this
+    register call, before any collective; raise on every rank if one failed or the settings differ."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = [_registration_key(group_ranks, call, r) for r in group_ranks]
+    timeout = _register_timeout()
+    try:
+        store.wait(keys, timeout)
+    except Exception:  # the store's timeout error type differs across torch versions
+        missing = [r for r, key in zip(group_ranks, keys, strict=True) if not store.check([key])]
+        raise RuntimeError(
+            f"comm_hooks.register: ranks {missing} did not reach their register call within "
+            f"{timeout.total_seconds():g} s (did they fail before it, or call register in another order?); "
+            f"set {REGISTER_TIMEOUT_ENV} to wait longer"
+        ) from None
+    outcomes = {r: json.loads(store.get(key)) for r, key in zip(group_ranks, keys, strict=True)}
+    failed = {r: o["error"] for r, o in outcomes.items() if "error" in o}
+    if failed:
+        rank, error = next(iter(failed.items()))
+        raise RuntimeError(f"comm_hooks.register failed on rank {rank} ({error}); fix it there and register again")
+    mine = json.loads(json.dumps(settings, default=str))
+    differing = [r for r, o in outcomes.items() if o["settings"] != outcomes[group_ranks[0]]["settings"]]
+    if differing:
+        raise RuntimeError(
+            f"gradq hook settings differ across ranks (ranks {differing} disagree with rank {group_ranks[0]}); "
+            f"this rank has {mine}. Use the same compressor, options (overlap included) and gradq version on "
+            "every rank."
+        )
+
+
 # Groups of closed hooks, for reuse by later ones: (default group, parent ranks, backend, timeout) -> groups.
 # They are not destroyed because a locally synchronized group made after a destroyed one takes its name, and
 # so reads the destroyed group's stale rendezvous keys from the store. torch.distributed destroys them with
@@ -392,25 +438,42 @@ def register(
     ``seed`` keys the stochastic compressors' random streams (per rank). ``overlap`` (CPU models): reduce
     buckets on a background thread while backward goes on, over a process group of the hook's own made
     here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
-    in the hook call. Call ``register`` on every rank of ``process_group``, before the first backward.
+    in the hook call. Call ``register`` on every rank of ``process_group``, in the same order, before the first
+    backward: the ranks meet there (in the default store, before any collective) and compare every setting,
+    so a bad option or a different setting on one rank raises on every rank at once; a rank that does not
+    arrive within ``GRADQ_REGISTER_TIMEOUT`` seconds (default 300) makes the others raise.
     ``state.close()`` ends the hook's thread and hands its own process group on to the next overlapped
     hook over the same ranks (for a process that goes on to build more models).
     """
-    if not isinstance(ddp_model, DistributedDataParallel):
-        raise TypeError(
-            f"register needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}; "
-            "wrap the model with DistributedDataParallel first"
-        )
-    if getattr(ddp_model, "_gradq_state", None) is not None:
-        raise RuntimeError("a gradq hook is already registered on this model; DDP allows one comm hook per model")
-    if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 1:
-        raise ValueError(f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}")
-    if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
-        raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
-    overlap = check_flag("overlap", overlap) and ddp_model.device_type == "cpu"
+    group_ranks = tuple(dist.get_process_group_ranks(process_group or dist.group.WORLD))
+    call = _register_calls.get(group_ranks, 0)
+    _register_calls[group_ranks] = call + 1
+    try:
+        if not isinstance(ddp_model, DistributedDataParallel):
+            raise TypeError(
+                f"register needs a torch.nn.parallel.DistributedDataParallel model, got {type(ddp_model).__name__}; "
+                "wrap the model with DistributedDataParallel first"
+            )
+        if getattr(ddp_model, "_gradq_state", None) is not None:
+            raise RuntimeError("a gradq hook is already registered on this model; DDP allows one comm hook per model")
+        if isinstance(start_iter, bool) or not isinstance(start_iter, int) or start_iter < 1:
+            raise ValueError(
+                f"start_iter must be an int >= 1 (DDP rebuilds buckets after iteration 0), got {start_iter!r}"
+            )
+        if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
+            raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
+        overlap = check_flag("overlap", overlap) and ddp_model.device_type == "cpu"
+        allreduce = CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed,
+                                        **compressor_options)
+    except Exception as exc:
+        _publish_registration(group_ranks, call, {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    settings = {**allreduce.settings(), "start_iter": start_iter, "min_numel": min_numel, "overlap": overlap}
+    _publish_registration(group_ranks, call, {"settings": settings})
+    _agree_on_registration(group_ranks, call, settings)
     own_key = _group_key(process_group) if overlap else None
     state = GradqState(
-        CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed, **compressor_options),
+        allreduce,
         start_iter=start_iter,
         min_numel=min_numel,
         overlap=overlap,

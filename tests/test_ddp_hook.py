@@ -275,21 +275,58 @@ def test_overlapped_hook_on_a_subgroup_reduces_over_it_alone():
         assert own_group and steps == 2
 
 
-def _mismatch(rank, world, workdir):
+def _mismatch(rank, world, workdir, options):
+    import time
+
     ddp = DDP(mlp(seed=0))
-    comm_hooks.register(ddp, "onebit" if rank == 0 else "terngrad")
-    x, y, *_ = digits(rank, world)
+    started = time.perf_counter()
     try:
-        torch.nn.functional.cross_entropy(ddp(x[:8]), y[:8]).backward()
+        comm_hooks.register(ddp, **options[rank])
+    except (RuntimeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}", time.perf_counter() - started
+    return "no error", time.perf_counter() - started
+
+
+@pytest.mark.parametrize("options", [
+    [{"compressor": "onebit"}, {"compressor": "terngrad"}],  # different compressors
+    [{"overlap": True}, {"overlap": False}],  # used to hang: only one rank made the overlap process group
+    [{"min_numel": 0}, {"min_numel": 1024}],
+])
+def test_mismatched_settings_fail_on_every_rank_at_register(options):
+    for message, seconds in distributed.run(_mismatch, 2, options):
+        assert "gradq hook settings differ across ranks (ranks [1] disagree with rank 0)" in message, message
+        assert seconds < 20
+
+
+def test_a_registration_that_fails_on_one_rank_fails_quickly_on_the_others():
+    # rank 1's option is invalid; rank 0 used to wait in the process-group rendezvous for 30 minutes
+    (zero, t0), (one, _) = distributed.run(_mismatch, 2, [{"compressor": "qsgd"}, {"compressor": "qsgd", "levels": 0}])
+    assert one.startswith("ValueError:") and "levels" in one
+    assert zero.startswith("RuntimeError: comm_hooks.register failed on rank 1 (ValueError:") and t0 < 20
+
+
+def _late_rank(rank, world, workdir):
+    import os
+    import time
+
+    os.environ["GRADQ_REGISTER_TIMEOUT"] = "3"
+    ddp = DDP(mlp(seed=0))
+    if rank == 1:
+        dist.barrier()  # never registers; waits for rank 0 to give up
+        return "", 0.0
+    started = time.perf_counter()
+    try:
+        comm_hooks.register(ddp)
     except RuntimeError as exc:
-        return str(exc)
-    return "no error"
+        dist.barrier()
+        return str(exc), time.perf_counter() - started
+    return "no error", 0.0
 
 
-def test_mismatched_compressors_across_ranks_fail_on_every_rank():
-    messages = distributed.run(_mismatch, 2)
-    for message in messages:
-        assert "gradq hook settings differ across ranks" in message, message
+def test_a_rank_that_never_registers_makes_register_fail_after_the_bounded_wait():
+    message, seconds = distributed.run(_late_rank, 2)[0]
+    assert "ranks [1] did not reach their register call within 3 s" in message and "GRADQ_REGISTER_TIMEOUT" in message
+    assert 3 <= seconds < 15
 
 
 def _bad_registration(rank, world, workdir):
