@@ -28,7 +28,7 @@ from kernels import time_runs
 
 import gradq
 from gradq.allreduce import CompressedAllreduce
-from gradq.bench.workloads import mlp25m
+from gradq_bench.workloads import mlp25m
 
 WORLD = 4
 COMPRESSORS = ("onebit", "terngrad", "qsgd")

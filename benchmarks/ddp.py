@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gradq.bench import main as bench
+from gradq_bench import main as bench
 
 METHODS = "fp32,torch-fp16,powersgd,none,fp16,bf16,onebit,onebit:sync,onebit:allgather,terngrad,qsgd"
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from gradq.bench import Workload
+from gradq_bench import Workload
 
 WIDTHS = (16, 32, 4)
 

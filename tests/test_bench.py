@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import gradq
-from gradq.bench import cli
-from gradq.bench.methods import describe
-from gradq.bench.report import summarize
-from gradq.bench.workloads import digits
+from gradq_bench import cli
+from gradq_bench.methods import describe
+from gradq_bench.report import summarize
+from gradq_bench.workloads import digits
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
@@ -36,7 +36,7 @@ STEPS, WARMUP, EVERY, RANKS = 8, 3, 4, 2
 def run_bench(tmp_path: Path, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.run(
-        [sys.executable, "-m", "gradq.bench", "--quiet", "--output", str(tmp_path), *flags],
+        [sys.executable, "-m", "gradq_bench", "--quiet", "--output", str(tmp_path), *flags],
         capture_output=True,
         text=True,
         env=env,

@@ -1,8 +1,8 @@
 """One rank of gradq-bench: trains the workload once per method in one process group and records it.
 
-Started by the launcher (``gradq.bench.launch``): locally through :func:`local_entry`, under mpirun
-(also across the emulated cluster) as ``python -m gradq.bench.worker SPEC.json``. The spec is a JSON
-object written by the CLI (see :func:`gradq.bench.cli.build_spec`); rank 0 writes the results there.
+Started by the launcher (``gradq_bench.launch``): locally through :func:`local_entry`, under mpirun
+(also across the emulated cluster) as ``python -m gradq_bench.worker SPEC.json``. The spec is a JSON
+object written by the CLI (see :func:`gradq_bench.cli.build_spec`); rank 0 writes the results there.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradq.bench.methods import Meter, describe, single_bucket
-from gradq.bench.workloads import Workload, load_workload
+from gradq_bench.methods import Meter, describe, single_bucket
+from gradq_bench.workloads import Workload, load_workload
 
 TIMEOUT = datetime.timedelta(minutes=10)
 
@@ -160,11 +160,11 @@ def local_entry(rank: int, world: int, spec_path: str) -> None:
 
 
 def main() -> None:
-    """Entry under mpirun: ``python -m gradq.bench.worker SPEC.json``."""
+    """Entry under mpirun: ``python -m gradq_bench.worker SPEC.json``."""
     from comm_hooks.launch import init_from_mpi
 
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m gradq.bench.worker SPEC.json (started by gradq-bench)")
+        raise SystemExit("usage: python -m gradq_bench.worker SPEC.json (started by gradq-bench)")
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank, world, _ = init_from_mpi(timeout=TIMEOUT)
     try:

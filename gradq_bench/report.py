@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gradq.bench.methods import FLOOR
+from gradq_bench.methods import FLOOR
 
 MB = 1e6
 

@@ -4,7 +4,7 @@ gradq-bench                                   # quick default: digits, 4 local r
 gradq-bench --workload mlp25m --steps 20      # the communication-bound 25.7M-parameter MLP
 sudo gradq-bench --workload mlp25m --cluster 4 --link 1gbit   # 4 emulated hosts on 1 Gbit/s links
 gradq-bench --launcher mpirun --ranks 4       # ranks started by Open MPI's mpirun
-gradq-bench --model mypkg.models:workload     # your own model and data (a gradq.bench.Workload)
+gradq-bench --model mypkg.models:workload     # your own model and data (a gradq_bench.Workload)
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 import gradq
-from gradq.bench.launch import LaunchError, Link, require_root_for_cluster, run_cluster, run_local, run_mpirun
-from gradq.bench.methods import DEFAULT_METHODS, FLOOR, START_ITER, check_method
-from gradq.bench.report import LEGEND, plot, summarize, table
-from gradq.bench.workloads import BUILTIN, Workload, load_workload
+from gradq_bench.launch import LaunchError, Link, require_root_for_cluster, run_cluster, run_local, run_mpirun
+from gradq_bench.methods import DEFAULT_METHODS, FLOOR, START_ITER, check_method
+from gradq_bench.report import LEGEND, plot, summarize, table
+from gradq_bench.workloads import BUILTIN, Workload, load_workload
 
 SCHEMA = "gradq-bench/1"
 DEFAULT_STEPS = {"digits": 300, "mlp25m": 30}
@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(BUILTIN),
         help="digits: convergence on scikit-learn's digits; mlp25m: communication-bound (default digits)",
     )
-    what.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning a gradq.bench.Workload")
+    what.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning a gradq_bench.Workload")
     parser.add_argument(
         "--compressors",
         default=",".join(DEFAULT_METHODS),

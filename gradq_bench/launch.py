@@ -11,7 +11,7 @@ from pathlib import Path
 import torch.multiprocessing as mp
 
 from comm_hooks.launch import find_mpirun
-from gradq.bench.worker import local_entry
+from gradq_bench.worker import local_entry
 
 
 class LaunchError(RuntimeError):
@@ -55,7 +55,7 @@ def _mpirun() -> str:
 
 
 def _worker_command(spec_path: Path) -> list[str]:
-    return [sys.executable, "-m", "gradq.bench.worker", str(spec_path)]
+    return [sys.executable, "-m", "gradq_bench.worker", str(spec_path)]
 
 
 def run_mpirun(spec_path: Path, ranks: int) -> None:

@@ -111,7 +111,7 @@ def load_workload(spec: str) -> Workload:
     if not sep or not module_name or not function_name:
         raise ValueError(
             f"unknown workload {spec!r}: use one of {', '.join(BUILTIN)} or module:function (a function of no "
-            "arguments that returns a gradq.bench.Workload)"
+            "arguments that returns a gradq_bench.Workload)"
         )
     try:
         module = importlib.import_module(module_name)
