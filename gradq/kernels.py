@@ -233,7 +233,19 @@ def signmag_compress(
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
     escapes = _signmag_code(levels, block, rule, clip, escape, seed, offset)
-    return kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
+    packed, scales = kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
+    if not bool(torch.isfinite(scales).all()) and bool(torch.isfinite(x).all()):
+        raise _norm_overflow()
+    return packed, scales
+
+
+def _norm_overflow() -> ValueError:
+    """The error for finite values whose block l2 norm no fp32 scale can hold."""
+    return ValueError(
+        "a block's l2 norm exceeds the fp32 maximum (3.4e38): its values are too large for any fp32 scale, "
+        "and decoding would give NaN. Gradients this large have diverged: lower the learning rate, clip the "
+        "gradients or scale the loss down"
+    )
 
 
 def signmag_decompress(
@@ -298,6 +310,9 @@ def signmag_mean_compress(
             f"need packed_rows ({rows}, {nbytes}) and scale_rows ({rows}, {nblocks}) for {numel} values in "
             f"blocks of {block}; got {tuple(packed_rows.shape)} and {tuple(scale_rows.shape)}"
         )
-    return kernels_for(packed_rows).signmag_mean_compress(
+    packed, scales = kernels_for(packed_rows).signmag_mean_compress(
         packed_rows, scale_rows, levels, block, numel, rule == "l2", float(clip), seed, offset, escapes
     )
+    if not bool(torch.isfinite(scales).all()) and bool(torch.isfinite(scale_rows).all()):
+        raise _norm_overflow()
+    return packed, scales

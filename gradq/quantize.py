@@ -129,13 +129,24 @@ def choose_qparams(x: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, 
         rows = rows.new_zeros(rows.shape[0], 1)
     zero_point = None
     if scheme.scale_from == "norm":
-        scale = rows.to(torch.float64).square().sum(1).sqrt().to(torch.float32) / scheme.qmax
+        norm = rows.to(torch.float64).square().sum(1).sqrt()
+        scale = norm.to(torch.float32) / scheme.qmax
+        # a norm past the fp32 maximum: divide before rounding to fp32 (one rounding instead of two)
+        scale = torch.where(torch.isfinite(scale), scale, (norm / scheme.qmax).to(torch.float32))
     elif scheme.symmetric:
         top = rows.abs().amax(1) if scheme.signed else rows.amax(1).clamp(min=0)
         scale = top / scheme.qmax
     else:
         lo, hi = rows.amin(1).clamp(max=0), rows.amax(1).clamp(min=0)
-        scale = (hi - lo) / float(scheme.qmax - scheme.qmin)
+        steps = float(scheme.qmax - scheme.qmin)
+        scale = (hi - lo) / steps
+        # hi - lo past the fp32 maximum: scale each end before subtracting
+        scale = torch.where(torch.isfinite(scale), scale, hi / steps - lo / steps)
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError(
+            "x is too large for this scheme: its scale would exceed the fp32 maximum (3.4e38); scale the values "
+            "down, or use scale_from='max' or per-channel/per-group granularity"
+        )
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
     if not scheme.symmetric:
         zero_point = (scheme.qmin - torch.round(lo / scale)).clamp(scheme.qmin, scheme.qmax).to(torch.int32)

@@ -132,3 +132,31 @@ def test_error_feedback_state_round_trip_and_shape_check():
     assert torch.equal(other.residuals[(3, 1)], memory.residuals[(3, 1)])
     with pytest.raises(ValueError, match="a key must always name a tensor of the same size"):
         memory.compress(comp, grad(101, 0), (3, 1))
+
+
+@pytest.mark.parametrize("choice", ["native", "reference"])
+def test_qsgd_on_values_whose_norm_passes_the_fp32_maximum_is_a_clear_error(choice, monkeypatch):
+    # gradients of 1e38: each block's l2 norm is past 3.4e38, so no fp32 scale holds it; this used to decode
+    # to NaN silently
+    monkeypatch.setenv("GRADQ_KERNELS", choice)
+    x = torch.full((4096,), 1e38)
+    x[::3] = -1e38
+    with pytest.raises(ValueError, match="l2 norm exceeds the fp32 maximum"):
+        gradq.QSGD().compress(x, seed=1)
+    # the server step re-encodes a mean of decoded payloads: its own overflow is caught the same way
+    big = torch.full((512,), 1.5e37)
+    payloads = torch.stack([gradq.QSGD().compress(big, seed=s) for s in range(2)])
+    with pytest.raises(ValueError, match="l2 norm exceeds the fp32 maximum"):
+        gradq.QSGD().fused_mean_compress(payloads, 512, None, seed=3)
+    # TernGrad's max |x| scale cannot overflow: finite in, finite out
+    decoded = gradq.TernGrad().decompress(gradq.TernGrad().compress(x, seed=1), x.numel())
+    assert bool(torch.isfinite(decoded).all()) and float(decoded.abs().max()) == float(x.abs().max())
+
+
+@pytest.mark.parametrize("choice", ["native", "reference"])
+def test_inf_gradients_stay_visible_and_are_not_the_norm_error(choice, monkeypatch):
+    monkeypatch.setenv("GRADQ_KERNELS", choice)
+    x = torch.ones(1024)
+    x[5] = float("inf")
+    decoded = gradq.QSGD().decompress(gradq.QSGD().compress(x, seed=1), x.numel())
+    assert not bool(torch.isfinite(decoded).all())  # AMP's GradScaler still sees the overflow

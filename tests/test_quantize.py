@@ -256,3 +256,26 @@ def test_sign_per_channel_or_group_is_mean_abs_and_round_trips(granularity):
                        QuantScheme(1, granularity=PerAxis(0), scale_from="mean_abs", codebook="sign"))
     with pytest.raises(ValueError, match="PerTensor"):
         QuantScheme(1, granularity=PerBucket(12), scale_from="mean_abs", codebook="sign")
+
+
+@pytest.mark.parametrize("scheme", [
+    QuantScheme.uniform(8, signed=False, symmetric=False),
+    QuantScheme.uniform(8, signed=True, symmetric=False),
+    QuantScheme.uniform(8),
+    QuantScheme.uniform(8, scale_from="norm"),
+])
+def test_finite_values_near_the_fp32_maximum_give_finite_codes_and_values(scheme):
+    # [3e38, -3e38, 1]: hi - lo and the l2 norm pass the fp32 maximum; before, the scale became inf and
+    # every dequantized value NaN
+    x = torch.tensor([3e38, -3e38, 1.0])
+    qt = gradq.quantize(x, scheme)
+    assert bool(torch.isfinite(qt.scale).all())
+    values = gradq.dequantize(qt)
+    assert bool(torch.isfinite(values).all())
+    assert float((values - x).abs().max()) <= float(qt.scale) * 1.0001  # within one step (half, plus clamping)
+
+
+def test_a_scale_past_the_fp32_maximum_is_a_clear_error():
+    x = torch.full((100_000,), 3e38)  # per-tensor l2 norm / qmax > 3.4e38
+    with pytest.raises(ValueError, match="scale would exceed the fp32 maximum"):
+        gradq.quantize(x, QuantScheme.uniform(8, scale_from="norm"))
