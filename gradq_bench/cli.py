@@ -30,7 +30,7 @@ from gradq_bench.report import LEGEND, plot, summarize, table
 from gradq_bench.workloads import BUILTIN, Workload, load_workload
 
 SCHEMA = "gradq-bench/1"
-DEFAULT_STEPS = {"digits": 300, "mlp25m": 30}
+DEFAULT_STEPS = {"digits": 300, "fmnist": 400, "mlp25m": 30}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument(
         "--workload",
         choices=sorted(BUILTIN),
-        help="digits: convergence on scikit-learn's digits; mlp25m: communication-bound (default digits)",
+        help="digits: convergence on scikit-learn's digits; fmnist: convergence of a CNN on Fashion-MNIST at "
+        "momentum 0.9; mlp25m: communication-bound (default digits)",
     )
     what.add_argument("--model", metavar="MODULE:FUNCTION", help="a function returning a gradq_bench.Workload")
     parser.add_argument(
@@ -182,13 +183,16 @@ def _versions() -> dict[str, object]:
 
 def check_targets(rows: list[dict], workload: str) -> dict[str, bool]:
     """The project's targets that these figures allow checking: convergence on digits (within 1 accuracy
-    point of fp32 allreduce); traffic and step time on mlp25m (set for 4 hosts at 1 Gbit/s)."""
+    point of fp32 allreduce) and on fmnist (within 0.5 point); traffic and step time on mlp25m (set for 4
+    hosts at 1 Gbit/s)."""
     by = {r["method"]: r for r in rows}
     checks: dict[str, bool] = {}
-    if workload == "digits":
+    if workload in ("digits", "fmnist"):
+        points = 1.0 if workload == "digits" else 0.5
         for r in rows:
             if r["accuracy_delta_vs_fp32"] is not None and r["method"] not in ("fp32", "torch-fp16", "powersgd"):
-                checks[f"{r['method']} accuracy within 1 point of fp32"] = r["accuracy_delta_vs_fp32"] >= -1.0
+                name = f"{r['method']} accuracy within {points:g} point of fp32"
+                checks[name] = r["accuracy_delta_vs_fp32"] >= -points
         return checks
     if workload != "mlp25m":
         return checks

@@ -348,3 +348,15 @@ def test_kernel_ab_times_both_builds_and_rejects_different_outputs(monkeypatch):
         kernels_ab.compare(terngrad, x, OneBitOff, gradq._C, repeats=4)
     assert kernels_ab.same_bits((torch.tensor([0.0]),), (torch.tensor([0.0]),))
     assert not kernels_ab.same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))  # equal values, other bits
+
+
+def test_fmnist_workload_is_the_real_dataset_at_momentum_09():
+    from gradq_bench.workloads import fmnist
+
+    w = fmnist()
+    assert w.train_x.shape == (60000, 1, 28, 28) and w.test_x.shape == (2000, 1, 28, 28)
+    assert (w.lr, w.momentum, w.batch_size) == (0.05, 0.9, 64)
+    assert sum(p.numel() for p in w.build_model().parameters()) == 206_922
+    assert torch.bincount(w.train_y).tolist() == [6000] * 10  # Fashion-MNIST's balanced classes
+    rows = [{"method": "fp32", "accuracy_delta_vs_fp32": 0.0}, {"method": "onebit", "accuracy_delta_vs_fp32": -0.6}]
+    assert cli.check_targets(rows, "fmnist") == {"onebit accuracy within 0.5 point of fp32": False}

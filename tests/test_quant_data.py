@@ -129,7 +129,9 @@ def test_missing_package_data_names_install_command(monkeypatch, tmp_path, loade
 
 
 def test_missing_fashion_mnist_names_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(qd, "FASHION_MNIST_DIR", tmp_path / "fashion-mnist")
+    import gradq_bench.datasets
+
+    monkeypatch.setattr(gradq_bench.datasets, "FASHION_MNIST_DIR", tmp_path / "fashion-mnist")
     for train in (True, False):
         with pytest.raises(qd.MissingDataError, match="apt-get install dataset-fashion-mnist"):
             qd.load_fashion_mnist(train)
