@@ -121,6 +121,7 @@ class GradqState:
         min_numel: int,
         overlap: bool,
         process_group: dist.ProcessGroup | None,
+        momentum: float = 0.0,
         parameter_names: dict[int, str],
         parameter_numels: dict[str, int],
         own_group_key: tuple | None = None,
@@ -131,6 +132,8 @@ class GradqState:
         self.layouts: dict[frozenset[str], tuple[str, ...]] = {}
         self.start_iter = start_iter
         self.min_numel = min_numel
+        self.momentum = momentum
+        self.momenta: dict[tuple[str, ...], torch.Tensor] = {}  # per bucket layout, when momentum > 0
         self.overlap = overlap
         self.jobs = _JobThread()
         self.process_group = process_group
@@ -175,7 +178,8 @@ class GradqState:
 
     def settings(self) -> dict[str, object]:
         """Everything that must be identical on all ranks."""
-        return {**self.allreduce.settings(), "start_iter": self.start_iter, "min_numel": self.min_numel}
+        return {**self.allreduce.settings(), "start_iter": self.start_iter, "min_numel": self.min_numel,
+                "momentum": self.momentum}
 
     def state_dict(self) -> dict[str, object]:
         """Picklable state of this rank: settings, rank and world size, iteration, bucket layouts, statistics
@@ -188,6 +192,7 @@ class GradqState:
             "layouts": sorted(self.layouts.values()),
             "stats": asdict(self.stats),
             "residuals": self.allreduce.state_dict(),
+            "momenta": [(list(k), v.cpu()) for k, v in sorted(self.momenta.items())],
         }
 
     def _checkpoint_problem(self, state: dict[str, object]) -> str:
@@ -221,9 +226,32 @@ class GradqState:
         self.layouts = {frozenset(key): tuple(key) for key in state["layouts"]}
         device = "cuda" if dist.get_backend(self.process_group) == "nccl" else "cpu"
         self.allreduce.load_state_dict(state["residuals"], device)
+        self.momenta = {tuple(k): v.to(device) for k, v in state.get("momenta", [])}
 
     def reduce_bucket(self, buffer: torch.Tensor, key: tuple[str, ...], iteration: int, last: bool) -> torch.Tensor:
-        """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group."""
+        """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group, or
+        with ``momentum`` the mean of the ranks' local momenta ``m = momentum * m + buffer``."""
+        if self.momentum and bool(torch.isfinite(buffer).all()):  # NaN/Inf never enter a momentum buffer
+            canonical = self.layout(key)
+            flat = buffer if canonical == key else self.reorder(buffer, key, canonical)
+            m = self.momenta.get(canonical)
+            if m is None:
+                m = self.momenta[canonical] = flat.clone()
+            else:
+                m.mul_(self.momentum).add_(flat)
+            mean = self._reduce(m.clone(), canonical, canonical, iteration)
+            mean = mean if canonical == key else self.reorder(mean, canonical, key)
+            buffer.copy_(mean)
+            mean = buffer
+        else:
+            mean = self._reduce(buffer, key, self.layout(key), iteration)
+        if last:
+            self._end_step(iteration)
+        return mean
+
+    def _reduce(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...], iteration: int
+                ) -> torch.Tensor:
+        """The mean of ``buffer`` (parameters in ``key`` order, overwritten) over the process group."""
         world = self.transport.world_size
         fp32_bytes = ring_allreduce_bytes(4 * buffer.numel(), world)
         if iteration < self.start_iter or buffer.numel() < self.min_numel:
@@ -231,7 +259,6 @@ class GradqState:
             self.stats.add(ring_allreduce_bytes(buffer.element_size() * buffer.numel(), world), fp32_bytes, 0.0)
             mean = buffer.div_(world)
         else:
-            canonical = self.layout(key)
             if canonical == key:  # the mean overwrites the bucket in place
                 out = self.allreduce(buffer, self.transport, key=key, step=iteration, out=buffer)
                 mean = out.mean
@@ -241,19 +268,21 @@ class GradqState:
                 mean = self.reorder(out.mean, canonical, key)
             self.stats.add(out.bytes_sent, fp32_bytes, out.codec_seconds)
             self._compressed_in_step = True
-        if last:
-            self.stats.end_step()
-            if iteration >= self.start_iter and not self._compressed_in_step and not self._said_uncompressed:
-                self._said_uncompressed = True
-                warnings.warn(
-                    f"gradq hook: every gradient bucket of this model is below min_numel={self.min_numel} elements, "
-                    "so each goes through plain fp32 allreduce and nothing is compressed; pass a smaller "
-                    "min_numel to comm_hooks.register (e.g. min_numel=0) to compress them",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self._compressed_in_step = False
         return mean
+
+    def _end_step(self, iteration: int) -> None:
+        """Close the step's statistics; say once if nothing was compressed because of min_numel."""
+        self.stats.end_step()
+        if iteration >= self.start_iter and not self._compressed_in_step and not self._said_uncompressed:
+            self._said_uncompressed = True
+            warnings.warn(
+                f"gradq hook: every gradient bucket of this model is below min_numel={self.min_numel} elements, "
+                "so each goes through plain fp32 allreduce and nothing is compressed; pass a smaller "
+                "min_numel to comm_hooks.register (e.g. min_numel=0) to compress them",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._compressed_in_step = False
 
 
 class _JobThread:
@@ -425,6 +454,7 @@ def register(
     error_feedback: bool | None = None,
     seed: int = 0,
     overlap: bool = True,
+    momentum: float = 0.0,
     process_group: dist.ProcessGroup | None = None,
     **compressor_options: object,
 ) -> GradqState:
@@ -435,7 +465,11 @@ def register(
     (>= 1: DDP rebuilds its buckets after iteration 0): plain fp32 allreduce before it. ``min_numel``:
     smaller buckets go uncompressed. ``error_feedback``: default on for onebit (biased but contractive); off
     for terngrad/qsgd, which are unbiased but not contractive, so a residual can grow without bound.
-    ``seed`` keys the stochastic compressors' random streams (per rank). ``overlap`` (CPU models): reduce
+    ``seed`` keys the stochastic compressors' random streams (per rank). ``momentum`` > 0 moves SGD's
+    momentum into the hook: each rank keeps ``m = momentum * m + grad`` per bucket and the hook returns the
+    compressed mean of the ranks' ``m`` (uncompressed, that is the momentum of the mean gradient); use it
+    with an optimizer without momentum (``torch.optim.SGD(..., momentum=0)``). Gradients holding NaN/Inf
+    skip the update of ``m`` and pass through, so AMP's GradScaler still sees them. ``overlap`` (CPU models): reduce
     buckets on a background thread while backward goes on, over a process group of the hook's own made
     here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
     in the hook call. Call ``register`` on every rank of ``process_group``, in the same order, before the first
@@ -463,12 +497,15 @@ def register(
         if isinstance(min_numel, bool) or not isinstance(min_numel, int) or min_numel < 0:
             raise ValueError(f"min_numel must be an int >= 0, got {min_numel!r}")
         overlap = check_flag("overlap", overlap) and ddp_model.device_type == "cpu"
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
         allreduce = CompressedAllreduce(compressor, mode=mode, error_feedback=error_feedback, seed=seed,
                                         **compressor_options)
     except Exception as exc:
         _publish_registration(group_ranks, call, {"error": f"{type(exc).__name__}: {exc}"})
         raise
-    settings = {**allreduce.settings(), "start_iter": start_iter, "min_numel": min_numel, "overlap": overlap}
+    settings = {**allreduce.settings(), "start_iter": start_iter, "min_numel": min_numel, "overlap": overlap,
+                "momentum": float(momentum)}
     _publish_registration(group_ranks, call, {"settings": settings})
     _agree_on_registration(group_ranks, call, settings)
     own_key = _group_key(process_group) if overlap else None
@@ -477,6 +514,7 @@ def register(
         start_iter=start_iter,
         min_numel=min_numel,
         overlap=overlap,
+        momentum=float(momentum),
         process_group=_own_group(own_key) if own_key else process_group,
         own_group_key=own_key,
         parameter_names={id(p): name for name, p in ddp_model.module.named_parameters()},

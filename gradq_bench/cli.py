@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     heading = f"{title}: {runs[0]['params']:,} parameters, {args.steps} steps ({args.warmup} warm-up), seed {args.seed}"
     report = [heading, table(rows), "", LEGEND]
     if checks:
-        scope = "convergence" if workload.name == "digits" else "step times set for 4 hosts at 1 Gbit/s"
+        scope = "convergence" if workload.name in ("digits", "fmnist") else "step times set for 4 hosts at 1 Gbit/s"
         report += ["", f"Targets for {workload.name} ({scope}):"]
         report += [f"  {'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks.items()]
     print("\n" + "\n".join(report))

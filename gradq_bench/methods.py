@@ -35,6 +35,7 @@ def known_methods() -> list[str]:
 
 
 SYNC = "sync"  # method suffix: run the hook's reductions inside the hook call (register(overlap=False))
+MOMENTUM = "momentum"  # method suffix: SGD's momentum moves into the hook (register(momentum=...), optimizer 0)
 
 
 @dataclass(frozen=True)
@@ -45,10 +46,12 @@ class GradqMethod:
     mode: str
     overlap: bool
     options: dict[str, int | float]
+    hook_momentum: bool = False
 
 
 def parse_gradq_method(name: str) -> GradqMethod:
-    """``compressor[:mode][:sync][:option=value ...]`` -> :class:`GradqMethod`, e.g. ``qsgd:levels=2``.
+    """``compressor[:mode][:sync][:momentum][:option=value ...]`` -> :class:`GradqMethod`, e.g.
+    ``qsgd:levels=2``; ``:momentum`` compresses the ranks' SGD momentum instead of their gradients.
 
     Raises ValueError naming the accepted methods, modes or the compressor's complaint about an option.
     """
@@ -59,17 +62,20 @@ def parse_gradq_method(name: str) -> GradqMethod:
             f":{' or :'.join(MODES)}, :{SYNC} and :option=value, e.g. qsgd:levels=2); the no-communication floor "
             "always runs"
         )
-    mode, overlap, options = "two_phase", True, {}
+    mode, overlap, options, hook_momentum = "two_phase", True, {}, False
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if not eq:
             if suffix == SYNC:
                 overlap = False
+            elif suffix == MOMENTUM:
+                hook_momentum = True
             elif suffix in MODES:
                 mode = suffix
             else:
                 raise ValueError(
-                    f"{name!r}: {suffix!r} is neither a mode ({', '.join(MODES)}), {SYNC!r} nor option=value"
+                    f"{name!r}: {suffix!r} is neither a mode ({', '.join(MODES)}), {SYNC!r}, {MOMENTUM!r} nor "
+                    "option=value"
                 )
             continue
         try:
@@ -83,7 +89,7 @@ def parse_gradq_method(name: str) -> GradqMethod:
         get_compressor(compressor, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name!r}: {exc}") from None
-    return GradqMethod(compressor, mode, overlap, options)
+    return GradqMethod(compressor, mode, overlap, options, hook_momentum)
 
 
 def check_method(name: str) -> str:
@@ -99,6 +105,7 @@ def describe(name: str) -> str:
         return TORCH_METHODS[name]
     method = parse_gradq_method(name)
     settings = [method.mode.replace("_", "-"), *([] if method.overlap else [SYNC])]
+    settings += [MOMENTUM] if method.hook_momentum else []
     settings += [f"{k}={v}" for k, v in method.options.items()]
     return f"gradq {method.compressor} ({', '.join(settings)})"
 
@@ -117,9 +124,11 @@ class StepFigures:
 
 
 class Meter:
-    """Attaches a method to a DDP model; ``step()`` after each optimizer step gives its :class:`StepFigures`."""
+    """Attaches a method to a DDP model; ``step()`` after each optimizer step gives its :class:`StepFigures`.
+    ``momentum``: the workload's SGD momentum, which a ``:momentum`` method runs in the hook instead
+    (:attr:`optimizer_momentum` is then 0)."""
 
-    def __init__(self, ddp: DDP, name: str, *, seed: int) -> None:
+    def __init__(self, ddp: DDP, name: str, *, seed: int, momentum: float = 0.0) -> None:
         self.name = name
         world = dist.get_world_size()
         numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
@@ -128,6 +137,8 @@ class Meter:
         self._gradq = None
         self._powersgd = None
         self._sent_numel = 0
+        in_hook = name not in TORCH_METHODS and parse_gradq_method(name).hook_momentum
+        self.optimizer_momentum = 0.0 if in_hook else momentum
         if name == FLOOR:
             ddp.register_comm_hook(None, debugging_hooks.noop_hook)
         elif name == "torch-fp16":
@@ -146,6 +157,7 @@ class Meter:
                 start_iter=START_ITER,
                 seed=seed,
                 overlap=method.overlap,
+                momentum=momentum if method.hook_momentum else 0.0,
                 **method.options,
             )
 

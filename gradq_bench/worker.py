@@ -62,8 +62,8 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
     steps, warmup, seed = spec["steps"], spec["warmup"], spec["seed"]
     torch.manual_seed(seed)
     ddp = DDP(workload.build_model(), bucket_cap_mb=1 << 16 if single_bucket(name) else 25)
-    meter = Meter(ddp, name, seed=seed)
-    opt = torch.optim.SGD(ddp.parameters(), lr=workload.lr, momentum=workload.momentum)
+    meter = Meter(ddp, name, seed=seed, momentum=workload.momentum)
+    opt = torch.optim.SGD(ddp.parameters(), lr=workload.lr, momentum=meter.optimizer_momentum)
     batches = _batches(workload, rank, world, seed)
     step_seconds, losses, sent, codec, evals = [], [], [], [], []
     progress = None

@@ -226,7 +226,7 @@ def test_mpirun_launcher(tmp_path):
     [
         (["--compressors", "fp32,zip"], "unknown compressor 'zip'; choose from fp32, torch-fp16, powersgd"),
         (["--compressors", "qsgd:levels=500"], "levels must be"),
-        (["--compressors", "onebit:fast"], "'fast' is neither a mode (two_phase, allgather), 'sync' nor"),
+        (["--compressors", "onebit:fast"], "'fast' is neither a mode (two_phase, allgather), 'sync', 'momentum' nor"),
         (["--compressors", "onebit,onebit"], "names a method twice"),
         (["--compressors", ","], "--compressors is empty"),
         (["--ranks", "1"], "--ranks must be >= 2"),
@@ -360,3 +360,14 @@ def test_fmnist_workload_is_the_real_dataset_at_momentum_09():
     assert torch.bincount(w.train_y).tolist() == [6000] * 10  # Fashion-MNIST's balanced classes
     rows = [{"method": "fp32", "accuracy_delta_vs_fp32": 0.0}, {"method": "onebit", "accuracy_delta_vs_fp32": -0.6}]
     assert cli.check_targets(rows, "fmnist") == {"onebit accuracy within 0.5 point of fp32": False}
+
+
+def test_momentum_suffix_moves_sgd_momentum_into_the_hook():
+    from gradq_bench.methods import describe, parse_gradq_method
+
+    method = parse_gradq_method("qsgd:allgather:momentum:levels=8")
+    assert method.hook_momentum and method.mode == "allgather" and method.options == {"levels": 8}
+    assert not parse_gradq_method("qsgd").hook_momentum
+    assert describe("terngrad:momentum") == "gradq terngrad (two-phase, momentum)"
+    with pytest.raises(ValueError, match="'momentum' nor option=value"):
+        parse_gradq_method("qsgd:momentun")

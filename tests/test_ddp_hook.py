@@ -124,6 +124,42 @@ def test_a_model_whose_buckets_are_all_below_min_numel_is_told_once():
         assert rank_said[0] == []  # compressed: nothing to say
 
 
+def _hook_momentum(rank, world, workdir):
+    runs = {}
+    for label, hook_momentum in (("optimizer", 0.0), ("hook", 0.9)):
+        ddp = DDP(mlp(seed=4))
+        state = comm_hooks.register(ddp, "none", momentum=hook_momentum, start_iter=1)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9 - hook_momentum)
+        x, y, *_ = digits(rank, world)
+        for step in range(30):
+            idx = torch.randint(0, len(y), (32,), generator=torch.Generator().manual_seed(step * 10 + rank))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+            opt.step()
+        runs[label] = torch.cat([p.detach().reshape(-1) for p in ddp.parameters()])
+        if hook_momentum:
+            momenta = state.state_dict()["momenta"]
+            # a NaN gradient passes through to the optimizer (AMP would skip the step) and stays out of m
+            before = [m.clone() for _, m in momenta]
+            for p in ddp.parameters():
+                p.grad = None
+            out = ddp(x[:4])
+            (out.sum() * float("nan")).backward()
+            grads_nan = bool(torch.isnan(torch.cat([p.grad.reshape(-1) for p in ddp.parameters()])).any())
+            after = [m for _, m in state.state_dict()["momenta"]]
+            runs["nan"] = grads_nan and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        state.close()
+    return runs
+
+
+def test_momentum_in_the_hook_equals_the_optimizers_momentum_uncompressed():
+    for runs in distributed.run(_hook_momentum, 2):
+        # m = 0.9 m + g per rank, averaged by the hook: the momentum of the mean gradient, up to rounding
+        assert torch.allclose(runs["hook"], runs["optimizer"], rtol=1e-4, atol=1e-5)
+        assert not torch.equal(runs["hook"], runs["optimizer"] * 0)  # trained
+        assert runs["nan"]
+
+
 def test_four_rank_training_on_digits_converges_with_every_compressor():
     results = distributed.run(_convergence, 4)
     accuracies, stats = results[0]
