@@ -239,10 +239,10 @@ class GradqState:
                 m = self.momenta[canonical] = flat.clone()
             else:
                 m.mul_(self.momentum).add_(flat)
-            mean = self._reduce(m.clone(), canonical, canonical, iteration)
-            mean = mean if canonical == key else self.reorder(mean, canonical, key)
-            buffer.copy_(mean)
-            mean = buffer
+            if canonical == key:  # reduce a copy of m in the bucket itself: m stays this rank's own
+                mean = self._reduce(buffer.copy_(m), key, canonical, iteration)
+            else:
+                mean = self.reorder(self._reduce(m.clone(), canonical, canonical, iteration), canonical, key)
         else:
             mean = self._reduce(buffer, key, self.layout(key), iteration)
         if last:

@@ -57,11 +57,10 @@ struct Epilogue {
   int64_t zo, lo, hi;
 };
 
-struct Output {
+struct Output {  // codes (rows, channels), row-major: a Linear's output, or a convolution's channels-last
   void* data;
   bool is_signed;
-  int64_t positions;  // output positions per sample (1 for Linear); row m is sample m / positions
-  int64_t channels;   // channels of the whole output
+  int64_t channels;  // channels of the whole output
 };
 
 inline int64_t requantize_one(uint32_t raw, int64_t c, const Epilogue& e) {
@@ -71,13 +70,8 @@ inline int64_t requantize_one(uint32_t raw, int64_t c, const Epilogue& e) {
   return std::min(std::max(v, e.lo), e.hi);
 }
 
-// Index in the output of row m, channel 0 (row m is position m % P of sample m / P); channel c adds c * P.
-inline int64_t row_base(const Output& o, int64_t m) {
-  return o.positions == 1 ? m * o.channels : (m / o.positions) * o.channels * o.positions + m % o.positions;
-}
-
-inline void store(const Output& o, int64_t base, int64_t c, int64_t v) {
-  const int64_t i = base + c * o.positions;
+inline void store(const Output& o, int64_t m, int64_t c, int64_t v) {
+  const int64_t i = m * o.channels + c;
   if (o.is_signed) {
     static_cast<int8_t*>(o.data)[i] = static_cast<int8_t>(v);
   } else {
@@ -391,10 +385,9 @@ void run_block(const uint8_t* x, int64_t x_stride, const Weights& w, const Epilo
         (nc == 4 ? t.t14 : t.t11)(xr, x_stride, w, c, raw);
       }
       for (int64_t i = 0; i < nm; ++i) {
-        const int64_t base = row_base(o, m + i);
         const uint32_t correction = half ? half * row_sums[m + i] : 0u;
         for (int64_t j = 0; j < nc; ++j) {
-          store(o, base, channel_base + c + j, requantize_one(raw[i * nc + j] - correction, c + j, e));
+          store(o, m + i, channel_base + c + j, requantize_one(raw[i * nc + j] - correction, c + j, e));
         }
       }
       m += nm;
@@ -496,7 +489,7 @@ torch::Tensor integer_linear(const torch::Tensor& x, const torch::Tensor& packed
       make_layer(packed, wide, bits, sign, offset_binary, kp, sub, group_size, offset, mult, shift, zo, lo, hi);
   const torch::Tensor rows = padded_rows(x, kp);
   auto out = torch::empty({x.size(0), l.channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
-  const Output o{out.data_ptr(), out_signed, 1, l.channels};
+  const Output o{out.data_ptr(), out_signed, l.channels};
   gemm(rows.data_ptr<uint8_t>(), x.size(0), kp, l.w, l.channels, l.e, o, 0, chosen);
   return out;
 }
@@ -605,7 +598,7 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
   const int64_t oh = (x.size(2) + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
   const int64_t cout = l.channels, cpg = cout / groups;
   auto out = torch::empty({n, oh, positions / oh, cout}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
-  const Output o{out.data_ptr(), out_signed, 1, cout};  // rows x channels: channels last
+  const Output o{out.data_ptr(), out_signed, cout};  // rows x channels: channels last
   const uint8_t* dst = cols.data_ptr<uint8_t>();
   for (int64_t g = 0; g < groups; ++g) {
     Weights wg = l.w;
@@ -672,14 +665,13 @@ bool has_avx512_dq() {
 }  // namespace
 
 torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
-                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed,
-                               int64_t positions) {
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
   const int64_t rows = acc.size(0), channels = acc.size(1);
   auto out = torch::empty({rows, channels}, acc.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
   const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
-  const Output o{out.data_ptr(), out_signed, positions, channels};
+  const Output o{out.data_ptr(), out_signed, channels};
   const int32_t* a = acc.data_ptr<int32_t>();
-  if (positions == 1 && has_avx512_dq()) {
+  if (has_avx512_dq()) {
     const VectorEpilogue v = vector_epilogue(e, channels);
     auto* dst = static_cast<uint8_t*>(out.data_ptr());
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -689,9 +681,8 @@ torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& of
   }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
-      const int64_t base = row_base(o, m);
       for (int64_t c = 0; c < channels; ++c) {
-        store(o, base, c, requantize_one(static_cast<uint32_t>(a[m * channels + c]), c, e));
+        store(o, m, c, requantize_one(static_cast<uint32_t>(a[m * channels + c]), c, e));
       }
     }
   });

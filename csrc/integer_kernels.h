@@ -26,11 +26,9 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
                              std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
                              std::vector<int64_t> dilation, int64_t groups, int64_t zx);
 
-// The requantization epilogue alone, on int32 accumulators (rows, C) plus the offset; rows are positions of
-// samples (N * positions rows): the output is (N, C, positions) flattened, (rows, C) for positions = 1.
+// The requantization epilogue alone: output codes (rows, C) of int32 accumulators (rows, C) plus the offset.
 torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
-                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed,
-                               int64_t positions);
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed);
 
 // im2col of codes (N, C_in, H, W), any strides: rows (N * OH * OW, groups * width) uint8, each group's K =
 // kh * kw * C_in / groups columns in (kh, kw, C_in) order first (the rest of width zero), padding with the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gradq._reference import unpack_bits
 from gradq.fixedpoint import requantize
 
 BLOCK = 64
@@ -17,17 +18,11 @@ BLOCK = 64
 def unpack_layout(packed: torch.Tensor, bits: int, sign: bool, offset_binary: bool = False) -> torch.Tensor:
     """Codes q (C, kp) int64 of a weight layout (C, kp * bits / 8) uint8 (docs/kernels.md, "Integer GEMM");
     ``offset_binary``: the fields hold q + 2**(bits-1) instead of q's two's complement."""
-    c = packed.shape[0]
-    raw = packed.to(torch.int64)
-    mask = (1 << bits) - 1
-    if bits in (8, 1):  # natural order, LSB first
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-        fields = ((raw.unsqueeze(-1) >> shifts) & mask).reshape(c, -1)
-    else:  # blocks of 8*bits bytes; byte j holds code j of each of the 8/bits slices
-        blocks = raw.view(c, -1, 8 * bits)
-        shifts = (torch.arange(8 // bits, dtype=torch.int64) * bits).view(1, 1, -1, 1)
-        fields = ((blocks.unsqueeze(2) >> shifts) & mask).reshape(c, -1)
+    c, kp = packed.shape[0], packed.shape[1] * 8 // bits
+    fields = unpack_bits(packed.reshape(-1), bits, c * kp).to(torch.int64)
+    if bits in (2, 4):  # byte j holds code j of each slice
+        fields = fields.view(c, kp // BLOCK, 8 * bits, 8 // bits).transpose(2, 3)
+    fields = fields.reshape(c, kp)
     if sign:
         return 1 - 2 * fields
     half = 1 << (bits - 1)
@@ -95,14 +90,11 @@ def integer_conv2d(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor, bi
 
 
 def requantize_int32(acc: torch.Tensor, offset: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zo: int,
-                     lo: int, hi: int, out_signed: bool, positions: int) -> torch.Tensor:
-    """Output codes of int32 accumulators (rows, C) plus ``offset`` (wrapping in int32), requantized; rows are
-    ``positions`` consecutive positions per sample and the result's memory is (N, C, positions)."""
+                     lo: int, hi: int, out_signed: bool) -> torch.Tensor:
+    """Output codes (rows, C) of int32 accumulators (rows, C) plus ``offset`` (wrapping in int32), requantized."""
     acc = (acc.to(torch.int64) + offset + 2**31) % 2**32 - 2**31
     codes = requantize(acc, mult.to(torch.int64), shift.to(torch.int64), zo, lo, hi, -1)
-    codes = codes.to(torch.int8 if out_signed else torch.uint8)
-    rows, c = codes.shape
-    return codes.view(rows // positions, positions, c).transpose(1, 2).reshape(rows, c)
+    return codes.to(torch.int8 if out_signed else torch.uint8)
 
 
 def im2col_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],

@@ -23,6 +23,7 @@ import torch
 from gradq import _integer_reference, _reference
 from gradq._backend import kernels_for
 from gradq._validate import check_tensor
+from gradq.kernels import pack_bits
 
 BLOCK = 64
 ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512_vnni": 3}
@@ -102,15 +103,12 @@ def pack_layout(q: torch.Tensor, bits: int, sign: bool, offset_binary: bool = Fa
     or with ``offset_binary`` (2 and 4 bits) q + 2**(bits-1)."""
     c, kp = q.shape
     if sign:
-        fields = (q < 0).to(torch.int64)
+        fields = (q < 0).to(torch.uint8)
     else:
-        fields = q + (1 << (bits - 1)) if offset_binary else q & ((1 << bits) - 1)
-    if bits in (8, 1):
-        per_byte = 8 // bits
-        shifts = torch.arange(per_byte, dtype=torch.int64) * bits
-        return (fields.view(c, -1, per_byte) << shifts).sum(-1).to(torch.uint8)
-    shifts = (torch.arange(8 // bits, dtype=torch.int64) * bits).view(1, 1, -1, 1)
-    return (fields.view(c, kp // BLOCK, 8 // bits, 8 * bits) << shifts).sum(2).reshape(c, -1).to(torch.uint8)
+        fields = (q + (1 << (bits - 1)) if offset_binary else q & ((1 << bits) - 1)).to(torch.uint8)
+    if bits in (2, 4):  # the slices' code j side by side: gradq.pack_bits then puts them in byte j
+        fields = fields.view(c, kp // BLOCK, 8 // bits, 8 * bits).transpose(2, 3)
+    return pack_bits(fields.contiguous(), bits).view(c, -1)
 
 
 def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
@@ -202,7 +200,7 @@ def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: s
         if weights.shape[0] != g.k:
             xs = torch.nn.functional.pad(xs, (0, weights.shape[0] - g.k))
         acc = torch._int_mm(xs, weights)
-        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed, 1)
+        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
     extra = {"zeff": g.zeff} if module is _integer_reference else {}
     return module.integer_linear(x, *_args(g, isa_id), **extra)
 
@@ -239,7 +237,7 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
         weights = g.int8_weights()
         cols = module.im2col_codes(x, *conv[:4], 1, weights.shape[0], g.zx, True).view(torch.int8)
         acc = torch._int_mm(cols, weights)
-        codes = module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed, 1)
+        codes = module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
         return codes.view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last in memory
     extra = {"zeff": g.zeff} if module is _integer_reference else {}
     return module.integer_conv2d(x, *_args(g, isa_id), *conv, **extra)
