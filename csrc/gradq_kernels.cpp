@@ -598,12 +598,16 @@ inline void sum_squares2(const float* xa, const float* xb, int64_t len, double o
 #endif
 }
 
-// The l2 norm (the square root of a sum of squares) rounded up to fp32, so that sum((x_i / scale)^2) <= 1
-// also for a subnormal scale: the bound that caps the escapes of a block (docs/kernels.md).
+// The l2 norm rounded up to fp32: the smallest fp32 s with s * s >= sumsq, so that sum((x_i / scale)^2) <= 1
+// also for a subnormal scale, the bound that caps the escapes of a block (docs/kernels.md). An exact test
+// (an fp32 squared is exact in double) corrects the fp32 nearest the double sqrt by one step either way,
+// so the result does not depend on how a sqrt rounds; the reference does the same.
 inline float l2_scale(double sumsq) {
-  const double norm = std::sqrt(sumsq);
-  const float s = static_cast<float>(norm);
-  return static_cast<double>(s) < norm ? std::nextafter(s, std::numeric_limits<float>::infinity()) : s;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float s = static_cast<float>(std::sqrt(sumsq));
+  if (static_cast<double>(s) * static_cast<double>(s) < sumsq) s = std::nextafter(s, kInf);
+  const float down = std::nextafter(s, 0.0f);
+  return static_cast<double>(down) * static_cast<double>(down) >= sumsq ? down : s;
 }
 
 // The largest |x| of a block, NaN if the block has one. Non-negative floats order as their bit patterns

@@ -162,13 +162,24 @@ def sign_mean_compress(
     return sign_compress(mean / packed_rows.shape[0], residual, block)
 
 
+def l2_scale(sumsq: torch.Tensor) -> torch.Tensor:
+    """The smallest fp32 s with s * s >= sumsq (float64), for each entry: the l2 norm rounded up.
+
+    Defined by an exact test (the square of an fp32 is exact in float64), not by how a sqrt rounds: the
+    fp32 nearest the float64 sqrt is within one step of the answer, and one step up or down corrects it.
+    """
+    s = sumsq.sqrt().to(torch.float32)
+    up = torch.nextafter(s, s.new_tensor(torch.inf))
+    s = torch.where(s.to(torch.float64).square() < sumsq, up, s)
+    down = torch.nextafter(s, s.new_tensor(0.0))
+    return torch.where(down.to(torch.float64).square() >= sumsq, down, s)
+
+
 def signmag_scales(x: torch.Tensor, block: int, l2: bool, clip: float) -> torch.Tensor:
-    """Per-block fp32 scale: the l2 norm rounded up, or max |x| (lowered to clip * rms when clip > 0)."""
+    """Per-block fp32 scale: the l2 norm rounded up (:func:`l2_scale`), or max |x| (lowered to clip * rms
+    when clip > 0)."""
     if l2:
-        norm = block_lane_sum(x.to(torch.float64).square(), block).sqrt()
-        scales = norm.to(torch.float32)
-        up = torch.nextafter(scales, scales.new_tensor(torch.inf))
-        return torch.where(scales.to(torch.float64) < norm, up, scales)
+        return l2_scale(block_lane_sum(x.to(torch.float64).square(), block))
     scales = _block_view(x.abs(), block).amax(dim=1)
     if clip > 0:
         counts = block_counts(x.numel(), block, x.device).to(torch.float64)

@@ -173,6 +173,29 @@ def test_l2_scale_is_the_norm_rounded_up(native, backend):
     assert (scales.double() > norms).any()  # some blocks did round up
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_l2_scale_is_defined_by_an_exact_test_not_by_sqrt_rounding(native, backend):
+    """scale = the smallest fp32 s with s * s >= the float64 sum of squares, checked in exact integers.
+
+    (a, a 2^-26) has the sum a^2 (1 + 2^-52), whose float64 sqrt rounds to a itself: a rule built on the
+    rounded sqrt keeps a, whose square is below the sum, so the scale must be the next fp32 above a."""
+    kernels = native if backend == "native" else _reference
+    a = torch.tensor([1.0, 2.0**20, 3.0 * 2**-30, 2.0**-60, 1.5])
+    tricky = torch.zeros(len(a), 8)
+    tricky[:, 0], tricky[:, 1] = a, a * 2.0**-26
+    _, scales = kernels.signmag_compress(tricky.flatten(), 4, 8, True, 0.0, 0, 0, 0)
+    assert torch.equal(scales, torch.nextafter(a, torch.full_like(a, torch.inf)))
+    # integer blocks (p, q, r) with norms of 2^24..2^26, where fp32 steps are 2..8 apart
+    gen = torch.Generator().manual_seed(17)
+    blocks = torch.cat([torch.randint(2**23, 2**25, (4096, 3), generator=gen).float(), torch.zeros(4096, 5)], 1)
+    ints = blocks[:, :3].long()  # fp32 integers (even above 2^24), exactly
+    _, scales = kernels.signmag_compress(blocks.flatten(), 4, 8, True, 0.0, 0, 0, 0)
+    below = torch.nextafter(scales, torch.zeros_like(scales))
+    for (p, q, r), s, b in zip(ints.tolist(), scales.tolist(), below.tolist(), strict=True):
+        sumsq = p * p + q * q + r * r  # < 2^52: the float64 sum is exact too
+        assert s * s >= sumsq > b * b
+
+
 @pytest.mark.parametrize("block", [64, 200])
 @pytest.mark.parametrize("levels", [2, 3, 4, 8])
 def test_escape_code_holds_every_block_the_l2_bound_allows(native, levels, block):
