@@ -133,7 +133,7 @@ class GradqState:
         self.start_iter = start_iter
         self.min_numel = min_numel
         self.momentum = momentum
-        self.momenta: dict[tuple[str, ...], torch.Tensor] = {}  # per bucket layout, when momentum > 0
+        self.momenta: dict[tuple[str, ...], torch.Tensor] = {}  # M or m per bucket layout (reduce_bucket)
         self.overlap = overlap
         self.jobs = _JobThread()
         self.process_group = process_group
@@ -229,25 +229,52 @@ class GradqState:
         self.momenta = {tuple(k): v.to(device) for k, v in state.get("momenta", [])}
 
     def reduce_bucket(self, buffer: torch.Tensor, key: tuple[str, ...], iteration: int, last: bool) -> torch.Tensor:
-        """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group, or
-        with ``momentum`` the mean of the ranks' local momenta ``m = momentum * m + buffer``."""
-        if self.momentum and bool(torch.isfinite(buffer).all()):  # NaN/Inf never enter a momentum buffer
-            canonical = self.layout(key)
-            flat = buffer if canonical == key else self.reorder(buffer, key, canonical)
-            m = self.momenta.get(canonical)
-            if m is None:
-                m = self.momenta[canonical] = flat.clone()
-            else:
-                m.mul_(self.momentum).add_(flat)
-            if canonical == key:  # reduce a copy of m in the bucket itself: m stays this rank's own
-                mean = self._reduce(buffer.copy_(m), key, canonical, iteration)
-            else:
-                mean = self.reorder(self._reduce(m.clone(), canonical, canonical, iteration), canonical, key)
+        """One bucket's job: the mean of ``buffer`` (DDP's flat bucket, overwritten) over the process group.
+
+        With ``momentum`` and error feedback, every rank sends ``momentum * M + buffer``, where M is the
+        bucket's previous result, identical on all ranks (1-bit Adam's momentum): the residual carries what
+        M's compression missed into the next step. Without error feedback each rank keeps its own exact
+        ``m = momentum * m + buffer`` and sends that: a compression error folded into a shared M would be
+        fed back every step, and TernGrad's or QSGD's variance makes that grow. NaN/Inf never enter M or m.
+        """
+        canonical = self.layout(key)
+        if not self.momentum:
+            mean = self._reduce(buffer, key, canonical, iteration)
+        elif self.allreduce.error_feedback:
+            mean = self._reduce_shared_momentum(buffer, key, canonical, iteration)
         else:
-            mean = self._reduce(buffer, key, self.layout(key), iteration)
+            mean = self._reduce_local_momentum(buffer, key, canonical, iteration)
         if last:
             self._end_step(iteration)
         return mean
+
+    def _reduce_shared_momentum(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...],
+                                iteration: int) -> torch.Tensor:  # fmt: skip
+        shared = self.momenta.get(canonical)
+        if shared is not None:
+            buffer.add_(shared if canonical == key else self.reorder(shared, canonical, key), alpha=self.momentum)
+        mean = self._reduce(buffer, key, canonical, iteration)
+        if bool(torch.isfinite(mean).all()):  # a NaN/Inf on any rank reaches every rank's mean
+            ordered = mean if canonical == key else self.reorder(mean, key, canonical)
+            if shared is None:
+                self.momenta[canonical] = ordered.clone()
+            else:
+                shared.copy_(ordered)
+        return mean
+
+    def _reduce_local_momentum(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...],
+                               iteration: int) -> torch.Tensor:  # fmt: skip
+        if not bool(torch.isfinite(buffer).all()):  # passes through, leaving m alone
+            return self._reduce(buffer, key, canonical, iteration)
+        flat = buffer if canonical == key else self.reorder(buffer, key, canonical)
+        m = self.momenta.get(canonical)
+        if m is None:
+            m = self.momenta[canonical] = flat.clone()
+        else:
+            m.mul_(self.momentum).add_(flat)
+        if canonical == key:  # reduce a copy of m in the bucket itself: m stays this rank's own
+            return self._reduce(buffer.copy_(m), key, canonical, iteration)
+        return self.reorder(self._reduce(m.clone(), canonical, canonical, iteration), canonical, key)
 
     def _reduce(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...], iteration: int
                 ) -> torch.Tensor:
@@ -466,10 +493,13 @@ def register(
     smaller buckets go uncompressed. ``error_feedback``: default on for onebit (biased but contractive); off
     for terngrad/qsgd, which are unbiased but not contractive, so a residual can grow without bound.
     ``seed`` keys the stochastic compressors' random streams (per rank). ``momentum`` > 0 moves SGD's
-    momentum into the hook: each rank keeps ``m = momentum * m + grad`` per bucket and the hook returns the
-    compressed mean of the ranks' ``m`` (uncompressed, that is the momentum of the mean gradient); use it
-    with an optimizer without momentum (``torch.optim.SGD(..., momentum=0)``). Gradients holding NaN/Inf
-    skip the update of ``m`` and pass through, so AMP's GradScaler still sees them. ``overlap`` (CPU models): reduce
+    momentum into the hook (use an optimizer without it: ``torch.optim.SGD(..., momentum=0)``); uncompressed,
+    the result is exactly SGD's momentum of the mean gradient. With error feedback (onebit) every rank holds
+    the same momentum M per bucket, the hook's previous result, and sends ``momentum * M + grad``, as 1-bit
+    Adam compresses Adam's momentum: that makes 1-bit converge at momentum 0.9. Without it (terngrad, qsgd)
+    each rank sends its own ``m = momentum * m + grad``: fed back through a shared M, their variance would
+    grow. NaN/Inf never enter M or m and pass through, so AMP's GradScaler still sees them (benchmarks/RESULTS.md
+    has the measurements). ``overlap`` (CPU models): reduce
     buckets on a background thread while backward goes on, over a process group of the hook's own made
     here (same results, bit for bit); a CUDA model's work is already asynchronous on its streams, and runs
     in the hook call. Call ``register`` on every rank of ``process_group``, in the same order, before the first

@@ -196,7 +196,7 @@ class OneBit(_Blocked):
     bits = 1
     error_feedback_default = True
 
-    def __init__(self, block: int = 65536) -> None:
+    def __init__(self, block: int = 512) -> None:
         super().__init__(block)
 
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
@@ -261,10 +261,13 @@ class _SignMagnitude(_Blocked):
 
 @register_compressor
 class TernGrad(_SignMagnitude):
-    """TernGrad (Wen et al. 2017): {-1, 0, +1} x max |x| per block, stochastic, unbiased; 2 bits per value.
+    """TernGrad (Wen et al. 2017): {-1, 0, +1} x scale per block, stochastic; 2 bits per value.
 
-    ``clip=c > 0`` lowers the scale to c x RMS of the block (the paper uses 2.5): less variance, and the
-    values beyond it are clipped, which makes the estimate biased for them.
+    The scale is max |x| of the block, lowered to ``clip`` x its RMS when that is smaller: the paper's
+    gradient clipping at 2.5 standard deviations, the default. It cuts the variance (about 10x on real
+    gradients) at the price of a bias on the clipped values; on Fashion-MNIST at momentum 0.9 it lifts
+    compressed-gradient training from 73.6% to 87.2% (fp32: 87.3%). ``clip=0`` gives max |x|, unbiased:
+    the better choice with the momentum in the hook (88.5% against 84.8% clipped; benchmarks/RESULTS.md).
     """
 
     name = "terngrad"
@@ -272,7 +275,7 @@ class TernGrad(_SignMagnitude):
     levels = 1
     rule = "absmax"
 
-    def __init__(self, block: int = 65536, clip: float = 0.0) -> None:
+    def __init__(self, block: int = 65536, clip: float = 2.5) -> None:
         super().__init__(block)
         if isinstance(clip, bool) or not isinstance(clip, int | float) or not 0 <= clip < float("inf"):
             raise ValueError(f"clip must be a finite number >= 0 (0 disables clipping), got {clip!r}")

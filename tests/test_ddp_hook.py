@@ -154,10 +154,61 @@ def _hook_momentum(rank, world, workdir):
 
 def test_momentum_in_the_hook_equals_the_optimizers_momentum_uncompressed():
     for runs in distributed.run(_hook_momentum, 2):
-        # m = 0.9 m + g per rank, averaged by the hook: the momentum of the mean gradient, up to rounding
+        # M = mean(0.9 M + g): the momentum of the mean gradient, up to rounding
         assert torch.allclose(runs["hook"], runs["optimizer"], rtol=1e-4, atol=1e-5)
         assert not torch.equal(runs["hook"], runs["optimizer"] * 0)  # trained
         assert runs["nan"]
+
+
+def _compressed_momentum(rank, world, workdir, compressor="onebit", options=None):
+    ddp = DDP(mlp(seed=5))
+    state = comm_hooks.register(ddp, compressor, momentum=0.9, start_iter=1, min_numel=0, **(options or {}))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    x, y, *_ = digits(rank, world)
+    grads_seen, local = [], {n: torch.zeros_like(p) for n, p in ddp.module.named_parameters()}
+    for step in range(6):
+        idx = torch.randint(0, len(y), (32,), generator=torch.Generator().manual_seed(step * 10 + rank))
+        opt.zero_grad()
+        # this rank's own gradient, outside DDP, for the expected local momentum m = 0.9 m + g
+        names, params = zip(*ddp.module.named_parameters(), strict=True)
+        own = torch.autograd.grad(torch.nn.functional.cross_entropy(ddp.module(x[idx]), y[idx]), params)
+        for name, g in zip(names, own, strict=True):
+            local[name] = g.clone() if step == 0 else 0.9 * local[name] + g
+        torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+        grads_seen.append({n: p.grad.clone() for n, p in ddp.module.named_parameters()})
+        opt.step()
+    # the shared momentum of each bucket, cut back into parameters
+    momenta = {}
+    for names, flat in state.state_dict()["momenta"]:
+        for name, piece in zip(names, flat.split([state.parameter_numels[n] for n in names]), strict=True):
+            momenta[name] = piece
+    state.close()
+    if compressor != "onebit":
+        return momenta, local
+    return grads_seen, momenta
+
+
+def test_compressed_momentum_is_the_hooks_last_result_and_the_same_on_every_rank():
+    (grads0, momenta0), (grads1, momenta1) = distributed.run(_compressed_momentum, 2, "onebit", {"block": 64})
+    for name, m in momenta0.items():
+        assert torch.equal(m, momenta1[name])  # one momentum for all ranks, as in 1-bit Adam
+        assert torch.equal(m.view_as(grads0[-1][name]), grads0[-1][name])  # it is what the optimizer got
+        assert torch.equal(grads0[-1][name], grads1[-1][name])
+    # a 1-bit result: each block of 64 holds one magnitude; and it differs from the last step's
+    flat = torch.cat([m for m in momenta0.values()])
+    assert flat.abs().unique().numel() < flat.numel() / 8
+    assert not all(torch.equal(grads0[-1][n], grads0[-2][n]) for n in momenta0)
+
+
+@pytest.mark.parametrize("compressor", ["terngrad", "qsgd"])
+def test_momentum_without_error_feedback_stays_each_ranks_own(compressor):
+    """Unbiased codes without error feedback: each rank's m is its own exact 0.9 m + g, never the
+    compressed mean (whose noise would be fed back)."""
+    runs = distributed.run(_compressed_momentum, 2, compressor)
+    for momenta, local in runs:
+        for name, m in momenta.items():
+            assert torch.allclose(m.view_as(local[name]), local[name], rtol=1e-5, atol=1e-7), name
+    assert not all(torch.equal(runs[0][0][n], runs[1][0][n]) for n in runs[0][0])  # ranks differ
 
 
 def test_four_rank_training_on_digits_converges_with_every_compressor():
