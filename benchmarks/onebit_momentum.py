@@ -109,7 +109,8 @@ def train(variant: str, seed: int, report_layers: bool) -> dict:
                            "delta_65536": delta(grads[0], 65536), "delta_512": delta(grads[0], 512)})  # fmt: skip
     with torch.no_grad():
         accuracy = float((model(workload.test_x).argmax(1) == workload.test_y).double().mean())
-    return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": float(loss), "layers": layers}
+    return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": float(loss.detach()),
+            "layers": layers}
 
 
 def main() -> None:
