@@ -123,7 +123,7 @@ def _check_exactly_representable(rank, world, workdir):
     pattern = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
     sparse = torch.where(torch.arange(n) % 32 == 5, pattern, 0.0)  # 16 non-zeros per 512: QSGD levels exact
     transport = TorchTransport()
-    for name, comp in COMPRESSORS.items():
+    for name, comp in {**COMPRESSORS, "terngrad": gradq.TernGrad(block=256, clip=0)}.items():  # max |x|: exact
         base = sparse if name in ("terngrad", "qsgd") else pattern
         x = base * (rank + 1) / 2
         expected = base * 0.25 * (world + 1)
@@ -222,4 +222,4 @@ def test_two_phase_traffic_is_flat_in_world_size():
         math.isclose(p / per_rank[-1], (w - 1) / w / (15 / 16), rel_tol=1e-3)
         for p, w in zip(per_rank, (2, 4, 8, 16), strict=True)
     )
-    assert all(f / p > 31 for f, p in zip(fp32, per_rank, strict=True))
+    assert all(f / p > 30 for f, p in zip(fp32, per_rank, strict=True))  # 1 bit + an fp32 scale per 512: 30.1x
