@@ -22,8 +22,9 @@ fp32's perplexity). 1-bit Adam's remedy, built here on gradq's compressors and c
 4. Every ``variance_interval``-th step after the warm-up (0: never) is an fp32 step again: DDP reduces the
    gradient, v is updated as if each of the k steps since its last update had had this step's squared
    gradient (``v = beta2^k v + (1 - beta2^k) g^2``), d is recomputed, and ranks whose own momenta differ
-   continue from their reduced mean. A v frozen for good costs about 2.5% of perplexity on charlm (6.09
-   against fp32's 5.93); refreshed every 100 steps it costs nothing measurable (benchmarks/RESULTS.md).
+   continue from their reduced mean. On charlm a v frozen for good costs 2.7% of perplexity even
+   uncompressed (6.09 against fp32's 5.93); refreshed every 50 steps that run reached 5.83, and with
+   refreshes every 100 steps TernGrad's compressed momentum reached 5.92 (benchmarks/RESULTS.md).
 
 A coordinate whose ``v`` is still 0 when d is computed (no gradient yet, e.g. the embedding of a token not
 yet seen) takes the mean ``v`` of its tensor instead: with eps alone its first gradient would move it by
@@ -42,7 +43,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from comm_hooks.ddp import HookStats, TorchTransport
-from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, ring_allreduce_bytes
 from gradq.compressors import Compressor
 
 
@@ -117,14 +118,13 @@ class CompressedAdamW(torch.optim.Optimizer):
     def _check_agreement(self, numel: int) -> None:
         settings = {**self.allreduce.settings(), "warmup_steps": self.warmup_steps, "numel": numel,
                     "variance_interval": self.variance_interval, "defaults": self.defaults}  # fmt: skip
-        everyone: list[object] = [None] * self.transport.world_size
-        dist.all_gather_object(everyone, settings, group=self.process_group)
-        for rank, other in enumerate(everyone):
-            if other != settings:
-                raise ValueError(
-                    f"CompressedAdamW settings differ between ranks: rank {self.transport.rank} has {settings}, "
-                    f"rank {rank} has {other}; build it with the same model and options on every rank"
-                )
+
+        def gather(digest: str) -> list[str]:
+            everyone: list[str] = [""] * self.transport.world_size
+            dist.all_gather_object(everyone, digest, group=self.process_group)
+            return everyone
+
+        ensure_same_settings(settings, gather, "CompressedAdamW")
 
     def _params(self) -> list[torch.nn.Parameter]:
         return self.param_groups[0]["params"]
