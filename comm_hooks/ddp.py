@@ -12,6 +12,7 @@ PowerSGD and quantization hooks issue them from future callbacks, and crash on G
 buckets). ``overlap=False`` runs the job inside the hook call.
 """
 
+import atexit
 import datetime
 import functools
 import json
@@ -420,8 +421,12 @@ def _agree_on_registration(group_ranks: tuple[int, ...], call: int, settings: di
 # Groups of closed hooks, for reuse by later ones: (default group, parent ranks, backend, timeout) -> groups.
 # They are not destroyed because a locally synchronized group made after a destroyed one takes its name, and
 # so reads the destroyed group's stale rendezvous keys from the store. torch.distributed destroys them with
-# the default group; entries made under an earlier default group are dropped.
+# the default group; entries made under an earlier default group are dropped. At exit they are dropped
+# before the interpreter shuts down: the last reference to a group joins its Gloo threads with the GIL
+# released (torch's no-GIL holder), so a thread still dropping a finished collective's tensors can take
+# the GIL. Left to interpreter teardown, such a thread dies in pthread_exit and aborts the process.
 _spare_groups: dict[tuple, list[dist.ProcessGroup]] = {}
+atexit.register(_spare_groups.clear)
 
 
 def _group_key(group: dist.ProcessGroup | None) -> tuple:
