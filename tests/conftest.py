@@ -1,10 +1,16 @@
 """Shared helpers for the gradq tests."""
 
-import pytest
+import os
+
 import torch
 
-from gradq import _reference
-from tests import kernel_variants
+if not torch.cuda.is_available():  # Triton's interpreter runs the GPU kernels on CPU tensors (tests/test_triton.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from gradq import _reference  # noqa: E402
+from tests import kernel_variants  # noqa: E402
 
 try:
     from gradq import _C

@@ -1,0 +1,394 @@
+"""Triton kernels of the gradient codes: the GPU backend of ``gradq.kernels`` (docs/kernels.md, "Triton").
+
+The same functions, arguments and results as ``gradq._reference``, bit for bit: ``gradq._backend`` hands
+CUDA tensors here. With ``TRITON_INTERPRET=1`` set before gradq is imported the same kernels run on CPU
+tensors through Triton's interpreter, which is how CI tests them without a GPU.
+
+Every per-block reduction keeps the reference's order: a program owns ``_NB`` whole blocks as an
+(_NB, 8) tile, lane ``p % 8`` of a block accumulates its elements in float64 in element order, and the 8
+lanes are added left to right. Float kernels are launched with ``enable_fp_fusion=False`` (no fused
+multiply-add, as the C++ build's ``-ffp-contract=off``), fp32 quotients use ``tl.div_rn`` and square
+roots ``tl.sqrt_rn`` (correctly rounded, as on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NB = 16  # blocks per program of the block kernels: a (16, 8) tile per step
+_GROUPS = 128  # groups of 8 codes per program of the packing kernels
+_ELEMENTS = 1024  # elements per program of the elementwise kernels
+_EXACT = {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _lane(tile, lanes, j: tl.constexpr):
+    """Column ``j`` of an (R, 8) tile, exactly (the other columns are replaced by +0.0 before the sum)."""
+    return tl.sum(tl.where(lanes[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _lanes_in_order(acc, lanes):
+    """((acc[:, 0] + acc[:, 1]) + ...) + acc[:, 7]: the fixed order of docs/kernels.md."""
+    total = _lane(acc, lanes, 0)
+    for j in tl.static_range(1, 8):
+        total = total + _lane(acc, lanes, j)
+    return total
+
+
+@triton.jit
+def _finite(v):
+    return (v == v) & (tl.abs(v) < float("inf"))
+
+
+@triton.jit
+def _philox_tile(first_counter, rows, seed, offset):
+    """(R, 8) fp32 uniforms of elements 4 * first_counter[r] + c, c < 8: two counters per row."""
+    counter = (first_counter[:, None] + tl.arange(0, 2)[None, :]).to(tl.uint64)
+    off = offset.to(tl.uint64)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + (off & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.zeros_like(c0) + (off >> 32).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3, 10)
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [rows, 8])
+    return (words >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _pack_kernel(codes, out, n, nbytes, BITS: tl.constexpr, GROUPS: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    lanes = tl.arange(0, 8)
+    index = group[:, None] * 8 + lanes[None, :]
+    c = tl.load(codes + index, mask=index < n, other=0).to(tl.uint64)
+    word = tl.sum(c << (lanes[None, :] * BITS).to(tl.uint64), axis=1)
+    for b in tl.static_range(BITS):
+        position = group * BITS + b
+        tl.store(out + position, ((word >> (8 * b)) & 0xFF).to(tl.uint8), mask=position < nbytes)
+
+
+@triton.jit
+def _unpack_kernel(packed, out, n, nbytes, BITS: tl.constexpr, GROUPS: tl.constexpr):
+    group = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    lanes = tl.arange(0, 8)
+    word = tl.zeros([GROUPS], dtype=tl.uint64)
+    for b in tl.static_range(BITS):
+        position = group * BITS + b
+        byte = tl.load(packed + position, mask=position < nbytes, other=0).to(tl.uint64)
+        word = word | (byte << (8 * b))
+    codes = (word[:, None] >> (lanes[None, :] * BITS).to(tl.uint64)) & ((1 << BITS) - 1)
+    index = group[:, None] * 8 + lanes[None, :]
+    tl.store(out + index, codes.to(tl.uint8), mask=index < n)
+
+
+@triton.jit
+def _philox_kernel(out, n, seed, offset, ROWS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    u = _philox_tile(row * 2, ROWS, seed, offset)
+    index = row[:, None] * 8 + tl.arange(0, 8)[None, :]
+    tl.store(out + index, u, mask=index < n)
+
+
+@triton.jit
+def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R: tl.constexpr, NB: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    lanes = tl.arange(0, 8)
+    base = b * block
+    acc = tl.zeros([NB, 8], dtype=tl.float64)
+    for t in range(0, block // 8):
+        index = base[:, None] + t * 8 + lanes[None, :]
+        inside = (index < n) & (b < nblocks)[:, None]
+        m = tl.load(x + index, mask=inside, other=0.0)
+        if HAS_R:
+            m = m + tl.load(residual + index, mask=inside, other=0.0)
+        acc = acc + tl.abs(m).to(tl.float64)
+    count = tl.minimum(n - base, block).to(tl.float64)
+    scale = (_lanes_in_order(acc, lanes) / count).to(tl.float32)
+    tl.store(scales + b, scale, mask=b < nblocks)
+    keep = ~_finite(scale)
+    for t in range(0, block // 8):
+        index = base[:, None] + t * 8 + lanes[None, :]
+        inside = (index < n) & (b < nblocks)[:, None]
+        m = tl.load(x + index, mask=inside, other=0.0)
+        old = tl.zeros([NB, 8], dtype=tl.float32)
+        if HAS_R:
+            old = tl.load(residual + index, mask=inside, other=0.0)
+            m = m + old
+        neg = m < 0
+        byte = tl.sum(neg.to(tl.int32) << lanes[None, :], axis=1).to(tl.uint8)
+        first = base + t * 8
+        tl.store(packed + first // 8, byte, mask=(first < n) & (b < nblocks))
+        if HAS_R:
+            s = scale[:, None]
+            updated = tl.where(neg, m + s, m - s)
+            tl.store(residual + index, tl.where(keep[:, None], old, updated), mask=inside)
+
+
+@triton.jit
+def _sign_decompress_kernel(packed, scales, out, n, block, ACCUMULATE: tl.constexpr, ELEMENTS: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
+    inside = index < n
+    byte = tl.load(packed + index // 8, mask=inside, other=0).to(tl.int32)
+    s = tl.load(scales + index // block, mask=inside, other=0.0)
+    value = tl.where(((byte >> (index % 8).to(tl.int32)) & 1) != 0, -s, s)
+    if ACCUMULATE:
+        value = tl.load(out + index, mask=inside, other=0.0) + value
+    tl.store(out + index, value, mask=inside)
+
+
+@triton.jit
+def _l2_scale(sumsq):
+    """The smallest fp32 s with s * s >= sumsq (float64): the correctly rounded sqrt, one step up or down."""
+    s = tl.sqrt(sumsq).to(tl.float32)
+    bits = s.to(tl.int32, bitcast=True)
+    up = tl.where(s == float("inf"), s, (bits + 1).to(tl.float32, bitcast=True))
+    s = tl.where(s.to(tl.float64) * s.to(tl.float64) < sumsq, up, s)
+    bits = s.to(tl.int32, bitcast=True)
+    down = tl.where(s == 0.0, s, (bits - 1).to(tl.float32, bitcast=True))
+    return tl.where(down.to(tl.float64) * down.to(tl.float64) >= sumsq, down, s)
+
+
+@triton.jit
+def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, block, seed, offset, clip,
+                    LEVELS: tl.constexpr, LBITS: tl.constexpr, L2: tl.constexpr, CLIP: tl.constexpr,
+                    ESCAPES: tl.constexpr, NB: tl.constexpr):
+    """Scales, then the codes: plain fields of LBITS + 1 bits, or (ESCAPES > 0) 2-bit symbols with the
+    escaped fields written one byte each to ``entries`` (nblocks, ESCAPES) and their count to ``counts``;
+    ``clip`` points to the clip factor as one float64."""
+    K: tl.constexpr = 2 if ESCAPES > 0 else LBITS + 1
+    b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    lanes = tl.arange(0, 8)
+    base = b * block
+    sumsq = tl.zeros([NB, 8], dtype=tl.float64)
+    largest = tl.zeros([NB, 8], dtype=tl.float32)
+    for t in range(0, block // 8):
+        index = base[:, None] + t * 8 + lanes[None, :]
+        v = tl.load(x + index, mask=(index < n) & (b < nblocks)[:, None], other=0.0)
+        if L2 or CLIP:
+            v64 = v.to(tl.float64)
+            sumsq = sumsq + v64 * v64
+        if not L2:
+            largest = tl.maximum(largest, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    if L2:
+        scale = _l2_scale(_lanes_in_order(sumsq, lanes))
+    else:
+        scale = _lane(largest, lanes, 0)
+        for j in tl.static_range(1, 8):
+            scale = tl.maximum(scale, _lane(largest, lanes, j), propagate_nan=tl.PropagateNan.ALL)
+        if CLIP:
+            count = tl.minimum(n - base, block).to(tl.float64)
+            threshold = (tl.load(clip) * tl.sqrt(_lanes_in_order(sumsq, lanes) / count)).to(tl.float32)
+            scale = tl.where(scale > threshold, threshold, scale)
+    tl.store(scales + b, scale, mask=b < nblocks)
+    valid = _finite(scale) & (scale > 0)
+    escaped_before = tl.zeros([NB], dtype=tl.int32)
+    for t in range(0, block // 8):
+        first = base + t * 8
+        index = first[:, None] + lanes[None, :]
+        inside = (index < n) & (b < nblocks)[:, None]
+        v = tl.load(x + index, mask=inside, other=0.0)
+        u = _philox_tile(first // 4, NB, seed, offset)
+        y = tl.div_rn(tl.abs(v), scale[:, None]) * (LEVELS * 1.0)
+        level = tl.where(valid[:, None], tl.minimum(tl.floor(y + u), (LEVELS * 1.0)), 0.0).to(tl.int32)
+        neg = ((v < 0) & (level > 0)).to(tl.int32)
+        field = level | (neg << LBITS)
+        if ESCAPES > 0:
+            escaped = (level >= 2) & inside
+            symbol = tl.where(escaped, 2, level | (neg << 1))
+            rank = escaped_before[:, None] + tl.cumsum(escaped.to(tl.int32), axis=1) - escaped.to(tl.int32)
+            slot = b[:, None] * ESCAPES + rank
+            tl.store(entries + slot, field.to(tl.uint8), mask=escaped & (rank < ESCAPES))
+            escaped_before = escaped_before + tl.sum(escaped.to(tl.int32), axis=1)
+            field = symbol
+        word = tl.sum(field.to(tl.uint64) << (lanes[None, :] * K).to(tl.uint64), axis=1)
+        for byte in tl.static_range(K):
+            tl.store(packed + (first // 8) * K + byte, ((word >> (8 * byte)) & 0xFF).to(tl.uint8),
+                     mask=(first < n) & (b < nblocks))
+    if ESCAPES > 0:
+        tl.store(counts + b, escaped_before, mask=b < nblocks)
+
+
+@triton.jit
+def _signmag_decompress_kernel(fields, scales, out, n, block, LEVELS: tl.constexpr, LBITS: tl.constexpr,
+                               ACCUMULATE: tl.constexpr, ELEMENTS: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
+    inside = index < n
+    field = tl.load(fields + index, mask=inside, other=0).to(tl.int32)
+    step = tl.div_rn(tl.load(scales + index // block, mask=inside, other=0.0), (LEVELS * 1.0))
+    magnitude = (field & ((1 << LBITS) - 1)).to(tl.float32) * step
+    value = tl.where((field >> LBITS) != 0, -magnitude, magnitude)
+    if ACCUMULATE:
+        value = tl.load(out + index, mask=inside, other=0.0) + value
+    tl.store(out + index, value, mask=inside)
+
+
+@triton.jit
+def _escape_fields_kernel(symbols, entries, fields, counts, n, nblocks, block, LBITS: tl.constexpr,
+                          ESCAPES: tl.constexpr, NB: tl.constexpr):
+    """Plain fields (n,) from 2-bit ``symbols`` (n,) and unpacked ``entries`` (nblocks, ESCAPES): symbol 0b10
+    takes its block's next entry; ``counts`` gets each block's number of escape symbols."""
+    b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    lanes = tl.arange(0, 8)
+    seen = tl.zeros([NB], dtype=tl.int32)
+    for t in range(0, block // 8):
+        index = b[:, None] * block + t * 8 + lanes[None, :]
+        inside = (index < n) & (b < nblocks)[:, None]
+        symbol = tl.load(symbols + index, mask=inside, other=0).to(tl.int32)
+        escaped = (symbol == 2) & inside
+        rank = seen[:, None] + tl.cumsum(escaped.to(tl.int32), axis=1) - escaped.to(tl.int32)
+        entry = tl.load(entries + b[:, None] * ESCAPES + rank, mask=escaped & (rank < ESCAPES), other=0)
+        field = tl.where(escaped, entry.to(tl.int32), (symbol & 1) | ((symbol >> 1) << LBITS))
+        tl.store(fields + index, field.to(tl.uint8), mask=inside)
+        seen = seen + tl.sum(escaped.to(tl.int32), axis=1)
+    tl.store(counts + b, seen, mask=b < nblocks)
+
+
+def pack_kernel_function() -> object:
+    """One of this module's Triton functions (its type tells whether Triton's interpreter runs them)."""
+    return _pack_kernel
+
+
+def _programs(count: int, per_program: int) -> tuple[int]:
+    return (max(1, triton.cdiv(count, per_program)),)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    n = codes.numel()
+    nbytes = (n * bits + 7) // 8
+    out = torch.empty(nbytes, dtype=torch.uint8, device=codes.device)
+    if n:
+        _pack_kernel[_programs(-(-n // 8), _GROUPS)](codes, out, n, nbytes, BITS=bits, GROUPS=_GROUPS)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    if n:
+        _unpack_kernel[_programs(-(-n // 8), _GROUPS)](packed, out, n, packed.numel(), BITS=bits, GROUPS=_GROUPS)
+    return out
+
+
+def philox_uniform(n: int, seed: int, offset: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if n:
+        _philox_kernel[_programs(-(-n // 8), _GROUPS)](out, n, seed, offset, ROWS=_GROUPS)
+    return out
+
+
+def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nblocks = -(-n // block)
+    packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    if n:
+        _sign_compress_kernel[_programs(nblocks, _NB)](
+            x, x if residual is None else residual, packed, scales, n, nblocks, block,
+            HAS_R=residual is not None, NB=_NB, **_EXACT,
+        )
+    return packed, scales
+
+
+def _output(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.float32, device=device) if out is None else out
+
+
+def sign_decompress(
+    packed: torch.Tensor, scales: torch.Tensor, block: int, n: int, out: torch.Tensor | None, accumulate: bool
+) -> torch.Tensor:
+    result = _output(out, n, packed.device)
+    if n:
+        _sign_decompress_kernel[_programs(n, _ELEMENTS)](
+            packed, scales, result, n, block, ACCUMULATE=out is not None and accumulate, ELEMENTS=_ELEMENTS, **_EXACT
+        )
+    return result
+
+
+def sign_mean_compress(
+    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = sign_decompress(packed_rows[0], scale_rows[0], block, n, None, False)
+    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
+        sign_decompress(packed, scales, block, n, mean, True)
+    return sign_compress(mean / packed_rows.shape[0], residual, block)
+
+
+def signmag_compress(
+    x: torch.Tensor, levels: int, block: int, l2: bool, clip: float, seed: int, offset: int, escapes: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nblocks = -(-n // block)
+    k = levels.bit_length() + 1
+    stream = torch.empty((n * (2 if escapes else k) + 7) // 8, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    entries = torch.zeros(max(1, nblocks * escapes), dtype=torch.uint8, device=x.device)
+    counts = torch.zeros(max(1, nblocks), dtype=torch.int32, device=x.device)
+    clip_factor = torch.tensor([float(clip)], dtype=torch.float64, device=x.device)
+    if n:
+        _signmag_kernel[_programs(nblocks, _NB)](
+            x, stream, scales, entries, counts, n, nblocks, block, seed, offset, clip_factor,
+            LEVELS=levels, LBITS=levels.bit_length(), L2=bool(l2), CLIP=clip > 0, ESCAPES=escapes, NB=_NB, **_EXACT,
+        )
+    if not escapes:
+        return stream, scales
+    if nblocks and int(counts.max()) > escapes:  # impossible for the l2 rule (docs/kernels.md)
+        raise RuntimeError(f"gradq: more than {escapes} escapes in a block")
+    return torch.cat((stream, pack_bits(entries[: nblocks * escapes], k))), scales
+
+
+def _fields(packed: torch.Tensor, levels: int, block: int, n: int, nblocks: int, escapes: int) -> torch.Tensor:
+    """The plain fields (n,) uint8 of a sign-magnitude payload; ValueError for a corrupt escape code."""
+    k = levels.bit_length() + 1
+    if not escapes:
+        return unpack_bits(packed, k, n)
+    stream = (2 * n + 7) // 8
+    symbols = unpack_bits(packed[:stream], 2, n)
+    entries = unpack_bits(packed[stream:], k, nblocks * escapes)
+    fields = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    counts = torch.zeros(nblocks, dtype=torch.int32, device=packed.device)
+    if n:
+        _escape_fields_kernel[_programs(nblocks, _NB)](
+            symbols, entries, fields, counts, n, nblocks, block, LBITS=levels.bit_length(), ESCAPES=escapes, NB=_NB
+        )
+    if nblocks and int(counts.max()) > escapes:
+        raise ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols")
+    return fields
+
+
+def signmag_decompress(
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    levels: int,
+    block: int,
+    n: int,
+    out: torch.Tensor | None,
+    accumulate: bool,
+    escapes: int = 0,
+) -> torch.Tensor:
+    fields = _fields(packed, levels, block, n, scales.numel(), escapes)
+    result = _output(out, n, packed.device)
+    if n:
+        _signmag_decompress_kernel[_programs(n, _ELEMENTS)](
+            fields, scales, result, n, block, LEVELS=levels, LBITS=levels.bit_length(),
+            ACCUMULATE=out is not None and accumulate, ELEMENTS=_ELEMENTS, **_EXACT,
+        )
+    return result
+
+
+def signmag_mean_compress(
+    packed_rows: torch.Tensor,
+    scale_rows: torch.Tensor,
+    levels: int,
+    block: int,
+    n: int,
+    l2: bool,
+    clip: float,
+    seed: int,
+    offset: int,
+    escapes: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = signmag_decompress(packed_rows[0], scale_rows[0], levels, block, n, None, False, escapes)
+    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
+        signmag_decompress(packed, scales, levels, block, n, mean, True, escapes)
+    return signmag_compress(mean / packed_rows.shape[0], levels, block, l2, clip, seed, offset, escapes)
