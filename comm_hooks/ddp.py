@@ -36,24 +36,31 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 
 
 class TorchTransport:
-    """gradq's :class:`~gradq.allreduce.Transport` over a torch.distributed process group."""
+    """gradq's :class:`~gradq.allreduce.Transport` over a torch.distributed process group. CUDA payloads go
+    over NCCL as they are; over Gloo, which has no CUDA all-to-all, they are staged through host memory."""
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self._stage = dist.get_backend(group) == "gloo"
+
+    def _host(self, send: torch.Tensor) -> torch.Tensor:
+        return send.cpu() if self._stage and send.device.type != "cpu" else send
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
-        """Equal-split all-to-all of a flat uint8 tensor."""
-        received = torch.empty_like(send)
-        dist.all_to_all_single(received, send, group=self.group)
-        return received
+        """Equal-split all-to-all of a flat uint8 tensor; the result is on ``send``'s device."""
+        wire = self._host(send)
+        received = torch.empty_like(wire)
+        dist.all_to_all_single(received, wire, group=self.group)
+        return received.to(send.device)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
-        """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
-        gathered = send.new_empty(self.world_size * send.numel())
-        _all_gather_single(gathered, send, group=self.group)
-        return gathered
+        """All-gather of equal-size flat uint8 tensors, concatenated in rank order, on ``send``'s device."""
+        wire = self._host(send)
+        gathered = wire.new_empty(self.world_size * wire.numel())
+        _all_gather_single(gathered, wire, group=self.group)
+        return gathered.to(send.device)
 
 
 @dataclass

@@ -28,20 +28,25 @@ from gradq.compressors import Compressor
 
 
 class HorovodTransport:
-    """gradq's :class:`~gradq.allreduce.Transport` over Horovod's collectives."""
+    """gradq's :class:`~gradq.allreduce.Transport` over Horovod's collectives. CUDA payloads go as they are
+    where Horovod was built with NCCL, else through host memory; results come back on the payload's device."""
 
     def __init__(self) -> None:
         self.world_size = hvd.size()
         self.rank = hvd.rank()
+        self._stage = not hvd.nccl_built()
+
+    def _wire(self, send: torch.Tensor) -> torch.Tensor:
+        return send.cpu() if self._stage and send.device.type != "cpu" else send
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Equal-split all-to-all of a flat uint8 tensor."""
-        received = hvd.alltoall(send)
-        return received[0] if isinstance(received, tuple) else received
+        received = hvd.alltoall(self._wire(send))
+        return (received[0] if isinstance(received, tuple) else received).to(send.device)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
-        return hvd.allgather(send)
+        return hvd.allgather(self._wire(send)).to(send.device)
 
 
 class _GradqDistributedOptimizer(torch.optim.Optimizer):

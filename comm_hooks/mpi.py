@@ -26,7 +26,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the mpi 
 
 
 class MPITransport:
-    """gradq's :class:`~gradq.allreduce.Transport` over an mpi4py communicator (CPU tensors)."""
+    """gradq's :class:`~gradq.allreduce.Transport` over an mpi4py communicator. MPI buffers live in host
+    memory: payloads of CUDA tensors are staged through it, and results come back on the payload's device."""
 
     def __init__(self, comm: "MPI.Comm") -> None:
         self.comm = comm
@@ -36,14 +37,14 @@ class MPITransport:
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Equal-split all-to-all of a flat uint8 tensor."""
         received = np.empty(send.numel(), dtype=np.uint8)
-        self.comm.Alltoall(send.contiguous().numpy(), received)
-        return torch.from_numpy(received)
+        self.comm.Alltoall(send.contiguous().cpu().numpy(), received)
+        return torch.from_numpy(received).to(send.device)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
         received = np.empty(self.world_size * send.numel(), dtype=np.uint8)
-        self.comm.Allgather(send.contiguous().numpy(), received)
-        return torch.from_numpy(received)
+        self.comm.Allgather(send.contiguous().cpu().numpy(), received)
+        return torch.from_numpy(received).to(send.device)
 
 
 class MPIState:
@@ -109,7 +110,8 @@ def allreduce(
     state: MPIState | None = None,
     key: Hashable = "tensor",
 ) -> torch.Tensor:
-    """Mean over the communicator's ranks of the 1-D CPU ``tensor``, sent compressed; returns a new tensor.
+    """Mean over the communicator's ranks of the 1-D ``tensor`` (CPU or CUDA: compressed on its device, the
+    payloads staged through host memory), sent compressed; returns a new tensor on its device.
 
     Pass a ``state`` (an :class:`MPIState`, which holds the compressor and communicator) to keep error
     feedback and random streams across calls; ``compressor``/``comm`` without a state make a one-off call
@@ -122,8 +124,8 @@ def allreduce(
         state = MPIState(compressor if compressor is not None else "onebit", comm=comm)
     elif compressor is not None or comm is not None:
         raise ValueError("pass compressor and comm through MPIState when you pass a state")
-    if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-        raise TypeError("tensor must be a CPU torch.Tensor (MPI buffers live in host memory)")
+    if not isinstance(tensor, torch.Tensor) or tensor.device.type not in ("cpu", "cuda"):
+        raise TypeError("tensor must be a CPU or CUDA torch.Tensor")
     if tensor.dim() != 1:
         raise ValueError(f"tensor must be 1-D, got shape {tuple(tensor.shape)}; pass tensor.reshape(-1)")
     if not state._agreed:
