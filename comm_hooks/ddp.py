@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradq._validate import check_flag
-from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes
+from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes, through_host
 from gradq.compressors import Compressor
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -45,22 +45,23 @@ class TorchTransport:
         self.rank = dist.get_rank(group)
         self._stage = dist.get_backend(group) == "gloo"
 
-    def _host(self, send: torch.Tensor) -> torch.Tensor:
-        return send.cpu() if self._stage and send.device.type != "cpu" else send
-
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Equal-split all-to-all of a flat uint8 tensor; the result is on ``send``'s device."""
-        wire = self._host(send)
-        received = torch.empty_like(wire)
-        dist.all_to_all_single(received, wire, group=self.group)
-        return received.to(send.device)
+        return through_host(self._all_to_all, send, self._stage)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order, on ``send``'s device."""
-        wire = self._host(send)
-        gathered = wire.new_empty(self.world_size * wire.numel())
-        _all_gather_single(gathered, wire, group=self.group)
-        return gathered.to(send.device)
+        return through_host(self._all_gather, send, self._stage)
+
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        received = torch.empty_like(send)
+        dist.all_to_all_single(received, send, group=self.group)
+        return received
+
+    def _all_gather(self, send: torch.Tensor) -> torch.Tensor:
+        gathered = send.new_empty(self.world_size * send.numel())
+        _all_gather_single(gathered, send, group=self.group)
+        return gathered
 
 
 @dataclass

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import horovod.torch as hvd
 import torch
 
-from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, through_host
 from gradq.compressors import Compressor
 
 
@@ -36,17 +36,18 @@ class HorovodTransport:
         self.rank = hvd.rank()
         self._stage = not hvd.nccl_built()
 
-    def _wire(self, send: torch.Tensor) -> torch.Tensor:
-        return send.cpu() if self._stage and send.device.type != "cpu" else send
-
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Equal-split all-to-all of a flat uint8 tensor."""
-        received = hvd.alltoall(self._wire(send))
-        return (received[0] if isinstance(received, tuple) else received).to(send.device)
+        return through_host(_alltoall, send, self._stage)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
-        return hvd.allgather(self._wire(send)).to(send.device)
+        return through_host(hvd.allgather, send, self._stage)
+
+
+def _alltoall(send: torch.Tensor) -> torch.Tensor:
+    received = hvd.alltoall(send)
+    return received[0] if isinstance(received, tuple) else received
 
 
 class _GradqDistributedOptimizer(torch.optim.Optimizer):

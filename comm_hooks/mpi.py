@@ -16,7 +16,7 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
-from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings
+from gradq.allreduce import CompressedAllreduce, Mode, ensure_same_settings, through_host
 from gradq.compressors import Compressor
 
 try:
@@ -36,15 +36,21 @@ class MPITransport:
 
     def all_to_all(self, send: torch.Tensor) -> torch.Tensor:
         """Equal-split all-to-all of a flat uint8 tensor."""
-        received = np.empty(send.numel(), dtype=np.uint8)
-        self.comm.Alltoall(send.contiguous().cpu().numpy(), received)
-        return torch.from_numpy(received).to(send.device)
+        return through_host(self._all_to_all, send, True)
 
     def all_gather(self, send: torch.Tensor) -> torch.Tensor:
         """All-gather of equal-size flat uint8 tensors, concatenated in rank order."""
+        return through_host(self._all_gather, send, True)
+
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        received = np.empty(send.numel(), dtype=np.uint8)
+        self.comm.Alltoall(send.contiguous().numpy(), received)
+        return torch.from_numpy(received)
+
+    def _all_gather(self, send: torch.Tensor) -> torch.Tensor:
         received = np.empty(self.world_size * send.numel(), dtype=np.uint8)
-        self.comm.Allgather(send.contiguous().cpu().numpy(), received)
-        return torch.from_numpy(received).to(send.device)
+        self.comm.Allgather(send.contiguous().numpy(), received)
+        return torch.from_numpy(received)
 
 
 class MPIState:

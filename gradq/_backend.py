@@ -51,12 +51,11 @@ def triton_kernels(t: torch.Tensor) -> ModuleType:
             f"gradq's kernels for {t.device.type} tensors need Triton, which failed to import ({exc}); "
             f"install it with `pip install 'gradq[gpu]'`, or set {ENV_VAR}=reference"
         ) from exc
-    interpreted = type(_triton_kernels.pack_kernel_function()).__name__ == "InterpretedFunction"
-    if t.device.type == "cuda" and interpreted:
+    if t.device.type == "cuda" and _triton_kernels.INTERPRETED:
         raise RuntimeError(
             "TRITON_INTERPRET is set, so Triton runs kernels on CPU tensors only; unset it for CUDA tensors"
         )
-    if t.device.type != "cuda" and not interpreted:
+    if t.device.type != "cuda" and not _triton_kernels.INTERPRETED:
         raise ValueError(
             f"the Triton kernels run on CUDA tensors, got one on {t.device}; for CPU tensors set "
             "TRITON_INTERPRET=1 before importing gradq (Triton's interpreter) or use the native kernels"

@@ -9,6 +9,8 @@ order of :func:`block_lane_sum` is guaranteed by CPU ``cumsum`` (a sequential lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
@@ -149,17 +151,22 @@ def sign_decompress(
     return _emit(torch.where(neg, -s, s), out, accumulate)
 
 
+def mean_of_rows(decode: Callable, packed_rows: torch.Tensor, scale_rows: torch.Tensor) -> torch.Tensor:
+    """((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r = row r decoded by ``decode(packed, scales, out,
+    accumulate)`` (a decompress function: row 0 written, the others added in rank order): the server steps'
+    mean, shared by every backend whose decoders take ``out``/``accumulate``."""
+    mean = decode(packed_rows[0], scale_rows[0], None, False)
+    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
+        decode(packed, scales, mean, True)
+    return mean / packed_rows.shape[0]
+
+
 def sign_mean_compress(
     packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of W sign codes (rows), re-encoded: sign_compress(mean, residual, block).
-
-    mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r the decoded row r.
-    """
-    mean = sign_decompress(packed_rows[0], scale_rows[0], block, n, None, False)
-    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
-        mean += sign_decompress(packed, scales, block, n, None, False)
-    return sign_compress(mean / packed_rows.shape[0], residual, block)
+    """The mean of W sign codes (rows), re-encoded: sign_compress(:func:`mean_of_rows`, residual, block)."""
+    mean = mean_of_rows(lambda p, s, out, acc: sign_decompress(p, s, block, n, out, acc), packed_rows, scale_rows)
+    return sign_compress(mean, residual, block)
 
 
 def l2_scale(sumsq: torch.Tensor) -> torch.Tensor:
@@ -280,9 +287,7 @@ def signmag_mean_compress(
     offset: int,
     escapes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of W sign-magnitude codes (rows), re-encoded: signmag_compress(mean, ...) with
-    mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r the decoded row r."""
-    mean = signmag_decompress(packed_rows[0], scale_rows[0], levels, block, n, None, False, escapes)
-    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
-        mean += signmag_decompress(packed, scales, levels, block, n, None, False, escapes)
-    return signmag_compress(mean / packed_rows.shape[0], levels, block, l2, clip, seed, offset, escapes)
+    """The mean of W sign-magnitude codes (rows), re-encoded: signmag_compress(:func:`mean_of_rows`, ...)."""
+    mean = mean_of_rows(lambda p, s, out, acc: signmag_decompress(p, s, levels, block, n, out, acc, escapes),
+                        packed_rows, scale_rows)
+    return signmag_compress(mean, levels, block, l2, clip, seed, offset, escapes)

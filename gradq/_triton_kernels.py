@@ -7,15 +7,19 @@ tensors through Triton's interpreter, which is how CI tests them without a GPU.
 Every per-block reduction keeps the reference's order: a program owns ``_NB`` whole blocks as an
 (_NB, 8) tile, lane ``p % 8`` of a block accumulates its elements in float64 in element order, and the 8
 lanes are added left to right. Float kernels are launched with ``enable_fp_fusion=False`` (no fused
-multiply-add, as the C++ build's ``-ffp-contract=off``), fp32 quotients use ``tl.div_rn`` and square
-roots ``tl.sqrt_rn`` (correctly rounded, as on the CPU).
+multiply-add, as the C++ build's ``-ffp-contract=off``) and fp32 quotients use ``tl.div_rn`` (correctly
+rounded, as on the CPU); float64 square roots are IEEE on NVIDIA GPUs.
 """
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
+
+from gradq._reference import mean_of_rows
 
 _NB = 16  # blocks per program of the block kernels: a (16, 8) tile per step
 _GROUPS = 128  # groups of 8 codes per program of the packing kernels
@@ -58,6 +62,31 @@ def _philox_tile(first_counter, rows, seed, offset):
 
 
 @triton.jit
+def _group_fields(packed, group, nbytes, lanes, K: tl.constexpr):
+    """(G, 8) int32 fields of the groups of 8 ``group`` (G,) in a stream of K-bit fields of ``nbytes`` bytes."""
+    word = tl.zeros_like(group).to(tl.uint64)
+    for b in tl.static_range(K):
+        position = group * K + b
+        word = word | (tl.load(packed + position, mask=position < nbytes, other=0).to(tl.uint64) << (8 * b))
+    return ((word[:, None] >> (lanes[None, :] * K).to(tl.uint64)) & ((1 << K) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _emit(out, index, value, mask, ACCUMULATE: tl.constexpr):
+    """Writes ``value`` to ``out[index]``, or adds it (fp32) with ACCUMULATE."""
+    if ACCUMULATE:
+        value = tl.load(out + index, mask=mask, other=0.0) + value
+    tl.store(out + index, value, mask=mask)
+
+
+@triton.jit
+def _signed_values(field, scale, LEVELS: tl.constexpr, LBITS: tl.constexpr):
+    """±level * (scale / LEVELS) in fp32 of sign-magnitude fields (level | sign << LBITS)."""
+    magnitude = (field & ((1 << LBITS) - 1)).to(tl.float32) * tl.div_rn(scale, LEVELS * 1.0)
+    return tl.where((field >> LBITS) != 0, -magnitude, magnitude)
+
+
+@triton.jit
 def _pack_kernel(codes, out, n, nbytes, BITS: tl.constexpr, GROUPS: tl.constexpr):
     group = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
     lanes = tl.arange(0, 8)
@@ -73,14 +102,8 @@ def _pack_kernel(codes, out, n, nbytes, BITS: tl.constexpr, GROUPS: tl.constexpr
 def _unpack_kernel(packed, out, n, nbytes, BITS: tl.constexpr, GROUPS: tl.constexpr):
     group = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
     lanes = tl.arange(0, 8)
-    word = tl.zeros([GROUPS], dtype=tl.uint64)
-    for b in tl.static_range(BITS):
-        position = group * BITS + b
-        byte = tl.load(packed + position, mask=position < nbytes, other=0).to(tl.uint64)
-        word = word | (byte << (8 * b))
-    codes = (word[:, None] >> (lanes[None, :] * BITS).to(tl.uint64)) & ((1 << BITS) - 1)
     index = group[:, None] * 8 + lanes[None, :]
-    tl.store(out + index, codes.to(tl.uint8), mask=index < n)
+    tl.store(out + index, _group_fields(packed, group, nbytes, lanes, BITS).to(tl.uint8), mask=index < n)
 
 
 @triton.jit
@@ -132,10 +155,7 @@ def _sign_decompress_kernel(packed, scales, out, n, block, ACCUMULATE: tl.conste
     inside = index < n
     byte = tl.load(packed + index // 8, mask=inside, other=0).to(tl.int32)
     s = tl.load(scales + index // block, mask=inside, other=0.0)
-    value = tl.where(((byte >> (index % 8).to(tl.int32)) & 1) != 0, -s, s)
-    if ACCUMULATE:
-        value = tl.load(out + index, mask=inside, other=0.0) + value
-    tl.store(out + index, value, mask=inside)
+    _emit(out, index, tl.where(((byte >> (index % 8).to(tl.int32)) & 1) != 0, -s, s), inside, ACCUMULATE)
 
 
 @triton.jit
@@ -151,12 +171,12 @@ def _l2_scale(sumsq):
 
 
 @triton.jit
-def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, block, seed, offset, clip,
+def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, stream, block, seed, offset, clip_bits,
                     LEVELS: tl.constexpr, LBITS: tl.constexpr, L2: tl.constexpr, CLIP: tl.constexpr,
                     ESCAPES: tl.constexpr, NB: tl.constexpr):
     """Scales, then the codes: plain fields of LBITS + 1 bits, or (ESCAPES > 0) 2-bit symbols with the
     escaped fields written one byte each to ``entries`` (nblocks, ESCAPES) and their count to ``counts``;
-    ``clip`` points to the clip factor as one float64."""
+    ``clip_bits`` holds the clip factor's float64 bits."""
     K: tl.constexpr = 2 if ESCAPES > 0 else LBITS + 1
     b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     lanes = tl.arange(0, 8)
@@ -179,7 +199,8 @@ def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, block, seed,
             scale = tl.maximum(scale, _lane(largest, lanes, j), propagate_nan=tl.PropagateNan.ALL)
         if CLIP:
             count = tl.minimum(n - base, block).to(tl.float64)
-            threshold = (tl.load(clip) * tl.sqrt(_lanes_in_order(sumsq, lanes) / count)).to(tl.float32)
+            clip = clip_bits.to(tl.int64).to(tl.float64, bitcast=True)
+            threshold = (clip * tl.sqrt(_lanes_in_order(sumsq, lanes) / count)).to(tl.float32)
             scale = tl.where(scale > threshold, threshold, scale)
     tl.store(scales + b, scale, mask=b < nblocks)
     valid = _finite(scale) & (scale > 0)
@@ -203,64 +224,85 @@ def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, block, seed,
             escaped_before = escaped_before + tl.sum(escaped.to(tl.int32), axis=1)
             field = symbol
         word = tl.sum(field.to(tl.uint64) << (lanes[None, :] * K).to(tl.uint64), axis=1)
-        for byte in tl.static_range(K):
-            tl.store(packed + (first // 8) * K + byte, ((word >> (8 * byte)) & 0xFF).to(tl.uint8),
-                     mask=(first < n) & (b < nblocks))
+        for byte in tl.static_range(K):  # the codes' stream is the first ``stream`` bytes of ``packed``
+            position = (first // 8) * K + byte
+            tl.store(packed + position, ((word >> (8 * byte)) & 0xFF).to(tl.uint8),
+                     mask=(position < stream) & (b < nblocks))
     if ESCAPES > 0:
         tl.store(counts + b, escaped_before, mask=b < nblocks)
 
 
 @triton.jit
-def _signmag_decompress_kernel(fields, scales, out, n, block, LEVELS: tl.constexpr, LBITS: tl.constexpr,
-                               ACCUMULATE: tl.constexpr, ELEMENTS: tl.constexpr):
-    index = tl.program_id(0).to(tl.int64) * ELEMENTS + tl.arange(0, ELEMENTS)
+def _signmag_decompress_kernel(packed, scales, out, n, nbytes, block, LEVELS: tl.constexpr, LBITS: tl.constexpr,
+                               ACCUMULATE: tl.constexpr, GROUPS: tl.constexpr):
+    """Values of the plain code, read straight from its packed fields."""
+    group = tl.program_id(0).to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    lanes = tl.arange(0, 8)
+    index = group[:, None] * 8 + lanes[None, :]
     inside = index < n
-    field = tl.load(fields + index, mask=inside, other=0).to(tl.int32)
-    step = tl.div_rn(tl.load(scales + index // block, mask=inside, other=0.0), (LEVELS * 1.0))
-    magnitude = (field & ((1 << LBITS) - 1)).to(tl.float32) * step
-    value = tl.where((field >> LBITS) != 0, -magnitude, magnitude)
-    if ACCUMULATE:
-        value = tl.load(out + index, mask=inside, other=0.0) + value
-    tl.store(out + index, value, mask=inside)
+    field = _group_fields(packed, group, nbytes, lanes, LBITS + 1)
+    scale = tl.load(scales + index // block, mask=inside, other=0.0)
+    _emit(out, index, _signed_values(field, scale, LEVELS, LBITS), inside, ACCUMULATE)
 
 
 @triton.jit
-def _escape_fields_kernel(symbols, entries, fields, counts, n, nblocks, block, LBITS: tl.constexpr,
-                          ESCAPES: tl.constexpr, NB: tl.constexpr):
-    """Plain fields (n,) from 2-bit ``symbols`` (n,) and unpacked ``entries`` (nblocks, ESCAPES): symbol 0b10
-    takes its block's next entry; ``counts`` gets each block's number of escape symbols."""
+def _escape_symbols(packed, b, t, block, n, nblocks, stream, lanes):
+    """Step t of blocks ``b`` in the escape code: the (NB, 8) 2-bit symbols, element indices and in-range mask."""
+    first = b * block + t * 8
+    index = first[:, None] + lanes[None, :]
+    return _group_fields(packed, first // 8, stream, lanes, 2), index, (index < n) & (b < nblocks)[:, None]
+
+
+@triton.jit
+def _escape_count_kernel(packed, counts, n, nblocks, stream, block, NB: tl.constexpr):
+    """Each block's number of escape symbols (0b10), to check against its entries before decoding."""
     b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     lanes = tl.arange(0, 8)
     seen = tl.zeros([NB], dtype=tl.int32)
     for t in range(0, block // 8):
-        index = b[:, None] * block + t * 8 + lanes[None, :]
-        inside = (index < n) & (b < nblocks)[:, None]
-        symbol = tl.load(symbols + index, mask=inside, other=0).to(tl.int32)
+        symbol, _, inside = _escape_symbols(packed, b, t, block, n, nblocks, stream, lanes)
+        seen = seen + tl.sum(((symbol == 2) & inside).to(tl.int32), axis=1)
+    tl.store(counts + b, seen, mask=b < nblocks)
+
+
+@triton.jit
+def _escape_decompress_kernel(packed, entries, scales, out, n, nblocks, stream, block, LEVELS: tl.constexpr,
+                              LBITS: tl.constexpr, ESCAPES: tl.constexpr, ACCUMULATE: tl.constexpr,
+                              NB: tl.constexpr):
+    """Values of the escape code: symbol 0b10 takes its block's next field of ``entries`` (nblocks, ESCAPES)."""
+    b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+    lanes = tl.arange(0, 8)
+    scale = tl.load(scales + b, mask=b < nblocks, other=0.0)
+    seen = tl.zeros([NB], dtype=tl.int32)
+    for t in range(0, block // 8):
+        symbol, index, inside = _escape_symbols(packed, b, t, block, n, nblocks, stream, lanes)
         escaped = (symbol == 2) & inside
         rank = seen[:, None] + tl.cumsum(escaped.to(tl.int32), axis=1) - escaped.to(tl.int32)
         entry = tl.load(entries + b[:, None] * ESCAPES + rank, mask=escaped & (rank < ESCAPES), other=0)
         field = tl.where(escaped, entry.to(tl.int32), (symbol & 1) | ((symbol >> 1) << LBITS))
-        tl.store(fields + index, field.to(tl.uint8), mask=inside)
+        _emit(out, index, _signed_values(field, scale[:, None], LEVELS, LBITS), inside, ACCUMULATE)
         seen = seen + tl.sum(escaped.to(tl.int32), axis=1)
-    tl.store(counts + b, seen, mask=b < nblocks)
 
 
-def pack_kernel_function() -> object:
-    """One of this module's Triton functions (its type tells whether Triton's interpreter runs them)."""
-    return _pack_kernel
+INTERPRETED = type(_pack_kernel).__name__ == "InterpretedFunction"
+"""Whether Triton's interpreter runs these kernels (``TRITON_INTERPRET=1`` at import): on CPU tensors only."""
 
 
 def _programs(count: int, per_program: int) -> tuple[int]:
     return (max(1, triton.cdiv(count, per_program)),)
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+def _pack_into(codes: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Packs ``codes`` into ``out`` (exactly their packed bytes, contiguous); returns ``out``."""
     n = codes.numel()
-    nbytes = (n * bits + 7) // 8
-    out = torch.empty(nbytes, dtype=torch.uint8, device=codes.device)
     if n:
-        _pack_kernel[_programs(-(-n // 8), _GROUPS)](codes, out, n, nbytes, BITS=bits, GROUPS=_GROUPS)
+        _pack_kernel[_programs(-(-n // 8), _GROUPS)](codes, out, n, out.numel(), BITS=bits, GROUPS=_GROUPS)
     return out
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return _pack_into(codes, bits, torch.empty((codes.numel() * bits + 7) // 8, dtype=torch.uint8,
+                                               device=codes.device))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -308,10 +350,8 @@ def sign_decompress(
 def sign_mean_compress(
     packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = sign_decompress(packed_rows[0], scale_rows[0], block, n, None, False)
-    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
-        sign_decompress(packed, scales, block, n, mean, True)
-    return sign_compress(mean / packed_rows.shape[0], residual, block)
+    mean = mean_of_rows(lambda p, s, out, acc: sign_decompress(p, s, block, n, out, acc), packed_rows, scale_rows)
+    return sign_compress(mean, residual, block)
 
 
 def signmag_compress(
@@ -320,40 +360,22 @@ def signmag_compress(
     n = x.numel()
     nblocks = -(-n // block)
     k = levels.bit_length() + 1
-    stream = torch.empty((n * (2 if escapes else k) + 7) // 8, dtype=torch.uint8, device=x.device)
+    stream = (n * (2 if escapes else k) + 7) // 8
+    packed = torch.empty(stream + nblocks * escapes * k // 8, dtype=torch.uint8, device=x.device)
     scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
-    entries = torch.zeros(max(1, nblocks * escapes), dtype=torch.uint8, device=x.device)
-    counts = torch.zeros(max(1, nblocks), dtype=torch.int32, device=x.device)
-    clip_factor = torch.tensor([float(clip)], dtype=torch.float64, device=x.device)
+    entries = torch.zeros(nblocks * escapes, dtype=torch.uint8, device=x.device) if escapes else scales
+    counts = torch.empty(nblocks, dtype=torch.int32, device=x.device) if escapes else scales
     if n:
         _signmag_kernel[_programs(nblocks, _NB)](
-            x, stream, scales, entries, counts, n, nblocks, block, seed, offset, clip_factor,
+            x, packed, scales, entries, counts, n, nblocks, stream, block, seed, offset,
+            struct.unpack("<q", struct.pack("<d", float(clip)))[0],
             LEVELS=levels, LBITS=levels.bit_length(), L2=bool(l2), CLIP=clip > 0, ESCAPES=escapes, NB=_NB, **_EXACT,
         )
-    if not escapes:
-        return stream, scales
-    if nblocks and int(counts.max()) > escapes:  # impossible for the l2 rule (docs/kernels.md)
-        raise RuntimeError(f"gradq: more than {escapes} escapes in a block")
-    return torch.cat((stream, pack_bits(entries[: nblocks * escapes], k))), scales
-
-
-def _fields(packed: torch.Tensor, levels: int, block: int, n: int, nblocks: int, escapes: int) -> torch.Tensor:
-    """The plain fields (n,) uint8 of a sign-magnitude payload; ValueError for a corrupt escape code."""
-    k = levels.bit_length() + 1
-    if not escapes:
-        return unpack_bits(packed, k, n)
-    stream = (2 * n + 7) // 8
-    symbols = unpack_bits(packed[:stream], 2, n)
-    entries = unpack_bits(packed[stream:], k, nblocks * escapes)
-    fields = torch.empty(n, dtype=torch.uint8, device=packed.device)
-    counts = torch.zeros(nblocks, dtype=torch.int32, device=packed.device)
-    if n:
-        _escape_fields_kernel[_programs(nblocks, _NB)](
-            symbols, entries, fields, counts, n, nblocks, block, LBITS=levels.bit_length(), ESCAPES=escapes, NB=_NB
-        )
-    if nblocks and int(counts.max()) > escapes:
-        raise ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols")
-    return fields
+    if escapes:
+        if nblocks and int(counts.max()) > escapes:  # impossible for the l2 rule (docs/kernels.md)
+            raise RuntimeError(f"gradq: more than {escapes} escapes in a block")
+        _pack_into(entries, k, packed[stream:])
+    return packed, scales
 
 
 def signmag_decompress(
@@ -366,12 +388,26 @@ def signmag_decompress(
     accumulate: bool,
     escapes: int = 0,
 ) -> torch.Tensor:
-    fields = _fields(packed, levels, block, n, scales.numel(), escapes)
+    lbits, nblocks = levels.bit_length(), scales.numel()
+    code = dict(LEVELS=levels, LBITS=lbits, ACCUMULATE=out is not None and accumulate)
+    if not escapes:
+        result = _output(out, n, packed.device)
+        if n:
+            _signmag_decompress_kernel[_programs(-(-n // 8), _GROUPS)](
+                packed, scales, result, n, packed.numel(), block, GROUPS=_GROUPS, **code, **_EXACT
+            )
+        return result
+    stream = (2 * n + 7) // 8
+    counts = torch.empty(nblocks, dtype=torch.int32, device=packed.device)
+    if n:
+        _escape_count_kernel[_programs(nblocks, _NB)](packed, counts, n, nblocks, stream, block, NB=_NB)
+    if nblocks and int(counts.max()) > escapes:  # checked before anything is written to out
+        raise ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols")
+    entries = unpack_bits(packed[stream:], lbits + 1, nblocks * escapes)
     result = _output(out, n, packed.device)
     if n:
-        _signmag_decompress_kernel[_programs(n, _ELEMENTS)](
-            fields, scales, result, n, block, LEVELS=levels, LBITS=levels.bit_length(),
-            ACCUMULATE=out is not None and accumulate, ELEMENTS=_ELEMENTS, **_EXACT,
+        _escape_decompress_kernel[_programs(nblocks, _NB)](
+            packed, entries, scales, result, n, nblocks, stream, block, ESCAPES=escapes, NB=_NB, **code, **_EXACT
         )
     return result
 
@@ -388,7 +424,6 @@ def signmag_mean_compress(
     offset: int,
     escapes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = signmag_decompress(packed_rows[0], scale_rows[0], levels, block, n, None, False, escapes)
-    for packed, scales in zip(packed_rows[1:], scale_rows[1:], strict=True):
-        signmag_decompress(packed, scales, levels, block, n, mean, True, escapes)
-    return signmag_compress(mean / packed_rows.shape[0], levels, block, l2, clip, seed, offset, escapes)
+    mean = mean_of_rows(lambda p, s, out, acc: signmag_decompress(p, s, levels, block, n, out, acc, escapes),
+                        packed_rows, scale_rows)
+    return signmag_compress(mean, levels, block, l2, clip, seed, offset, escapes)

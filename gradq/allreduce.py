@@ -48,6 +48,14 @@ class Transport(Protocol):
         """Concatenation in rank order of every rank's ``send`` (all of the same size)."""
 
 
+def through_host(collective: Callable[[torch.Tensor], torch.Tensor], send: torch.Tensor, stage: bool) -> torch.Tensor:
+    """``collective(send)``; with ``stage`` and ``send`` on a device, run on a host copy of it and the result
+    moved back to that device: how a Transport whose engine has no device collectives takes GPU payloads."""
+    if not stage or send.device.type == "cpu":
+        return collective(send)
+    return collective(send.cpu()).to(send.device)
+
+
 @dataclass(frozen=True)
 class ReduceResult:
     """Mean over ranks (the input's dtype and shape), bytes this rank sent, seconds spent (de)compressing."""

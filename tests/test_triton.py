@@ -165,8 +165,11 @@ def test_corrupt_escape_payload_raises_on_triton(on_triton):
                                               seed=0, escape=True)
     corrupt = packed.clone()
     corrupt[:16] = 0b10101010  # every value an escape: 64 escape symbols for 8 entries
+    out = cuda(torch.ones(64))
     with pytest.raises(ValueError, match="more than 8 escape symbols"):
-        kernels.signmag_decompress(corrupt, scales, levels=2, block=64, numel=64, escape=True)
+        kernels.signmag_decompress(corrupt, scales, levels=2, block=64, numel=64, escape=True, out=out,
+                                   accumulate=True)
+    assert torch.equal(out.cpu(), torch.ones(64))  # raised before writing anything
 
 
 @pytest.mark.parametrize("name", ["onebit", "terngrad", "qsgd"])
@@ -183,11 +186,19 @@ def fake_cuda_tensor() -> object:
 
 
 def test_dispatch_by_device_and_setting(monkeypatch):
+    from gradq import _triton_kernels
+
     monkeypatch.setenv("GRADQ_KERNELS", "auto")
     assert _backend.kernels_for(torch.empty(0)) is _backend._C  # CPU tensors: the native kernels
-    if DEVICE == "cpu":  # a CUDA tensor goes to Triton, which says it cannot run it in interpreter mode
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
-            _backend.kernels_for(fake_cuda_tensor())
+    monkeypatch.setattr(_triton_kernels, "INTERPRETED", False)  # Triton compiling for a GPU
+    assert _backend.kernels_for(fake_cuda_tensor()) is _triton_kernels
+    monkeypatch.setenv("GRADQ_KERNELS", "triton")
+    with pytest.raises(ValueError, match=r"run on CUDA tensors, got one on cpu.*TRITON_INTERPRET=1"):
+        _backend.kernels_for(torch.empty(0))
+    monkeypatch.setattr(_triton_kernels, "INTERPRETED", True)  # the interpreter cannot run CUDA tensors
+    assert _backend.kernels_for(torch.empty(0)) is _triton_kernels
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET is set"):
+        _backend.kernels_for(fake_cuda_tensor())
     monkeypatch.setenv("GRADQ_KERNELS", "reference")
     assert _backend.kernels_for(fake_cuda_tensor()) is _reference
     monkeypatch.setenv("GRADQ_KERNELS", "native")
