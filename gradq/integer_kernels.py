@@ -1,16 +1,20 @@
 """Integer inference kernels of the integer model: GEMM with packed low-bit weights and the fused
 requantization epilogue, im2col for convolutions, max and average pooling of codes, the residual add and
 the input quantization (docs/integer.md sections 3 and 5; the weight layout and the kernels in
-docs/kernels.md, "Integer GEMM"). Each runs natively on CPU tensors or by ``gradq._integer_reference``.
+docs/kernels.md, "Integer GEMM"). Each runs natively on CPU tensors or by ``gradq._integer_reference``;
+on CUDA tensors the GEMMs and their epilogue are Triton kernels (``gradq._triton_integer``) and the code
+operations PyTorch ops.
 
 :func:`plan_integer_gemm` turns one layer's stored integers (codes q, sub-scales r, bias, multipliers) into
 an :class:`IntegerGemm`: weights repacked once into the kernels' layout at their width (1, 2, 4 or 8 bits
 per code; 3, 5, 6 and 7 bits widen to 8), and the offset that folds the bias and the input zero point.
 :func:`integer_linear` and :func:`integer_conv2d` run it on code tensors: natively (AVX-512 VNNI, AVX2 or
-portable C++, chosen at run time) or by the pure-PyTorch reference (``GRADQ_KERNELS=reference``), with
-bit-identical results. Per-channel weights of any width can instead use ``torch._int_mm`` (oneDNN) for
-the products, on an int8 copy of the weights made at first use, followed by the same epilogue
+portable C++, chosen at run time), by Triton on CUDA, or by the pure-PyTorch reference
+(``GRADQ_KERNELS=reference``), with bit-identical results. Per-channel weights of any width can instead
+use ``torch._int_mm`` (oneDNN; cuBLAS on CUDA) for the products, on an int8 copy of the weights made at
+first use, followed by the same epilogue
 (``engine="int_mm"``); ``engine="auto"`` takes it where it was measured faster: from INT_MM_MIN_ROWS rows.
+:func:`plan_weight_only` and :func:`weight_only_linear` are the weight-only (W4A16) Linear on CUDA.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ class IntegerGemm:
     int16 Wi when the sub-scale groups are not multiples of 64 (the other empty); ``sub`` (C, G) int32
     sub-scales per ``group_size`` codes, or empty. Epilogue: ``offset`` (C,) int64 = bq - zeff * sum_k Wi
     with ``zeff`` the input zero point on uint8 codes (zx, plus 128 for int8 codes), ``mult`` (C,) int32,
-    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``int8_offset`` = offset + 128 *
-    sum_k Wi where Wi fits int8 (per-channel weights; the ``torch._int_mm`` engine, whose inputs are the
-    uint8 codes minus 128), else None."""
+    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``signed_offset`` (C,) int64 =
+    offset + 128 * sum_k Wi: the offset for inputs taken as signed bytes (uint8 codes minus 128), as
+    ``torch._int_mm`` and the Triton kernels take them; ``fits_int8``: Wi fits int8 (per-channel weights,
+    which the ``torch._int_mm`` engine needs)."""
 
     packed: torch.Tensor
     wide: torch.Tensor
@@ -67,7 +72,8 @@ class IntegerGemm:
     hi: int
     x_signed: bool
     out_signed: bool
-    int8_offset: torch.Tensor | None
+    signed_offset: torch.Tensor
+    fits_int8: bool
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -81,7 +87,7 @@ class IntegerGemm:
     def int8_weights(self) -> torch.Tensor:
         """Wi (K16, C) int8 for ``torch._int_mm`` (K rounded up to a multiple of 16 with zero rows), unpacked
         from the layout at the first call and kept."""
-        if self.int8_offset is None:
+        if not self.fits_int8:
             raise ValueError("engine='int_mm' needs per-channel weights (Wi must fit int8); use engine='gradq'")
         if "int8" not in self._cache:
             wi = _integer_reference.unpack_layout(self.packed, self.bits, self.sign, self.offset_binary)[:, : self.k]
@@ -111,15 +117,10 @@ def pack_layout(q: torch.Tensor, bits: int, sign: bool, offset_binary: bool = Fa
     return pack_bits(fields.contiguous(), bits).view(c, -1)
 
 
-def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
-                      group_size: int, bq: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zx: int,
-                      zo: int, lo: int, hi: int, x_signed: bool, out_signed: bool, taps: int = 1) -> IntegerGemm:
-    """The :class:`IntegerGemm` of a layer with weight codes ``q`` (C, K), sub-scales ``r`` (C, K /
-    group_size) or None, all-zero channel mask ``zero`` (C,), ``bits``-wide codes (``sign``: binary), int32
-    bias ``bq``, multipliers ``mult``/``shift`` (docs/integer.md section 4) and the input/output code
-    parameters. A convolution's K = C_in / groups * ``taps`` columns, given in (C_in, kh, kw) order, are
-    planned in the (kh, kw, C_in) order of :func:`integer_conv2d`'s patches; its per-group weights then run
-    from int16 Wi (the groups no longer lie in runs of the new order)."""
+def _layout_weights(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
+                    group_size: int, taps: int) -> tuple[dict, torch.Tensor]:
+    """The weight fields of :class:`IntegerGemm` (packed, wide, bits, sign, offset_binary, k, kp, sub,
+    group_size) for codes ``q`` (C, K), and Wi (C, K) int64 in the planned column order."""
     c, k = q.shape
     kp = -(-k // BLOCK) * BLOCK
     q = torch.where(zero.unsqueeze(1), 0, q.to(torch.int64)) if not sign else q.to(torch.int64)
@@ -127,8 +128,8 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
     wi = torch.where(zero.unsqueeze(1), 0, wi)
     if taps > 1:
         q, wi = (t.view(c, k // taps, taps).transpose(1, 2).reshape(c, k) for t in (q, wi))
-    empty8, empty16, empty32 = (torch.empty(0, dtype=d) for d in (torch.uint8, torch.int16, torch.int32))
-    packed, wide, sub, width = empty8, empty16, empty32, bits if bits in (1, 2, 4, 8) else 8
+    packed, wide, sub = (torch.empty(0, dtype=d, device=q.device) for d in (torch.uint8, torch.int16, torch.int32))
+    width = bits if bits in (1, 2, 4, 8) else 8
     grouped_layout = r is not None and group_size % BLOCK == 0 and taps == 1
     # 2/4-bit per-channel codes stored as q + 2**(bits-1): the kernels skip the sign extension and take
     # 2**(bits-1) * sum_k x off per row instead
@@ -142,17 +143,78 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
             sub = torch.where(zero.unsqueeze(1), 0, r.to(torch.int32)).contiguous()
         elif sign and bool(zero.any()):  # a binary zero channel: one sub-scale per row, 0 where all-zero
             sub, group_size = (~zero).to(torch.int32).unsqueeze(1).contiguous(), kp
-    zeff = zx + (128 if x_signed else 0)
-    int8_ok = r is None
+    fields = dict(packed=packed.contiguous(), wide=wide, bits=width, sign=sign, offset_binary=offset_binary, k=k,
+                  kp=kp, sub=sub, group_size=group_size)
+    return fields, wi
+
+
+def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
+                      group_size: int, bq: torch.Tensor, mult: torch.Tensor, shift: torch.Tensor, zx: int,
+                      zo: int, lo: int, hi: int, x_signed: bool, out_signed: bool, taps: int = 1) -> IntegerGemm:
+    """The :class:`IntegerGemm` of a layer with weight codes ``q`` (C, K), sub-scales ``r`` (C, K /
+    group_size) or None, all-zero channel mask ``zero`` (C,), ``bits``-wide codes (``sign``: binary), int32
+    bias ``bq``, multipliers ``mult``/``shift`` (docs/integer.md section 4) and the input/output code
+    parameters, on the device of ``q``. A convolution's K = C_in / groups * ``taps`` columns, given in
+    (C_in, kh, kw) order, are planned in the (kh, kw, C_in) order of :func:`integer_conv2d`'s patches; its
+    per-group weights then run from int16 Wi (the groups no longer lie in runs of the new order)."""
+    fields, wi = _layout_weights(q, r, zero, bits, sign, group_size, taps)
     colsum = wi.sum(1)
-    offset = (bq.to(torch.int64) - zeff * colsum).contiguous()
+    offset = (bq.to(torch.int64) - (zx + (128 if x_signed else 0)) * colsum).contiguous()
     return IntegerGemm(
-        packed=packed.contiguous(), wide=wide, bits=width, sign=sign, offset_binary=offset_binary, k=k, kp=kp,
-        sub=sub, group_size=group_size,
-        offset=offset, mult=mult.to(torch.int32).contiguous(),
-        shift=shift.to(torch.int8).contiguous(), zx=zx, zo=zo, lo=lo, hi=hi, x_signed=x_signed,
-        out_signed=out_signed, int8_offset=offset + 128 * colsum if int8_ok else None,
+        **fields, offset=offset, mult=mult.to(torch.int32).contiguous(), shift=shift.to(torch.int8).contiguous(),
+        zx=zx, zo=zo, lo=lo, hi=hi, x_signed=x_signed, out_signed=out_signed,
+        signed_offset=(offset + 128 * colsum).contiguous(), fits_int8=r is None,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class WeightOnlyGemm:
+    """A weight-only Linear ready for :func:`weight_only_linear`: the weight fields of :class:`IntegerGemm`,
+    the channel scales ``scale`` (C,) fp32 and ``bias`` (C,) or None."""
+
+    packed: torch.Tensor
+    wide: torch.Tensor
+    bits: int
+    sign: bool
+    offset_binary: bool
+    k: int
+    kp: int
+    sub: torch.Tensor
+    group_size: int
+    scale: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def plan_weight_only(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
+                     group_size: int, scale: torch.Tensor, bias: torch.Tensor | None) -> WeightOnlyGemm:
+    """The :class:`WeightOnlyGemm` of a Linear with weight codes ``q`` (C, K), sub-scales ``r`` or None, the
+    all-zero channel mask ``zero``, channel scales ``scale`` (C,) and float ``bias`` or None."""
+    fields, _ = _layout_weights(q, r, zero, bits, sign, group_size, 1)
+    return WeightOnlyGemm(**fields, scale=scale.to(torch.float32).contiguous(),
+                          bias=None if bias is None else bias.contiguous())
+
+
+def uses_triton(x: torch.Tensor) -> bool:
+    """Whether gradq's kernels for ``x`` are the Triton ones (CUDA tensors, or ``GRADQ_KERNELS=triton``)."""
+    return kernels_for(x).__name__ == "gradq._triton_kernels"
+
+
+def weight_only_linear(x: torch.Tensor, g: WeightOnlyGemm) -> torch.Tensor:
+    """``x`` (rows, K) fp32/fp16/bf16 times the dequantized weights, plus the bias: (rows, C) in x's dtype,
+    by the Triton kernel (CUDA tensors; CPU tensors with ``GRADQ_KERNELS=triton`` under the interpreter).
+    Each product x * q is exact and the sums are fp32 (the bound is in docs/kernels.md)."""
+    check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16), dim=2, contiguous=True)
+    if x.shape[1] != g.k:
+        raise ValueError(f"x has {x.shape[1]} features but the layer was planned for {g.k}")
+    if x.device != g.scale.device:
+        raise ValueError(f"x is on {x.device} but the layer's weights are on {g.scale.device}: move one of them")
+    if not uses_triton(x):
+        raise ValueError("weight_only_linear runs the Triton kernel: give it CUDA tensors (or set "
+                         "GRADQ_KERNELS=triton with TRITON_INTERPRET=1 for CPU tensors)")
+    from gradq import _triton_integer
+
+    return _triton_integer.weight_only_linear(x, g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub,
+                                              g.group_size, g.scale, g.bias)
 
 
 def native_isa() -> str:
@@ -165,28 +227,55 @@ def native_isa() -> str:
 
 
 def _kernels(x: torch.Tensor, isa: str) -> tuple[object, int]:
+    """The integer kernel module for ``x`` (native, ``gradq._triton_integer`` or the reference) and the ISA id."""
     if isa not in ISAS:
         raise ValueError(f"isa must be one of {', '.join(ISAS)}, got {isa!r}")
     module = kernels_for(x)
-    return (_integer_reference if module is _reference else module), ISAS[isa]
+    if module is _reference:
+        return _integer_reference, ISAS[isa]
+    if module.__name__ == "gradq._triton_kernels":
+        from gradq import _triton_integer
+
+        return _triton_integer, ISAS[isa]
+    return module, ISAS[isa]
+
+
+def _code_kernels(x: torch.Tensor) -> object:
+    """The module of the code operations (pooling, add, input quantization): native for CPU tensors when
+    built, else the reference (PyTorch ops, on any device)."""
+    module = kernels_for(x) if x.device.type == "cpu" else _reference
+    return module if module.__name__ == "gradq._C" else _integer_reference
 
 
 def _check_codes(x: torch.Tensor, g: IntegerGemm, dim: int, k: int) -> None:
     expected = torch.int8 if g.x_signed else torch.uint8
     check_tensor("codes", x, dtypes=(expected,), dim=dim, contiguous=dim == 2)
-    if x.device.type != "cpu":
-        raise ValueError(f"the integer GEMM runs on CPU tensors; got codes on {x.device}: move them with .cpu()")
+    if x.device != g.offset.device:
+        raise ValueError(f"codes are on {x.device} but the layer was planned on {g.offset.device}: move the "
+                         "model (and plan again) or the codes")
     if k != g.k:
         raise ValueError(f"codes have {k} inputs per output channel but the layer was planned for {g.k}")
 
 
-def _args(g: IntegerGemm, isa_id: int) -> tuple:
-    return (g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub, g.group_size, g.offset, g.mult, g.shift,
-            g.zo, g.lo, g.hi, g.out_signed, isa_id)
+def _args(module: object, g: IntegerGemm, isa_id: int) -> tuple:
+    """The GEMM's arguments for ``module``: the Triton kernels take ``signed_offset`` and no ISA or zeff."""
+    weights = (g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub, g.group_size)
+    epilogue = (g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
+    if module.__name__ == "gradq._triton_integer":
+        return (*weights, g.signed_offset, *epilogue), {}
+    extra = {"zeff": g.zeff} if module is _integer_reference else {}
+    return (*weights, g.offset, *epilogue, isa_id), extra
+
+
+def _int_mm(xs: torch.Tensor, g: IntegerGemm, module: object) -> torch.Tensor:
+    """Codes of signed-byte rows ``xs`` (rows, K16) by ``torch._int_mm`` and ``module``'s epilogue."""
+    acc = torch._int_mm(xs, g.int8_weights())
+    return module.requantize_int32(acc, g.signed_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
 
 
 def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: str = "auto") -> torch.Tensor:
-    """Output codes (rows, C) (int8 or uint8 as planned) of input codes ``x`` (rows, K), contiguous, on the CPU.
+    """Output codes (rows, C) (int8 or uint8 as planned) of input codes ``x`` (rows, K), contiguous, on the
+    device the layer was planned on (CPU: native kernels; CUDA: Triton kernels).
 
     ``engine="int_mm"`` computes the products with ``torch._int_mm`` (per-channel weights only) and
     applies the same epilogue; ``"gradq"`` uses gradq's kernel; ``"auto"`` chooses (:data:`INT_MM_MIN_ROWS`).
@@ -196,33 +285,34 @@ def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: s
     module, isa_id = _kernels(x, isa)
     if _engine(engine, g, x.shape[0], module) == "int_mm":
         xs = x if g.x_signed else (x ^ 128).view(torch.int8)  # uint8 codes minus 128
-        weights = g.int8_weights()
-        if weights.shape[0] != g.k:
-            xs = torch.nn.functional.pad(xs, (0, weights.shape[0] - g.k))
-        acc = torch._int_mm(xs, weights)
-        return module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
-    extra = {"zeff": g.zeff} if module is _integer_reference else {}
-    return module.integer_linear(x, *_args(g, isa_id), **extra)
+        k16 = g.int8_weights().shape[0]
+        return _int_mm(xs if k16 == g.k else torch.nn.functional.pad(xs, (0, k16 - g.k)), g, module)
+    args, extra = _args(module, g, isa_id)
+    return module.integer_linear(x, *args, **extra)
 
 
 def _engine(engine: str, g: IntegerGemm, rows: int, module: object) -> str:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    cuda = g.offset.device.type == "cuda"
     if engine == "auto":
-        fast = g.int8_offset is not None and rows >= INT_MM_MIN_ROWS and module is not _integer_reference
-        return "int_mm" if fast else "gradq"
-    if engine == "int_mm" and g.int8_offset is None:
+        fast = g.fits_int8 and rows >= INT_MM_MIN_ROWS and module is not _integer_reference
+        return "int_mm" if fast and (not cuda or g.channels % 8 == 0) else "gradq"
+    if engine == "int_mm" and not g.fits_int8:
         raise ValueError("engine='int_mm' needs per-channel weights (Wi must fit int8); use engine='gradq'")
+    if engine == "int_mm" and cuda and (g.channels % 8 or rows <= 16):
+        raise ValueError(f"torch._int_mm on CUDA needs more than 16 rows and a multiple of 8 channels; got {rows} "
+                         f"rows and {g.channels} channels: use engine='gradq'")
     return engine
 
 
 def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], stride: tuple[int, int],
                    padding: tuple[int, int], dilation: tuple[int, int], groups: int, isa: str = "auto",
                    engine: str = "auto") -> torch.Tensor:
-    """Output codes (N, C, OH, OW), channels last in memory (natively), of input codes ``x`` (N, C_in, H, W)
-    in any memory format: im2col (padding with the code of a real 0, ``zx``) and the GEMM of each of
-    ``groups`` groups, on the CPU. ``engine`` as for :func:`integer_linear` (``int_mm`` for ``groups == 1``
-    only; its rows are the N * OH * OW positions)."""
+    """Output codes (N, C, OH, OW), channels last in memory (natively and on CUDA), of input codes ``x``
+    (N, C_in, H, W) in any memory format: im2col (padding with the code of a real 0, ``zx``) and the GEMM of
+    each of ``groups`` groups, on the device the layer was planned on. ``engine`` as for
+    :func:`integer_linear` (``int_mm`` for ``groups == 1`` only; its rows are the N * OH * OW positions)."""
     _check_codes(x, g, 4, x.shape[1] // groups * math.prod(kernel))
     module, isa_id = _kernels(x, isa)
     conv = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding],
@@ -234,24 +324,21 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
     if chosen == "int_mm":
         if groups != 1:
             raise ValueError("engine='int_mm' runs convolutions with groups=1 only; use engine='gradq'")
-        weights = g.int8_weights()
-        cols = module.im2col_codes(x, *conv[:4], 1, weights.shape[0], g.zx, True).view(torch.int8)
-        acc = torch._int_mm(cols, weights)
-        codes = module.requantize_int32(acc, g.int8_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
-        return codes.view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last in memory
-    extra = {"zeff": g.zeff} if module is _integer_reference else {}
-    return module.integer_conv2d(x, *_args(g, isa_id), *conv, **extra)
+        cols = module.im2col_codes(x, *conv[:4], 1, g.int8_weights().shape[0], g.zx, True).view(torch.int8)
+        return _int_mm(cols, g, module).view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last
+    args, extra = _args(module, g, isa_id)
+    return module.integer_conv2d(x, *args, *conv, **extra)
 
 
 def max_pool2d_codes(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
                      padding: tuple[int, int]) -> torch.Tensor:
-    """Max pooling (dilation 1, floor mode) of codes ``x`` (N, C, H, W) uint8/int8 on the CPU, equal to
+    """Max pooling (dilation 1, floor mode) of codes ``x`` (N, C, H, W) uint8/int8, equal to
     ``F.max_pool2d`` on the codes; contiguous or channels-last input (the output keeps its memory format)."""
     check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
     if not x.is_contiguous():
         x = x.contiguous(memory_format=torch.channels_last)
-    module, _ = _kernels(x, "auto")
-    return module.max_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding])
+    return _code_kernels(x).max_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
+                                             [int(v) for v in padding])
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -266,8 +353,8 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: i
     (which broadcasts)."""
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(torch.uint8, torch.int8), contiguous=False)
-    module, _ = _kernels(a, "auto")
-    if a.shape != b.shape or a.stride() != b.stride() or not _dense(a) or a.device.type != "cpu":
+    module = _code_kernels(a)
+    if a.shape != b.shape or a.stride() != b.stride() or not _dense(a):
         module = _integer_reference
     return module.add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, out_signed)
 
@@ -278,10 +365,7 @@ def avg_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padd
     window's mean code rounded to nearest, ties to even (docs/integer.md section 5); natively on the CPU,
     else by the reference."""
     check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
-    module, _ = _kernels(x, "auto")
-    if x.device.type != "cpu":
-        module = _integer_reference
-    return module.avg_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
+    return _code_kernels(x).avg_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
                                    [int(v) for v in padding], int(zero_point))
 
 
@@ -291,8 +375,8 @@ def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qm
     ``gradq.quantize`` computes them for a per-tensor uniform scheme; natively for contiguous fp32 CPU
     tensors. Raises ValueError if ``x`` holds NaN or Inf."""
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16), contiguous=False)
-    module, _ = _kernels(x, "auto")
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
+    module = _code_kernels(x)
+    if x.dtype != torch.float32 or not x.is_contiguous():
         module = _integer_reference
     codes, finite = module.quantize_codes(x, float(scale), int(zero_point), int(qmin), int(qmax), out_signed)
     if not bool(finite):

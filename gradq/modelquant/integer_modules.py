@@ -12,13 +12,17 @@ from torch import nn
 
 from gradq.integer_kernels import (
     IntegerGemm,
+    WeightOnlyGemm,
     add_codes,
     avg_pool2d_codes,
     integer_conv2d,
     integer_linear,
     max_pool2d_codes,
     plan_integer_gemm,
+    plan_weight_only,
     quantize_codes,
+    uses_triton,
+    weight_only_linear,
 )
 from gradq.kernels import pack_bits, unpack_bits
 from gradq.modelquant.integer_ops import LAYER_FUNCTIONS, integer_layer, pool_window
@@ -76,7 +80,8 @@ class CodeReLU(nn.Module):
 
 class CodeMaxPool(nn.MaxPool2d):
     """``nn.MaxPool2d`` on codes: gradq's max-pooling kernel (dilation 1, floor mode), else the torch op on
-    contiguous codes (PyTorch's uint8 max pooling rejects channels-last input)."""
+    contiguous codes (PyTorch's uint8 max pooling rejects channels-last input); off the CPU the torch op on
+    float64 copies of the codes (exact)."""
 
     @classmethod
     def of(cls, pool: nn.MaxPool2d) -> CodeMaxPool:
@@ -87,7 +92,9 @@ class CodeMaxPool(nn.MaxPool2d):
             return (v, v) if isinstance(v, int) else tuple(v)
 
         native = pair(self.dilation) == (1, 1) and not self.ceil_mode and not self.return_indices
-        if not native or codes.device.type != "cpu" or codes.dim() != 4:
+        if codes.device.type != "cpu" and not self.return_indices:  # CUDA has no integer max pooling: float64
+            return super().forward(codes.to(torch.float64)).to(codes.dtype)
+        if not native or codes.dim() != 4:
             return super().forward(codes.contiguous())
         kernel = pair(self.kernel_size)
         return max_pool2d_codes(codes, kernel, pair(self.stride or kernel), pair(self.padding))
@@ -126,6 +133,10 @@ class _PackedWeights(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._wi = self._weight = self._gemm = None  # new stored codes: unpack again
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True) -> nn.Module:  # noqa: ANN001
+        self._wi = self._weight = self._gemm = None  # buffers moved or cast: plan again from them
+        return super()._apply(fn, recurse)
 
     def weight_codes(self) -> torch.Tensor:
         """The weight codes q (C, K) int64 unpacked from the stored bits."""
@@ -182,7 +193,7 @@ class IntegerLayer(_PackedWeights):
         return self._gemm
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.device.type != "cpu":  # the exact float emulation (docs/integer.md) on other devices
+        if codes.device.type not in ("cpu", "cuda"):  # the exact float emulation (docs/integer.md) elsewhere
             zx, zo, lo, hi, bound = self.integers.tolist()
             p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64),
                  "M": self.multiplier.to(torch.int64), "n": self.shift.to(torch.int64), "zx": zx, "zo": zo,
@@ -219,7 +230,22 @@ class WeightOnlyLayer(_PackedWeights):
             if layer.bias is not None:
                 self.bias.copy_(layer.bias.detach())
 
+    def plan(self) -> WeightOnlyGemm:
+        """The Linear planned for the Triton weight-only kernel (made once from the stored integers)."""
+        if self._gemm is None:
+            scheme = self.weight_scheme
+            group = scheme.granularity.group_size if isinstance(scheme.granularity, PerGroup) else 0
+            self._gemm = plan_weight_only(self.weight_codes(), self.sub_scales, self.zero_channels, scheme.bits,
+                                          scheme.codebook == "sign", group, self.weight_scale, self.bias)
+        return self._gemm
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Linear on CUDA (or with GRADQ_KERNELS=triton): the packed-weight kernel; else ``F.linear`` and the
+        convolutions with the dequantized weights."""
+        if self.kind == "linear" and uses_triton(x):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            y = weight_only_linear(rows, self.plan()).view(*x.shape[:-1], -1)
+            return activate(y, self.relu, self.relu6)
         if self._weight is None:
             self._weight = dequantized_weight(self.integer_weights(), self.weight_scale, self.weight_shape)
         y = LAYER_FUNCTIONS[self.kind](x, self._weight.to(x.dtype), self.bias, **self.conv_args)
