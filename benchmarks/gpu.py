@@ -4,17 +4,21 @@ On a machine with an NVIDIA GPU, this repository and the machine's PyTorch + Tri
 
     python benchmarks/gpu.py [--output benchmarks/results/gpu.json] [--sizes 64M,256M] [--repeats 5]
 
-1. ``tests/test_triton.py`` on the GPU: every Triton kernel, compiled to CUDA, bit-exact against the CPU
-   reference (the same tests CI runs through Triton's interpreter).
+1. ``tests/test_triton.py`` and ``tests/test_triton_integer.py`` on the GPU: every Triton kernel, compiled
+   to CUDA, bit-exact against the CPU reference, converted models (LeNet-5 on MNIST digits) on CUDA equal
+   to the native CPU kernels, and the weight-only Linear within its error bound (the same tests CI runs
+   through Triton's interpreter).
 2. The compressed allreduce on CUDA equals the one on the CPU bit for bit (onebit with error feedback,
    TernGrad, QSGD), at world size 1 over NCCL and with 2 ranks on the one GPU over Gloo (payloads staged
    through host memory); then 5 DDP steps of a small CUDA model with the gradq hook over NCCL.
 3. Throughput, medians of ``--repeats`` timed with CUDA events after a warm-up: ``y.copy_(x)`` (read +
    write bytes), then each codec kernel's essential traffic as a fraction of it; the 1-bit compression
-   time of a 1B-parameter gradient; ``torch._int_mm`` at M = 4096, K = N = 8192 against bf16 matmul.
+   time of a 1B-parameter gradient; the integer GEMMs (W8A8 at M = 4096 with the requantization epilogue,
+   weight-only W4A16 and W4A8 at M = 1 and 16; K = N = 8192) against bf16 ``F.linear``.
 
 Prints a table per part and exits non-zero when a correctness check fails. Targets (issue 16): codec
-kernels >= 70% of copy bandwidth at 64M and 256M; 1B-parameter compression < 5 ms.
+kernels >= 70% of copy bandwidth at 64M and 256M; 1B-parameter compression < 5 ms; W4A16 >= 2.5x bf16
+at M = 1 and >= 2x at M = 16; W8A8 with the epilogue >= 1.5x bf16 at M = 4096.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 from comm_hooks.ddp import TorchTransport  # noqa: E402
 from gradq import kernels  # noqa: E402
 from gradq.allreduce import CompressedAllreduce  # noqa: E402
+from gradq.fixedpoint import quantize_multiplier  # noqa: E402
+from gradq.integer_kernels import integer_linear, plan_integer_gemm, plan_weight_only, weight_only_linear  # noqa: E402
 
 CODECS = ("onebit", "terngrad", "qsgd")
 
@@ -51,7 +57,8 @@ def parse_size(text: str) -> int:
 def run_kernel_tests() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton.py"],
+    tests = ["tests/test_triton.py", "tests/test_triton_integer.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     tail = done.stdout.strip().splitlines()[-1:] or [done.stderr[-300:]]
     print(f"[1/3] Triton kernels on {torch.cuda.get_device_name()}: {tail[0]}", flush=True)
@@ -193,16 +200,48 @@ def one_billion(repeats: int) -> dict:
     return {"ms": ms, "target_ms": 5.0, "target_met": ms < 5.0}
 
 
-def int8_gemm(repeats: int) -> dict:
-    m, k, n = 4096, 8192, 8192
-    a8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-    b8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda")
-    a16, b16 = a8.to(torch.bfloat16), b8.to(torch.bfloat16)
-    int_ms = median_ms(lambda: torch._int_mm(a8, b8), repeats)
-    bf_ms = median_ms(lambda: a16 @ b16, repeats)
-    print(f"[3/3] int8 _int_mm {int_ms:.3f} ms vs bf16 matmul {bf_ms:.3f} ms ({bf_ms / int_ms:.2f}x; without gradq's "
-          "requantization epilogue, which has no CUDA kernel yet)", flush=True)
-    return {"int_mm_ms": int_ms, "bf16_ms": bf_ms, "speedup": bf_ms / int_ms}
+def _codes(shape: tuple[int, int], bits: int) -> torch.Tensor:
+    half = 1 << (bits - 1)
+    return torch.randint(-half, half, shape, device="cuda")
+
+
+def integer_gemms(repeats: int) -> dict:
+    """W8A8 at M = 4096, K = N = 8192 (codes in, codes out: torch._int_mm + gradq's Triton epilogue, and
+    gradq's fused Triton GEMM) and the weight-only W4A16 GEMV/GEMM at M = 1, 16 (K = N = 8192), each against
+    bf16 ``F.linear`` of the same shape."""
+    k = n = 8192
+    ones = torch.ones(n, device="cuda")
+    mult, shift = quantize_multiplier(torch.full((n,), 2e-6, dtype=torch.float64, device="cuda"))
+    zero = torch.zeros(n, dtype=torch.bool, device="cuda")
+    w8 = plan_integer_gemm(_codes((n, k), 8), None, zero, 8, False, 0, torch.zeros(n, device="cuda"), mult, shift,
+                           128, 0, -128, 127, False, True)
+    report, m = {}, 4096
+    x = torch.randint(0, 256, (m, k), dtype=torch.uint8, device="cuda")
+    xb, wb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, k, device="cuda",
+                                                                                  dtype=torch.bfloat16)
+    bf_ms = median_ms(lambda: torch.nn.functional.linear(xb, wb), repeats)
+    for engine in ("int_mm", "gradq"):
+        ms = median_ms(lambda e=engine: integer_linear(x, w8, engine=e), repeats)
+        report[f"W8A8 M={m} ({engine})"] = {"ms": ms, "bf16_ms": bf_ms, "speedup": bf_ms / ms,
+                                            "target": 1.5, "target_met": bf_ms / ms >= 1.5}
+    w4 = plan_weight_only(_codes((n, k), 4), None, zero, 4, False, 0, ones * 1e-3, None)
+    w4a8 = plan_integer_gemm(_codes((n, k), 4), None, zero, 4, False, 0, torch.zeros(n, device="cuda"), mult, shift,
+                             128, 0, -128, 127, False, True)
+    for m, target in ((1, 2.5), (16, 2.0)):
+        xb = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        bf_ms = median_ms(lambda xb=xb: torch.nn.functional.linear(xb, wb), repeats)
+        ms = median_ms(lambda xb=xb: weight_only_linear(xb, w4), repeats)
+        report[f"W4A16 M={m}"] = {"ms": ms, "bf16_ms": bf_ms, "speedup": bf_ms / ms, "target": target,
+                                  "target_met": bf_ms / ms >= target}
+        x = torch.randint(0, 256, (m, k), dtype=torch.uint8, device="cuda")
+        ms = median_ms(lambda x=x: integer_linear(x, w4a8), repeats)
+        report[f"W4A8 M={m}"] = {"ms": ms, "bf16_ms": bf_ms, "speedup": bf_ms / ms}
+    for name, row in report.items():
+        met = "met" if row.get("target_met") else "MISSED"
+        verdict = f" (target {row['target']}x: {met})" if "target" in row else ""
+        print(f"[3/3] {name:24s} {row['ms']:8.3f} ms vs bf16 F.linear {row['bf16_ms']:8.3f} ms: "
+              f"{row['speedup']:.2f}x{verdict}", flush=True)
+    return report
 
 
 def main() -> None:
@@ -221,7 +260,7 @@ def main() -> None:
     result["ddp_hook"] = check_ddp_hook()
     result["throughput"] = throughput([parse_size(s) for s in args.sizes.split(",")], args.repeats)
     result["one_billion_compress"] = one_billion(args.repeats)
-    result["int8_gemm"] = int8_gemm(args.repeats)
+    result["integer_gemms"] = integer_gemms(args.repeats)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
