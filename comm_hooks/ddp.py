@@ -22,12 +22,15 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from gradq._backend import kernels_for
+from gradq._checks import copy_if_finite, deferred_checks, raise_recorded, selects_on_device
 from gradq._validate import check_flag
 from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes, through_host
 from gradq.compressors import Compressor
@@ -153,6 +156,7 @@ class GradqState:
         self.stats = HookStats()
         self._compressed_in_step = False
         self._said_uncompressed = False
+        self._recorded_checks: list = []
 
     def close(self) -> None:
         """Release what the hook holds: its background thread (after the jobs already handed to it) and the
@@ -245,14 +249,19 @@ class GradqState:
         M's compression missed into the next step. Without error feedback each rank keeps its own exact
         ``m = momentum * m + buffer`` and sends that: a compression error folded into a shared M would be
         fed back every step, and TernGrad's or QSGD's variance makes that grow. NaN/Inf never enter M or m.
+
+        On the Triton kernels (CUDA buckets) nothing here reads the device: the kernels' checks are recorded
+        and read once, at the end of the step, and the NaN/Inf rules are device-side selects.
         """
         canonical = self.layout(key)
-        if not self.momentum:
-            mean = self._reduce(buffer, key, canonical, iteration)
-        elif self.allreduce.error_feedback:
-            mean = self._reduce_shared_momentum(buffer, key, canonical, iteration)
-        else:
-            mean = self._reduce_local_momentum(buffer, key, canonical, iteration)
+        with deferred_checks() if kernels_for(buffer).__name__ == "gradq._triton_kernels" else nullcontext() as got:
+            if not self.momentum:
+                mean = self._reduce(buffer, key, canonical, iteration)
+            elif self.allreduce.error_feedback:
+                mean = self._reduce_shared_momentum(buffer, key, canonical, iteration)
+            else:
+                mean = self._reduce_local_momentum(buffer, key, canonical, iteration)
+        self._recorded_checks += got or []
         if last:
             self._end_step(iteration)
         return mean
@@ -263,27 +272,30 @@ class GradqState:
         if shared is not None:
             buffer.add_(shared if canonical == key else self.reorder(shared, canonical, key), alpha=self.momentum)
         mean = self._reduce(buffer, key, canonical, iteration)
-        if bool(torch.isfinite(mean).all()):  # a NaN/Inf on any rank reaches every rank's mean
-            ordered = mean if canonical == key else self.reorder(mean, key, canonical)
-            if shared is None:
-                self.momenta[canonical] = ordered.clone()
-            else:
-                shared.copy_(ordered)
+        ordered = mean if canonical == key else self.reorder(mean, key, canonical)
+        if shared is None:  # a NaN/Inf on any rank reaches every rank's mean: M stays 0 then
+            shared = self.momenta[canonical] = torch.zeros_like(ordered)
+        copy_if_finite(shared, ordered)
         return mean
 
     def _reduce_local_momentum(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...],
                                iteration: int) -> torch.Tensor:  # fmt: skip
-        if not bool(torch.isfinite(buffer).all()):  # passes through, leaving m alone
-            return self._reduce(buffer, key, canonical, iteration)
         flat = buffer if canonical == key else self.reorder(buffer, key, canonical)
         m = self.momenta.get(canonical)
         if m is None:
-            m = self.momenta[canonical] = flat.clone()
+            m = self.momenta[canonical] = torch.zeros_like(flat)
+        if selects_on_device(buffer):  # the same rule without a host read: a NaN/Inf buffer leaves m alone
+            finite = torch.isfinite(flat).all()
+            m.copy_(torch.where(finite, m * self.momentum + flat, m))
+            send = torch.where(finite, m, flat)
+        elif not bool(torch.isfinite(flat).all()):  # passes through, leaving m alone
+            send = flat
         else:
-            m.mul_(self.momentum).add_(flat)
+            send = m.mul_(self.momentum).add_(flat)
         if canonical == key:  # reduce a copy of m in the bucket itself: m stays this rank's own
-            return self._reduce(buffer.copy_(m), key, canonical, iteration)
-        return self.reorder(self._reduce(m.clone(), canonical, canonical, iteration), canonical, key)
+            return self._reduce(buffer.copy_(send), key, canonical, iteration)
+        send = send.clone() if send is m else send
+        return self.reorder(self._reduce(send, canonical, canonical, iteration), canonical, key)
 
     def _reduce(self, buffer: torch.Tensor, key: tuple[str, ...], canonical: tuple[str, ...], iteration: int
                 ) -> torch.Tensor:
@@ -307,8 +319,10 @@ class GradqState:
         return mean
 
     def _end_step(self, iteration: int) -> None:
-        """Close the step's statistics; say once if nothing was compressed because of min_numel."""
+        """Close the step's statistics; raise what the step's deferred kernel checks found; say once if
+        nothing was compressed because of min_numel."""
         self.stats.end_step()
+        raise_recorded(self._recorded_checks)
         if iteration >= self.start_iter and not self._compressed_in_step and not self._said_uncompressed:
             self._said_uncompressed = True
             warnings.warn(

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradq._checks import check, norm_overflow_error
 from gradq._reference import mean_of_rows
 
 _NB = 16  # blocks per program of the block kernels: a (16, 8) tile per step
@@ -40,6 +41,14 @@ def _lanes_in_order(acc, lanes):
     for j in tl.static_range(1, 8):
         total = total + _lane(acc, lanes, j)
     return total
+
+
+@triton.jit
+def _steps(n, block, NB: tl.constexpr):
+    """Steps of 8 elements in the program's first (longest) block: the all-masked steps of a short last
+    block, or of a block longer than the tensor, are skipped (they would add +0.0)."""
+    first = tl.program_id(0).to(tl.int64) * NB * block
+    return tl.cdiv(tl.minimum(block, n - first), 8)
 
 
 @triton.jit
@@ -120,7 +129,7 @@ def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R:
     lanes = tl.arange(0, 8)
     base = b * block
     acc = tl.zeros([NB, 8], dtype=tl.float64)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         index = base[:, None] + t * 8 + lanes[None, :]
         inside = (index < n) & (b < nblocks)[:, None]
         m = tl.load(x + index, mask=inside, other=0.0)
@@ -131,7 +140,7 @@ def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R:
     scale = (_lanes_in_order(acc, lanes) / count).to(tl.float32)
     tl.store(scales + b, scale, mask=b < nblocks)
     keep = ~_finite(scale)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         index = base[:, None] + t * 8 + lanes[None, :]
         inside = (index < n) & (b < nblocks)[:, None]
         m = tl.load(x + index, mask=inside, other=0.0)
@@ -171,19 +180,20 @@ def _l2_scale(sumsq):
 
 
 @triton.jit
-def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, stream, block, seed, offset, clip_bits,
-                    LEVELS: tl.constexpr, LBITS: tl.constexpr, L2: tl.constexpr, CLIP: tl.constexpr,
+def _signmag_kernel(x, packed, scales, entries, counts, overflow, n, nblocks, stream, block, seed, offset,
+                    clip_bits, LEVELS: tl.constexpr, LBITS: tl.constexpr, L2: tl.constexpr, CLIP: tl.constexpr,
                     ESCAPES: tl.constexpr, NB: tl.constexpr):
     """Scales, then the codes: plain fields of LBITS + 1 bits, or (ESCAPES > 0) 2-bit symbols with the
     escaped fields written one byte each to ``entries`` (nblocks, ESCAPES) and their count to ``counts``;
-    ``clip_bits`` holds the clip factor's float64 bits."""
+    ``clip_bits`` holds the clip factor's float64 bits. With L2, ``overflow`` marks the blocks of finite
+    values whose norm no fp32 scale holds (a finite float64 sum of squares, an infinite scale)."""
     K: tl.constexpr = 2 if ESCAPES > 0 else LBITS + 1
     b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     lanes = tl.arange(0, 8)
     base = b * block
     sumsq = tl.zeros([NB, 8], dtype=tl.float64)
     largest = tl.zeros([NB, 8], dtype=tl.float32)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         index = base[:, None] + t * 8 + lanes[None, :]
         v = tl.load(x + index, mask=(index < n) & (b < nblocks)[:, None], other=0.0)
         if L2 or CLIP:
@@ -192,7 +202,9 @@ def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, stream, bloc
         if not L2:
             largest = tl.maximum(largest, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
     if L2:
-        scale = _l2_scale(_lanes_in_order(sumsq, lanes))
+        total = _lanes_in_order(sumsq, lanes)
+        scale = _l2_scale(total)
+        tl.store(overflow + b, (_finite(total) & (scale == float("inf"))).to(tl.int8), mask=b < nblocks)
     else:
         scale = _lane(largest, lanes, 0)
         for j in tl.static_range(1, 8):
@@ -205,7 +217,7 @@ def _signmag_kernel(x, packed, scales, entries, counts, n, nblocks, stream, bloc
     tl.store(scales + b, scale, mask=b < nblocks)
     valid = _finite(scale) & (scale > 0)
     escaped_before = tl.zeros([NB], dtype=tl.int32)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         first = base + t * 8
         index = first[:, None] + lanes[None, :]
         inside = (index < n) & (b < nblocks)[:, None]
@@ -259,7 +271,7 @@ def _escape_count_kernel(packed, counts, n, nblocks, stream, block, NB: tl.const
     b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     lanes = tl.arange(0, 8)
     seen = tl.zeros([NB], dtype=tl.int32)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         symbol, _, inside = _escape_symbols(packed, b, t, block, n, nblocks, stream, lanes)
         seen = seen + tl.sum(((symbol == 2) & inside).to(tl.int32), axis=1)
     tl.store(counts + b, seen, mask=b < nblocks)
@@ -274,7 +286,7 @@ def _escape_decompress_kernel(packed, entries, scales, out, n, nblocks, stream, 
     lanes = tl.arange(0, 8)
     scale = tl.load(scales + b, mask=b < nblocks, other=0.0)
     seen = tl.zeros([NB], dtype=tl.int32)
-    for t in range(0, block // 8):
+    for t in range(0, _steps(n, block, NB)):
         symbol, index, inside = _escape_symbols(packed, b, t, block, n, nblocks, stream, lanes)
         escaped = (symbol == 2) & inside
         rank = seen[:, None] + tl.cumsum(escaped.to(tl.int32), axis=1) - escaped.to(tl.int32)
@@ -365,15 +377,18 @@ def signmag_compress(
     scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     entries = torch.zeros(nblocks * escapes, dtype=torch.uint8, device=x.device) if escapes else scales
     counts = torch.empty(nblocks, dtype=torch.int32, device=x.device) if escapes else scales
+    overflow = torch.zeros(nblocks, dtype=torch.int8, device=x.device) if l2 else scales
     if n:
         _signmag_kernel[_programs(nblocks, _NB)](
-            x, packed, scales, entries, counts, n, nblocks, stream, block, seed, offset,
+            x, packed, scales, entries, counts, overflow, n, nblocks, stream, block, seed, offset,
             struct.unpack("<q", struct.pack("<d", float(clip)))[0],
             LEVELS=levels, LBITS=levels.bit_length(), L2=bool(l2), CLIP=clip > 0, ESCAPES=escapes, NB=_NB, **_EXACT,
         )
+    if l2 and nblocks:
+        check(overflow.any(), norm_overflow_error())
     if escapes:
-        if nblocks and int(counts.max()) > escapes:  # impossible for the l2 rule (docs/kernels.md)
-            raise RuntimeError(f"gradq: more than {escapes} escapes in a block")
+        if nblocks:  # impossible for the l2 rule (docs/kernels.md)
+            check(counts.max() > escapes, RuntimeError(f"gradq: more than {escapes} escapes in a block"))
         _pack_into(entries, k, packed[stream:])
     return packed, scales
 
@@ -401,8 +416,9 @@ def signmag_decompress(
     counts = torch.empty(nblocks, dtype=torch.int32, device=packed.device)
     if n:
         _escape_count_kernel[_programs(nblocks, _NB)](packed, counts, n, nblocks, stream, block, NB=_NB)
-    if nblocks and int(counts.max()) > escapes:  # checked before anything is written to out
-        raise ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols")
+    if nblocks:  # read before anything is written to out, unless checks are deferred (kernels.deferred_checks)
+        check(counts.max() > escapes,
+              ValueError(f"corrupt sign-magnitude payload: a block has more than {escapes} escape symbols"))
     entries = unpack_bits(packed[stream:], lbits + 1, nblocks * escapes)
     result = _output(out, n, packed.device)
     if n:

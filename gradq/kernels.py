@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gradq._backend import kernels_for
+from gradq._checks import check, norm_overflow_error
 from gradq._validate import check_bits, check_block, check_flag, check_int, check_tensor
 
 _U64_MAX = 2**64 - 1
@@ -233,19 +234,13 @@ def signmag_compress(
     """
     check_tensor("x", x, dtypes=(torch.float32,), dim=1)
     escapes = _signmag_code(levels, block, rule, clip, escape, seed, offset)
-    packed, scales = kernels_for(x).signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
+    module = kernels_for(x)
+    packed, scales = module.signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
+    if module.__name__ == "gradq._triton_kernels":  # checked by the kernel, on the device
+        return packed, scales
     if not bool(torch.isfinite(scales).all()) and bool(torch.isfinite(x).all()):
-        raise _norm_overflow()
+        raise norm_overflow_error()
     return packed, scales
-
-
-def _norm_overflow() -> ValueError:
-    """The error for finite values whose block l2 norm no fp32 scale can hold."""
-    return ValueError(
-        "a block's l2 norm exceeds the fp32 maximum (3.4e38): its values are too large for any fp32 scale, "
-        "and decoding would give NaN. Gradients this large have diverged: lower the learning rate, clip the "
-        "gradients or scale the loss down"
-    )
 
 
 def signmag_decompress(
@@ -313,6 +308,5 @@ def signmag_mean_compress(
     packed, scales = kernels_for(packed_rows).signmag_mean_compress(
         packed_rows, scale_rows, levels, block, numel, rule == "l2", float(clip), seed, offset, escapes
     )
-    if not bool(torch.isfinite(scales).all()) and bool(torch.isfinite(scale_rows).all()):
-        raise _norm_overflow()
+    check(~torch.isfinite(scales).all() & torch.isfinite(scale_rows).all(), norm_overflow_error())
     return packed, scales

@@ -6,6 +6,7 @@ from collections.abc import Hashable
 
 import torch
 
+from gradq._checks import copy_if_finite
 from gradq.compressors import Compressor
 
 
@@ -45,8 +46,7 @@ class ErrorFeedback:
         m = x.to(torch.float32) + residual
         payload = compressor.compress(m, seed=seed, offset=offset)
         updated = m - compressor.decompress(payload, m.numel())
-        if bool(torch.isfinite(updated).all()):  # NaN/Inf in x, an overflow in m or in the payload
-            residual.copy_(updated)
+        copy_if_finite(residual, updated)  # not on NaN/Inf in x, an overflow in m or in the payload
         return payload
 
     def state_dict(self) -> dict[Hashable, torch.Tensor]:
