@@ -210,7 +210,6 @@ def integer_gemms(repeats: int) -> dict:
     gradq's fused Triton GEMM) and the weight-only W4A16 GEMV/GEMM at M = 1, 16 (K = N = 8192), each against
     bf16 ``F.linear`` of the same shape."""
     k = n = 8192
-    ones = torch.ones(n, device="cuda")
     mult, shift = quantize_multiplier(torch.full((n,), 2e-6, dtype=torch.float64, device="cuda"))
     zero = torch.zeros(n, dtype=torch.bool, device="cuda")
     w8 = plan_integer_gemm(_codes((n, k), 8), None, zero, 8, False, 0, torch.zeros(n, device="cuda"), mult, shift,
@@ -224,7 +223,7 @@ def integer_gemms(repeats: int) -> dict:
         ms = median_ms(lambda e=engine: integer_linear(x, w8, engine=e), repeats)
         report[f"W8A8 M={m} ({engine})"] = {"ms": ms, "bf16_ms": bf_ms, "speedup": bf_ms / ms,
                                             "target": 1.5, "target_met": bf_ms / ms >= 1.5}
-    w4 = plan_weight_only(_codes((n, k), 4), None, zero, 4, False, 0, ones * 1e-3, None)
+    w4 = plan_weight_only(_codes((n, k), 4), None, zero, 4, False, 0, torch.full((n,), 1e-3, device="cuda"), None)
     w4a8 = plan_integer_gemm(_codes((n, k), 4), None, zero, 4, False, 0, torch.zeros(n, device="cuda"), mult, shift,
                              128, 0, -128, 127, False, True)
     for m, target in ((1, 2.5), (16, 2.0)):

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradq._backend import kernels_for
+from gradq._backend import uses_triton
 from gradq._checks import copy_if_finite, deferred_checks, raise_recorded, selects_on_device
 from gradq._validate import check_flag
 from gradq.allreduce import CompressedAllreduce, Mode, ring_allreduce_bytes, through_host
@@ -254,7 +254,7 @@ class GradqState:
         and read once, at the end of the step, and the NaN/Inf rules are device-side selects.
         """
         canonical = self.layout(key)
-        with deferred_checks() if kernels_for(buffer).__name__ == "gradq._triton_kernels" else nullcontext() as got:
+        with deferred_checks() if uses_triton(buffer) else nullcontext() as got:
             if not self.momentum:
                 mean = self._reduce(buffer, key, canonical, iteration)
             elif self.allreduce.error_feedback:

@@ -63,6 +63,16 @@ def triton_kernels(t: torch.Tensor) -> ModuleType:
     return _triton_kernels
 
 
+def is_triton(module: ModuleType) -> bool:
+    """Whether ``module`` (from :func:`kernels_for`) is the Triton kernels (imported only when used)."""
+    return module.__name__ == "gradq._triton_kernels"
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether gradq's kernels for ``t`` are the Triton ones (CUDA tensors, or ``GRADQ_KERNELS=triton``)."""
+    return is_triton(kernels_for(t))
+
+
 def kernels_for(t: torch.Tensor) -> ModuleType:
     """The kernel module for tensor ``t``: ``gradq._C``, ``gradq._triton_kernels`` or ``gradq._reference``."""
     global _warned

@@ -71,7 +71,7 @@ def copy_if_finite(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` unless ``src`` holds a NaN or Inf (then ``dst`` is left as it is): a host branch on
     the CPU, a device-side select on CUDA (no synchronization)."""
     if selects_on_device(src):
-        dst.copy_(torch.where(torch.isfinite(src).all(), src, dst))
+        torch.where(torch.isfinite(src).all(), src, dst, out=dst)
     elif bool(torch.isfinite(src).all()):
         dst.copy_(src)
 

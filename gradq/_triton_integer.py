@@ -144,6 +144,11 @@ def _tiles(rows: int, channels: int) -> tuple[int, int]:
     return (128, 128) if rows >= 1024 and channels >= 128 else (64, 64)
 
 
+def _groups(sub: torch.Tensor) -> int:
+    """Sub-scales per weight row (1 without sub-scales: the kernels then never read them)."""
+    return sub.shape[1] if sub.numel() else 1
+
+
 def _or_dummy(dummy: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
     """The tensors, an empty one replaced by ``dummy`` (a kernel argument its constexpr flags never read)."""
     return [t if t.numel() else dummy for t in tensors]
@@ -161,7 +166,7 @@ def _launch_gemm(x: torch.Tensor, x_stride: int, rows: int, groups: int, k: int,
         grid = (triton.cdiv(rows, bm), triton.cdiv(cpg, bn), groups)
         _integer_gemm_kernel[grid](
             x, x_stride, *_or_dummy(signed_offset, packed, wide, sub), signed_offset, mult, shift, out, c, rows, cpg,
-            k, kp, max(group_size, 1), max(sub.shape[1] if sub.dim() == 2 else 0, 1), zo, lo, hi,
+            k, kp, max(group_size, 1), _groups(sub), zo, lo, hi,
             BITS=bits, SIGN=sign, OFFSET_BINARY=offset_binary, WIDE=wide.numel() > 0, HAS_SUB=sub.numel() > 0,
             X_UNSIGNED=x_unsigned, BM=bm, BN=bn,
         )
@@ -221,7 +226,7 @@ def weight_only_linear(x: torch.Tensor, packed: torch.Tensor, wide: torch.Tensor
     if rows and c:
         _weight_only_kernel[(triton.cdiv(rows, bm), triton.cdiv(c, bn))](
             x, *_or_dummy(scale, packed, wide, sub), scale, scale if bias is None else bias, out, rows, c, k, kp,
-            max(group_size, 1), max(sub.shape[1] if sub.dim() == 2 else 0, 1),
+            max(group_size, 1), _groups(sub),
             BITS=bits, SIGN=sign, OFFSET_BINARY=offset_binary, WIDE=wide.numel() > 0, HAS_SUB=sub.numel() > 0,
             HAS_BIAS=bias is not None, DOT_FP32=INTERPRETED and x.dtype == torch.bfloat16, BM=bm, BN=bn,
         )

@@ -377,7 +377,7 @@ def signmag_compress(
     scales = torch.empty(nblocks, dtype=torch.float32, device=x.device)
     entries = torch.zeros(nblocks * escapes, dtype=torch.uint8, device=x.device) if escapes else scales
     counts = torch.empty(nblocks, dtype=torch.int32, device=x.device) if escapes else scales
-    overflow = torch.zeros(nblocks, dtype=torch.int8, device=x.device) if l2 else scales
+    overflow = torch.empty(nblocks, dtype=torch.int8, device=x.device) if l2 else scales
     if n:
         _signmag_kernel[_programs(nblocks, _NB)](
             x, packed, scales, entries, counts, overflow, n, nblocks, stream, block, seed, offset,

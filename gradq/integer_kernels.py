@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gradq import _integer_reference, _reference
-from gradq._backend import kernels_for
+from gradq._backend import is_triton, kernels_for, uses_triton
 from gradq._validate import check_tensor
 from gradq.kernels import pack_bits
 
@@ -43,16 +43,11 @@ packed kernel, reading 8/bits times fewer weight bytes, was faster (benchmarks/i
 
 
 @dataclass(frozen=True, eq=False)
-class IntegerGemm:
-    """One integer layer ready for the kernels. C output channels, K inputs per channel, ``kp`` = K rounded
-    up to 64. Weights: ``packed`` (C, kp * bits / 8) uint8 in the kernels' layout, or ``wide`` (C, kp)
-    int16 Wi when the sub-scale groups are not multiples of 64 (the other empty); ``sub`` (C, G) int32
-    sub-scales per ``group_size`` codes, or empty. Epilogue: ``offset`` (C,) int64 = bq - zeff * sum_k Wi
-    with ``zeff`` the input zero point on uint8 codes (zx, plus 128 for int8 codes), ``mult`` (C,) int32,
-    ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``. ``signed_offset`` (C,) int64 =
-    offset + 128 * sum_k Wi: the offset for inputs taken as signed bytes (uint8 codes minus 128), as
-    ``torch._int_mm`` and the Triton kernels take them; ``fits_int8``: Wi fits int8 (per-channel weights,
-    which the ``torch._int_mm`` engine needs)."""
+class WeightLayout:
+    """Weights planned for the GEMM kernels. C output channels, K inputs per channel, ``kp`` = K rounded up
+    to 64: ``packed`` (C, kp * bits / 8) uint8 in the kernels' layout, or ``wide`` (C, kp) int16 Wi when
+    the sub-scale groups are not multiples of 64 (the other empty); ``sub`` (C, G) int32 sub-scales per
+    ``group_size`` codes, or empty."""
 
     packed: torch.Tensor
     wide: torch.Tensor
@@ -63,6 +58,22 @@ class IntegerGemm:
     kp: int
     sub: torch.Tensor
     group_size: int
+
+    def layout_args(self) -> tuple:
+        """The weight arguments of every GEMM kernel, in their order."""
+        return (self.packed, self.wide, self.bits, self.sign, self.offset_binary, self.kp, self.sub,
+                self.group_size)
+
+
+@dataclass(frozen=True, eq=False)
+class IntegerGemm(WeightLayout):
+    """One integer layer ready for the kernels: its :class:`WeightLayout`, then the epilogue: ``offset``
+    (C,) int64 = bq - zeff * sum_k Wi with ``zeff`` the input zero point on uint8 codes (zx, plus 128 for
+    int8 codes), ``mult`` (C,) int32, ``shift`` (C,) int8, output zero point ``zo`` and clamp ``[lo, hi]``.
+    ``signed_offset`` (C,) int64 = offset + 128 * sum_k Wi: the offset for inputs taken as signed bytes
+    (uint8 codes minus 128), as ``torch._int_mm`` and the Triton kernels take them; ``fits_int8``: Wi fits
+    int8 (per-channel weights, which the ``torch._int_mm`` engine needs)."""
+
     offset: torch.Tensor
     mult: torch.Tensor
     shift: torch.Tensor
@@ -119,8 +130,8 @@ def pack_layout(q: torch.Tensor, bits: int, sign: bool, offset_binary: bool = Fa
 
 def _layout_weights(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor, bits: int, sign: bool,
                     group_size: int, taps: int) -> tuple[dict, torch.Tensor]:
-    """The weight fields of :class:`IntegerGemm` (packed, wide, bits, sign, offset_binary, k, kp, sub,
-    group_size) for codes ``q`` (C, K), and Wi (C, K) int64 in the planned column order."""
+    """The :class:`WeightLayout` fields for codes ``q`` (C, K), and Wi (C, K) int64 in the planned column
+    order."""
     c, k = q.shape
     kp = -(-k // BLOCK) * BLOCK
     q = torch.where(zero.unsqueeze(1), 0, q.to(torch.int64)) if not sign else q.to(torch.int64)
@@ -168,19 +179,10 @@ def plan_integer_gemm(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tenso
 
 
 @dataclass(frozen=True, eq=False)
-class WeightOnlyGemm:
-    """A weight-only Linear ready for :func:`weight_only_linear`: the weight fields of :class:`IntegerGemm`,
-    the channel scales ``scale`` (C,) fp32 and ``bias`` (C,) or None."""
+class WeightOnlyGemm(WeightLayout):
+    """A weight-only Linear ready for :func:`weight_only_linear`: its :class:`WeightLayout`, the channel
+    scales ``scale`` (C,) fp32 and ``bias`` (C,) or None."""
 
-    packed: torch.Tensor
-    wide: torch.Tensor
-    bits: int
-    sign: bool
-    offset_binary: bool
-    k: int
-    kp: int
-    sub: torch.Tensor
-    group_size: int
     scale: torch.Tensor
     bias: torch.Tensor | None
 
@@ -192,11 +194,6 @@ def plan_weight_only(q: torch.Tensor, r: torch.Tensor | None, zero: torch.Tensor
     fields, _ = _layout_weights(q, r, zero, bits, sign, group_size, 1)
     return WeightOnlyGemm(**fields, scale=scale.to(torch.float32).contiguous(),
                           bias=None if bias is None else bias.contiguous())
-
-
-def uses_triton(x: torch.Tensor) -> bool:
-    """Whether gradq's kernels for ``x`` are the Triton ones (CUDA tensors, or ``GRADQ_KERNELS=triton``)."""
-    return kernels_for(x).__name__ == "gradq._triton_kernels"
 
 
 def weight_only_linear(x: torch.Tensor, g: WeightOnlyGemm) -> torch.Tensor:
@@ -213,8 +210,7 @@ def weight_only_linear(x: torch.Tensor, g: WeightOnlyGemm) -> torch.Tensor:
                          "GRADQ_KERNELS=triton with TRITON_INTERPRET=1 for CPU tensors)")
     from gradq import _triton_integer
 
-    return _triton_integer.weight_only_linear(x, g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub,
-                                              g.group_size, g.scale, g.bias)
+    return _triton_integer.weight_only_linear(x, *g.layout_args(), g.scale, g.bias)
 
 
 def native_isa() -> str:
@@ -233,7 +229,7 @@ def _kernels(x: torch.Tensor, isa: str) -> tuple[object, int]:
     module = kernels_for(x)
     if module is _reference:
         return _integer_reference, ISAS[isa]
-    if module.__name__ == "gradq._triton_kernels":
+    if is_triton(module):
         from gradq import _triton_integer
 
         return _triton_integer, ISAS[isa]
@@ -259,7 +255,7 @@ def _check_codes(x: torch.Tensor, g: IntegerGemm, dim: int, k: int) -> None:
 
 def _args(module: object, g: IntegerGemm, isa_id: int) -> tuple:
     """The GEMM's arguments for ``module``: the Triton kernels take ``signed_offset`` and no ISA or zeff."""
-    weights = (g.packed, g.wide, g.bits, g.sign, g.offset_binary, g.kp, g.sub, g.group_size)
+    weights = g.layout_args()
     epilogue = (g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
     if module.__name__ == "gradq._triton_integer":
         return (*weights, g.signed_offset, *epilogue), {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gradq._backend import kernels_for
+from gradq._backend import is_triton, kernels_for
 from gradq._checks import check, norm_overflow_error
 from gradq._validate import check_bits, check_block, check_flag, check_int, check_tensor
 
@@ -236,7 +236,7 @@ def signmag_compress(
     escapes = _signmag_code(levels, block, rule, clip, escape, seed, offset)
     module = kernels_for(x)
     packed, scales = module.signmag_compress(x, levels, block, rule == "l2", float(clip), seed, offset, escapes)
-    if module.__name__ == "gradq._triton_kernels":  # checked by the kernel, on the device
+    if is_triton(module):  # checked by the kernel, on the device
         return packed, scales
     if not bool(torch.isfinite(scales).all()) and bool(torch.isfinite(x).all()):
         raise norm_overflow_error()
