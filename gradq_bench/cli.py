@@ -26,7 +26,7 @@ import torch
 import gradq
 from gradq_bench.launch import LaunchError, Link, require_root_for_cluster, run_cluster, run_local, run_mpirun
 from gradq_bench.methods import DEFAULT_METHODS, FLOOR, START_ITER, TORCH_METHODS, check_method
-from gradq_bench.report import LEGEND, plot, summarize, table
+from gradq_bench.report import LEGEND, plot, seed_table, summarize, table
 from gradq_bench.workloads import BUILTIN, Workload, load_workload
 
 SCHEMA = "gradq-bench/1"
@@ -63,7 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         help="first steps left out of timings and wire counts (default %(default)s)",
     )
     parser.add_argument("--eval-every", type=int, help="test-set evaluation period in steps (default steps/10)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train every method with N seeds (--seed, --seed + 1, ...); the model's figures and the targets "
+        "are then the mean over seeds of each seed's difference from fp32, times the median (default 1)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument(
         "--launcher",
@@ -131,6 +139,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tupl
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if not 0 <= args.seed < 2**63:
         parser.error(f"--seed must be in [0, 2**63), got {args.seed}")
+    if not 1 <= args.seeds <= 2**63 - args.seed:
+        parser.error(f"--seeds must be >= 1 and keep --seed + N - 1 below 2**63, got {args.seeds}")
     if args.warmup < START_ITER + 1:
         parser.error(f"--warmup must be >= {START_ITER + 1}: compression starts at step {START_ITER}")
     if args.model is None and args.workload is None:
@@ -250,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gradq-bench: {title}, {args.steps} steps per method, methods: {', '.join(methods)}", file=sys.stderr)
     spec = {
         "workload": args.model or args.workload, "methods": methods, "steps": args.steps, "warmup": args.warmup,
-        "eval_every": args.eval_every, "seed": args.seed, "batch": args.batch, "threads": args.threads,
-        "progress": not args.quiet,
+        "eval_every": args.eval_every, "seeds": list(range(args.seed, args.seed + args.seeds)), "batch": args.batch,
+        "threads": args.threads, "progress": not args.quiet,
         "interface": "eth0" if launcher == "cluster" else "lo",
     }  # fmt: skip
     started = time.perf_counter()
@@ -273,10 +283,19 @@ def main(argv: list[str] | None = None) -> int:
         runs = json.loads(Path(spec["result_path"]).read_text())["runs"]
     rows = summarize(runs)
     checks = check_targets(rows, workload.name)
+    seeds = spec["seeds"]
+    perplexity = workload.metric == "perplexity"
     heading = f"{title}: {runs[0]['params']:,} parameters, {args.steps} steps ({args.warmup} warm-up), seed {args.seed}"
-    report = [heading, table(rows, perplexity=workload.metric == "perplexity"), "", LEGEND]
+    if len(seeds) > 1:
+        heading += f" to {seeds[-1]} (model figures: mean over the {len(seeds)} seeds; times and bytes: median)"
+    report = [heading, table(rows, perplexity=perplexity), "", LEGEND]
+    if len(seeds) > 1:
+        what = "validation perplexity (vs fp32 of the same seed)" if perplexity else "test accuracy % (points vs fp32)"
+        report += ["", f"Per seed, {what}:", seed_table(rows, perplexity=perplexity)]
     if checks:
         scope = "step times set for 4 hosts at 1 Gbit/s" if workload.name == "mlp25m" else "convergence"
+        if len(seeds) > 1 and workload.name != "mlp25m":
+            scope += f", judged on the mean over {len(seeds)} seeds"
         report += ["", f"Targets for {workload.name} ({scope}):"]
         report += [f"  {'PASS' if ok else 'FAIL'}  {name}" for name, ok in checks.items()]
     print("\n" + "\n".join(report))
@@ -290,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "settings": {
             "workload": workload.name, "model": args.model, "ranks": args.ranks, "steps": args.steps,
-            "warmup": args.warmup, "eval_every": args.eval_every, "seed": args.seed, "threads": args.threads,
-            "launcher": launcher, "link": None if link is None else {"rate": link.rate, "delay": link.delay},
+            "warmup": args.warmup, "eval_every": args.eval_every, "seed": args.seed, "seeds": seeds,
+            "threads": args.threads, "launcher": launcher,
+            "link": None if link is None else {"rate": link.rate, "delay": link.delay},
             "batch_per_rank": workload.batch_size, "optimizer": workload.optimizer, "lr": workload.lr,
             "momentum": workload.momentum, "weight_decay": workload.weight_decay, "metric": workload.metric,
             "target_accuracy": workload.target_accuracy, "target_perplexity": workload.target_perplexity,
@@ -302,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "checks": checks,
     }  # fmt: skip
     (args.output / "results.json").write_text(json.dumps(results, indent=1))
-    plots = plot(runs, args.output, title)
+    plots = plot([r for r in runs if r["seed"] == seeds[0]], args.output, f"{title}, seed {seeds[0]}")
     print(f"\nwrote {args.output}/: results.json, table.txt, {', '.join(p.name for p in plots)}")
     return 0
 

@@ -46,13 +46,24 @@ class GradqMethod:
     compressor: str
     mode: str
     overlap: bool
-    options: dict[str, int | float]
+    options: dict[str, int | float | str]
     hook_momentum: bool = False
+
+
+def _option_value(text: str) -> int | float | str:
+    """An option's value: an int, else a float, else the word itself (the compressor checks it)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def parse_gradq_method(name: str) -> GradqMethod:
     """``compressor[:mode][:sync][:momentum][:option=value ...]`` -> :class:`GradqMethod`, e.g.
-    ``qsgd:levels=2``; ``:momentum`` compresses the ranks' SGD momentum instead of their gradients.
+    ``qsgd:levels=2`` or ``onebit:scale=rms``; ``:momentum`` compresses the ranks' SGD momentum instead of their
+    gradients.
 
     Raises ValueError naming the accepted methods, modes or the compressor's complaint about an option.
     """
@@ -79,13 +90,7 @@ def parse_gradq_method(name: str) -> GradqMethod:
                     "option=value"
                 )
             continue
-        try:
-            options[key] = int(value)
-        except ValueError:
-            try:
-                options[key] = float(value)
-            except ValueError:
-                raise ValueError(f"{name!r}: option {key} needs a number, got {value!r}") from None
+        options[key] = _option_value(value)
     try:
         get_compressor(compressor, **options)
     except (TypeError, ValueError) as exc:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from pathlib import Path
 
 from gradq_bench.methods import FLOOR
@@ -14,14 +16,61 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(runs: list[dict]) -> list[dict]:
-    """Per run, the figures relative to fp32 allreduce and to the floor (None where a baseline is missing).
+    """Per method, the figures relative to fp32 allreduce and to the floor (None where a baseline is missing).
 
     ``speedup_vs_fp32`` = fp32's median step time / this one's; ``x_floor`` = this / the floor's;
     ``compression_ratio`` = fp32 bytes per step / this run's payload bytes per step (both per rank);
     ``wire_ratio`` = fp32's measured wire bytes / this run's; ``codec_share_of_floor`` = (de)compression
     seconds per step / the floor's step; ``accuracy_delta_vs_fp32`` in points; ``perplexity_vs_fp32`` = this
     run's final test perplexity / fp32's.
+
+    Runs of several seeds (their ``"seed"``) are compared with fp32 and the floor of the same seed, then
+    combined per method (:func:`combine_seeds`).
     """
+    seeds = sorted({r.get("seed", 0) for r in runs})
+    per_seed = [_summarize_seed([r for r in runs if r.get("seed", 0) == seed]) for seed in seeds]
+    if len(per_seed) == 1:
+        return per_seed[0]
+    return [combine_seeds([rows[i] for rows in per_seed], seeds) for i in range(len(per_seed[0]))]
+
+
+MODEL_FIGURES = ("final_loss", "final_accuracy", "accuracy_delta_vs_fp32", "final_perplexity", "perplexity_vs_fp32")
+
+
+def _mean(values: list) -> float | None:
+    return None if any(v is None for v in values) else statistics.fmean(values)
+
+
+def _median_reached(values: list) -> float | None:
+    """Median time to target over seeds, a seed that never reached it counting as infinite (None if the median
+    is)."""
+    middle = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(middle) else middle
+
+
+def combine_seeds(rows: list[dict], seeds: list[int]) -> dict:
+    """One method's rows from several seeds as one: the model's figures (:data:`MODEL_FIGURES`) are the mean
+    over seeds, each seed's kept in ``<figure>_per_seed`` and the sample standard deviation of the deltas in
+    ``accuracy_delta_sd`` / ``perplexity_vs_fp32_sd``; times and byte counts are the median over seeds (time to
+    target: a seed that never reached it counts as infinite)."""
+    combined = dict(rows[0], seeds=seeds)
+    for key, value in rows[0].items():
+        values = [r[key] for r in rows]
+        if key in MODEL_FIGURES:
+            combined[key] = _mean(values)
+            combined[f"{key}_per_seed"] = values
+        elif key == "time_to_target_s":
+            combined[key] = _median_reached(values)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            combined[key] = None if any(v is None for v in values) else statistics.median(values)
+    for key, sd in (("accuracy_delta_vs_fp32", "accuracy_delta_sd"), ("perplexity_vs_fp32", "perplexity_vs_fp32_sd")):
+        values = combined[f"{key}_per_seed"]
+        combined[sd] = None if any(v is None for v in values) else statistics.stdev(values)
+    return combined
+
+
+def _summarize_seed(runs: list[dict]) -> list[dict]:
+    """:func:`summarize` of the runs of one seed."""
     by_method = {r["method"]: r for r in runs}
     fp32, floor = by_method.get("fp32"), by_method.get(FLOOR)
     rows = []
@@ -91,6 +140,37 @@ def table(rows: list[dict], perplexity: bool = False) -> str:
             text = value if fmt == "s" else _cell(value, fmt)
             cells.append(f"{text:<{width}}" if i == 0 else f"{text:>{width}}")
         lines.append("".join(cells))
+    return "\n".join(lines)
+
+
+def seed_table(rows: list[dict], perplexity: bool = False) -> str:
+    """Each seed's final accuracy in % (perplexity) and its difference from fp32 of that seed in points (%),
+    then their mean and the standard deviation of the differences: rows of :func:`combine_seeds`."""
+    figure, delta = "final_accuracy", "accuracy_delta_vs_fp32"
+    if perplexity:
+        figure, delta = "final_perplexity", "perplexity_vs_fp32"
+
+    def cell(value: float | None, diff: float | None) -> str:
+        if value is None:
+            return "-"
+        if perplexity:
+            return f"{value:.3f} ({100 * (diff - 1):+.1f}%)" if diff is not None else f"{value:.3f}"
+        return f"{100 * value:.1f} ({diff:+.1f})" if diff is not None else f"{100 * value:.1f}"
+
+    seeds = rows[0]["seeds"]
+    sd_key = "perplexity_vs_fp32_sd" if perplexity else "accuracy_delta_sd"
+    titles = ["method", *(f"seed {s}" for s in seeds), "mean", "sd"]
+    widths = [20, *([17] * (len(seeds) + 1)), 7]
+    lines = [f"{titles[0]:<{widths[0]}}" + "".join(f"{t:>{w}}" for t, w in zip(titles[1:], widths[1:], strict=True))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        if row[figure] is None:
+            continue
+        sd = row[sd_key]
+        sd_text = "-" if sd is None else format(100 * sd if perplexity else sd, ".2f")
+        cells = [cell(v, d) for v, d in zip(row[f"{figure}_per_seed"], row[f"{delta}_per_seed"], strict=True)]
+        cells += [cell(row[figure], row[delta]), sd_text]
+        lines.append(f"{row['method']:<20}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:], strict=True)))
     return "\n".join(lines)
 
 

@@ -38,17 +38,24 @@ def loss_of(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
     return torch.nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
 
 
-def evaluate(model: torch.nn.Module, workload: Workload) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) over the test labels (every position of a sequence counts once)."""
+def evaluate(model: torch.nn.Module, workload: Workload, rank: int, world: int) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) over the test labels (every position of a sequence counts once).
+
+    Each rank evaluates every ``world``-th test sample from ``rank`` and the sums are all-reduced in float64,
+    so the whole test set costs each rank 1/world of it; collective: every rank must call it.
+    """
     model.eval()
     loss, correct = 0.0, 0
+    test_x, test_y = workload.test_x[rank::world], workload.test_y[rank::world]
     with torch.no_grad():
-        for x, y in zip(workload.test_x.split(256), workload.test_y.split(256), strict=True):
+        for x, y in zip(test_x.split(256), test_y.split(256), strict=True):
             logits = model(x)
             loss += float(loss_of(logits, y, "sum"))
             correct += int((logits.argmax(-1) == y).sum())
     model.train()
-    return loss / workload.test_y.numel(), correct / workload.test_y.numel()
+    totals = torch.tensor([loss, correct, test_y.numel()], dtype=torch.float64)
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
 def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -63,9 +70,10 @@ def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[t
             yield workload.train_x[index], workload.train_y[index]
 
 
-def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int, title: str) -> dict:
-    """Train ``workload`` with method ``name`` for spec["steps"] steps; rank 0's figures plus gathered ones."""
-    steps, warmup, seed = spec["steps"], spec["warmup"], spec["seed"]
+def run_method(workload: Workload, name: str, seed: int, spec: dict, rank: int, world: int, title: str) -> dict:
+    """Train ``workload`` with method ``name`` from ``seed`` (model, data order, compressor randomness) for
+    spec["steps"] steps; rank 0's figures plus gathered ones."""
+    steps, warmup = spec["steps"], spec["warmup"]
     torch.manual_seed(seed)
     ddp = DDP(workload.build_model(), bucket_cap_mb=1 << 16 if single_bucket(name) else 25)
     meter = Meter(ddp, name, seed=seed, workload=workload)
@@ -95,7 +103,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         codec.append(figures.codec_seconds)
         last = step + 1 == steps
         if workload.test_x is not None and ((step + 1) % spec["eval_every"] == 0 or last):
-            test_loss, accuracy = evaluate(ddp.module, workload)
+            test_loss, accuracy = evaluate(ddp.module, workload, rank, world)
             evals.append({"step": step + 1, "train_seconds": sum(step_seconds), "bytes_sent": sum(sent),
                           "loss": test_loss, "accuracy": accuracy, "perplexity": math.exp(test_loss)})  # fmt: skip
         if progress is not None:
@@ -121,6 +129,7 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
         reached = [e for e in evals if target is not None and e["accuracy"] >= target]
     result = {
         "method": name,
+        "seed": seed,
         "label": describe(name),
         "params": sum(p.numel() for p in ddp.module.parameters()),
         "step_seconds": step_seconds,
@@ -144,15 +153,16 @@ def run_method(workload: Workload, name: str, spec: dict, rank: int, world: int,
 
 
 def run_rank(spec: dict, rank: int, world: int) -> None:
-    """Every method of the spec in order; rank 0 writes spec["result_path"]."""
+    """Every method of the spec in order, for each of spec["seeds"] in turn; rank 0 writes spec["result_path"]."""
     torch.set_num_threads(spec["threads"])
     workload = load_workload(spec["workload"])
     if spec["batch"] is not None:
         workload = dataclasses.replace(workload, batch_size=spec["batch"])
     results = []
-    for i, name in enumerate(spec["methods"]):
-        title = f"[{i + 1}/{len(spec['methods'])}] {name}"
-        results.append(run_method(workload, name, spec, rank, world, title))
+    jobs = [(seed, name) for seed in spec["seeds"] for name in spec["methods"]]
+    for i, (seed, name) in enumerate(jobs):
+        title = f"[{i + 1}/{len(jobs)}] {name}" + (f" seed {seed}" if len(spec["seeds"]) > 1 else "")
+        results.append(run_method(workload, name, seed, spec, rank, world, title))
     if rank == 0:
         Path(spec["result_path"]).write_text(json.dumps({"workload": workload.name, "runs": results}))
     dist.barrier()

@@ -199,6 +199,56 @@ def test_summary_arithmetic():
     assert cli.check_targets(slow, "digits") == {"terngrad accuracy within 1 point of fp32": False}
 
 
+def test_seeds_are_compared_pairwise_then_averaged():
+    def run(method, seed, step, acc, target_time=None):
+        return {"method": method, "seed": seed, "label": method, "median_step_s": step, "payload_bytes_per_step": 10,
+                "fp32_bytes_per_step": 800, "wire_bytes_per_step": 12, "codec_s_per_step": None,
+                "final_loss": acc / 2, "final_accuracy": acc, "time_to_target_s": target_time}  # fmt: skip
+
+    runs = []
+    for seed, (fp32_acc, onebit_acc, reached) in enumerate([(0.90, 0.89, 4.0), (0.86, 0.87, None), (0.88, 0.85, 6.0)]):
+        runs += [run("noop", seed, 0.1, 0.1), run("fp32", seed, 0.2 + seed, fp32_acc, 1.0),
+                 run("onebit", seed, 0.3, onebit_acc, reached)]  # fmt: skip
+    noop, fp32, onebit = summarize(runs)
+    assert onebit["seeds"] == [0, 1, 2]
+    # each seed against its own fp32: -1, +1, -3 points; their mean -1 and sample sd 2
+    assert onebit["accuracy_delta_vs_fp32_per_seed"] == pytest.approx([-1.0, 1.0, -3.0])
+    assert onebit["accuracy_delta_vs_fp32"] == pytest.approx(-1.0) and onebit["accuracy_delta_sd"] == pytest.approx(2.0)
+    assert onebit["final_accuracy"] == pytest.approx(0.87) and onebit["final_loss"] == pytest.approx(0.435)
+    # times are medians: fp32's step 0.2, 1.2, 2.2 -> 1.2, so onebit's speed-ups 0.2/0.3, 1.2/0.3, 2.2/0.3 -> 4
+    assert fp32["median_step_s"] == pytest.approx(1.2) and onebit["speedup_vs_fp32"] == pytest.approx(4.0)
+    assert onebit["time_to_target_s"] == 6.0  # median of 4, 6 and never (infinite)
+    assert noop["final_accuracy"] is None and noop["accuracy_delta_sd"] is None
+    assert cli.check_targets([noop, fp32, onebit], "fmnist") == {"onebit accuracy within 0.5 point of fp32": False}
+    onebit_twice_late = [dict(r, time_to_target_s=None) if r["method"] == "onebit" and r["seed"] else r for r in runs]
+    assert summarize(onebit_twice_late)[2]["time_to_target_s"] is None
+    text = report.seed_table([noop, fp32, onebit])
+    assert "89.0 (-1.0)" in text and "87.0 (+1.0)" in text and "85.0 (-3.0)" in text and "87.0 (-1.0)" in text
+    assert text.splitlines()[-1].endswith("2.00") and "noop" not in text
+
+
+def test_seeds_flag_trains_each_seed_as_its_own_run(tmp_path):
+    flags = ["--ranks", "2", "--steps", "6", "--eval-every", "6", "--compressors", "fp32,qsgd"]
+    both = run_bench(tmp_path / "both", *flags, "--seeds", "2", "--seed", "5")
+    assert both.returncode == 0, both.stderr[-3000:]
+    second = run_bench(tmp_path / "second", *flags, "--seed", "6")
+    assert second.returncode == 0, second.stderr[-3000:]
+    results = json.loads((tmp_path / "both" / "results.json").read_text())
+    alone = json.loads((tmp_path / "second" / "results.json").read_text())
+    assert results["settings"]["seeds"] == [5, 6] and alone["settings"]["seeds"] == [6]
+    assert [(r["seed"], r["method"]) for r in results["runs"]] == [
+        (s, m) for s in (5, 6) for m in ("noop", "fp32", "qsgd")
+    ]
+    # seed 6 inside the two-seed run is the same training as seed 6 alone (model, data order, QSGD's dither)
+    for inside, single in zip(results["runs"][3:], alone["runs"], strict=True):
+        assert inside["train_loss"] == single["train_loss"] and inside["final_accuracy"] == single["final_accuracy"]
+    assert results["runs"][1]["train_loss"] != results["runs"][4]["train_loss"]  # and seed 5 is another
+    qsgd = results["summary"][2]
+    accuracies = [r["final_accuracy"] for r in results["runs"] if r["method"] == "qsgd"]
+    assert qsgd["final_accuracy"] == pytest.approx(statistics.fmean(accuracies))
+    assert "Per seed, test accuracy % (points vs fp32):" in both.stdout and "seed 5 to 6" in both.stdout
+
+
 def test_user_model(tmp_path):
     completed = run_bench(tmp_path, "--model", "tests.bench_workload:workload", "--ranks", "2", "--steps", "6",
                           "--compressors", "fp32,onebit")  # fmt: skip
@@ -235,6 +285,7 @@ def test_mpirun_launcher(tmp_path):
         (["--warmup", "1"], "--warmup must be >= 3"),
         (["--batch", "0"], "--batch must be >= 1"),
         (["--seed", "-1"], "--seed must be in [0, 2**63)"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
         (["--output", str(ROOT / "pyproject.toml")], "pyproject.toml is a file; name a directory"),
         (["--batch", "1000"], "--batch 1000 exceeds the 359 training samples each of 4 ranks holds"),
         (["--link", "1gbit"], "--link shapes the emulated cluster's links; it needs --cluster N"),
@@ -263,8 +314,10 @@ def test_output_and_model_problems_are_usage_errors_before_training(tmp_path, mo
     (tmp_path / "out" / "results.json").mkdir(parents=True)  # would only fail after training, at the write
     (tmp_path / "broken_model.py").write_text("def workload(:\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    cases = [(["--output", str(tmp_path / "out")], "results.json there is a directory"),
-             (["--model", "broken_model:workload"], "importing 'broken_model' failed: SyntaxError")]
+    cases = [
+        (["--output", str(tmp_path / "out")], "results.json there is a directory"),
+        (["--model", "broken_model:workload"], "importing 'broken_model' failed: SyntaxError"),
+    ]
     for flags, message in cases:
         started = time.perf_counter()
         with pytest.raises(SystemExit) as exit_info:
@@ -355,7 +408,7 @@ def test_fmnist_workload_is_the_real_dataset_at_momentum_09():
     from gradq_bench.workloads import fmnist
 
     w = fmnist()
-    assert w.train_x.shape == (60000, 1, 28, 28) and w.test_x.shape == (2000, 1, 28, 28)
+    assert w.train_x.shape == (60000, 1, 28, 28) and w.test_x.shape == (10000, 1, 28, 28)
     assert (w.lr, w.momentum, w.batch_size) == (0.05, 0.9, 64)
     assert sum(p.numel() for p in w.build_model().parameters()) == 206_922
     assert torch.bincount(w.train_y).tolist() == [6000] * 10  # Fashion-MNIST's balanced classes
@@ -403,23 +456,40 @@ def test_charlm_workload_is_next_character_prediction_on_the_plays():
     assert isinstance(w.make_optimizer(model.parameters(), 0.0), torch.optim.AdamW)
 
 
-def test_sequence_loss_and_evaluation_count_every_position():
-    from gradq_bench.worker import evaluate, loss_of
+def _sequence_case() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(5, 7, 11, generator=gen), torch.randint(0, 11, (5, 7), generator=gen)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Logits that do not depend on the input: row i of the case's logits for input row i (its label row)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits, labels = _sequence_case()
+        rows = [next(i for i in range(len(labels)) if torch.equal(labels[i], r)) for r in x]
+        return logits[rows]
+
+
+def _evaluate_rank(rank: int, world: int, workdir: Path) -> tuple[float, float]:
+    from gradq_bench.worker import evaluate
     from gradq_bench.workloads import Workload
 
-    gen = torch.Generator().manual_seed(3)
-    logits, labels = torch.randn(5, 7, 11, generator=gen), torch.randint(0, 11, (5, 7), generator=gen)
+    _, labels = _sequence_case()
+    w = Workload("seq", _FixedLogits, labels, labels, labels, labels, optimizer="adamw", metric="perplexity")
+    return evaluate(_FixedLogits(), w, rank, world)
+
+
+def test_sequence_loss_and_sharded_evaluation_count_every_position_once():
+    from gradq_bench.worker import loss_of
+    from tests.distributed import run
+
+    logits, labels = _sequence_case()
     expected = -torch.log_softmax(logits.double(), -1).gather(-1, labels[..., None]).mean()
     assert float(loss_of(logits, labels)) == pytest.approx(float(expected), rel=1e-6)
-
-    class Fixed(torch.nn.Module):  # logits that do not depend on the input
-        def forward(self, x):
-            return logits[: len(x)]
-
-    w = Workload("seq", Fixed, labels, labels, labels, labels, optimizer="adamw", metric="perplexity")
-    loss, accuracy = evaluate(Fixed(), w)
-    assert loss == pytest.approx(float(expected), rel=1e-6)
-    assert accuracy == float((logits.argmax(-1) == labels).double().mean())
+    # 5 sequences on 3 ranks (2, 2 and 1 of them): the all-reduced figures are the whole set's, on every rank
+    for loss, accuracy in run(_evaluate_rank, 3):
+        assert loss == pytest.approx(float(expected), rel=1e-6)
+        assert accuracy == float((logits.argmax(-1) == labels).double().mean())
 
 
 def test_charlm_targets_and_table_use_perplexity():
