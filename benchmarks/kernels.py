@@ -155,7 +155,7 @@ def sign_compress_kernel(residual: bool) -> Kernel:
     """``sign_compress``, with error feedback (a fresh residual per path) or without."""
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
-        return lambda mod: partial(mod.sign_compress, x, torch.zeros_like(x) if residual else None, SIGN_BLOCK)
+        return lambda mod: partial(mod.sign_compress, x, torch.zeros_like(x) if residual else None, SIGN_BLOCK, False)
 
     params = {"block": SIGN_BLOCK, "residual": residual}
     if residual:
@@ -168,7 +168,7 @@ def sign_decompress_kernel() -> Kernel:
     """``sign_decompress`` of the sign code of the input."""
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
-        packed, scales = _C.sign_compress(x, None, SIGN_BLOCK)
+        packed, scales = _C.sign_compress(x, None, SIGN_BLOCK, False)
         return lambda mod: partial(mod.sign_decompress, packed, scales, SIGN_BLOCK, x.numel(), None, False)
 
     return Kernel(
@@ -228,8 +228,8 @@ def sign_mean_compress_kernel() -> Kernel:
     """The onebit server step ``sign_mean_compress``: SERVER_ROWS sign codes of n values, with a residual."""
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
-        rows = server_rows(x, lambda v: _C.sign_compress(v, None, SIGN_BLOCK))
-        return lambda mod: partial(mod.sign_mean_compress, *rows, torch.zeros_like(x), SIGN_BLOCK, x.numel())
+        rows = server_rows(x, lambda v: _C.sign_compress(v, None, SIGN_BLOCK, False))
+        return lambda mod: partial(mod.sign_mean_compress, *rows, torch.zeros_like(x), SIGN_BLOCK, x.numel(), False)
 
     return Kernel(
         "sign_mean_compress",

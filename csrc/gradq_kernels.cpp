@@ -338,6 +338,18 @@ void for_block_pairs(int64_t n, int64_t block, Fn fn) {
   });
 }
 
+// The l2 norm rounded up to fp32: the smallest fp32 s with s * s >= sumsq, so that sum((x_i / scale)^2) <= 1
+// also for a subnormal scale, the bound that caps the escapes of a block (docs/kernels.md). An exact test
+// (an fp32 squared is exact in double) corrects the fp32 nearest the double sqrt by one step either way,
+// so the result does not depend on how a sqrt rounds; the reference does the same.
+inline float l2_scale(double sumsq) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  float s = static_cast<float>(std::sqrt(sumsq));
+  if (static_cast<double>(s) * static_cast<double>(s) < sumsq) s = std::nextafter(s, kInf);
+  const float down = std::nextafter(s, 0.0f);
+  return static_cast<double>(down) * static_cast<double>(down) >= sumsq ? down : s;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1-bit sign with error feedback.
 
@@ -368,9 +380,10 @@ struct BlockValues {
 #endif
 };
 
-// Pass 1 of a sign block: m = v + r (no r: m = v), bit (m < 0) into pb, and the returned scale mean |m|
-// with the fixed lane order of lane_sum (lanes 0-3 and 4-7 accumulate in two float64 vectors).
-template <typename Source>
+// Pass 1 of a sign block: m = v + r (no r: m = v), bit (m < 0) into pb, and the returned scale: mean |m|,
+// or with rms l2_scale(sum m^2 / len) (each m^2 exact in double), both summed in the fixed lane order of
+// lane_sum (lanes 0-3 and 4-7 accumulate in two float64 vectors).
+template <bool rms, typename Source>
 inline float sign_block_pass1(const Source& source, const float* rb, int64_t len, uint8_t* pb) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t p = 0;
@@ -384,8 +397,10 @@ inline float sign_block_pass1(const Source& source, const float* rb, int64_t len
       if (rb) m = _mm256_add_ps(m, _mm256_loadu_ps(rb + p));
       pb[p / 8] = static_cast<uint8_t>(_mm256_movemask_ps(_mm256_cmp_ps(m, zero, _CMP_LT_OQ)));
       const __m256 a = _mm256_and_ps(m, abs_mask);
-      acc_lo = _mm256_add_pd(acc_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(a)));
-      acc_hi = _mm256_add_pd(acc_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+      const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+      const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+      acc_lo = _mm256_add_pd(acc_lo, rms ? _mm256_mul_pd(lo, lo) : lo);
+      acc_hi = _mm256_add_pd(acc_hi, rms ? _mm256_mul_pd(hi, hi) : hi);
     }
     _mm256_storeu_pd(acc, acc_lo);
     _mm256_storeu_pd(acc + 4, acc_hi);
@@ -397,13 +412,15 @@ inline float sign_block_pass1(const Source& source, const float* rb, int64_t len
       const float v = source.one(p + l);
       const float m = rb ? v + rb[p + l] : v;
       byte |= static_cast<uint32_t>(m < 0.0f) << l;
-      acc[l] += static_cast<double>(std::fabs(m));
+      const double a = std::fabs(m);
+      acc[l] += rms ? a * a : a;
     }
     pb[p / 8] = static_cast<uint8_t>(byte);
   }
   double total = acc[0];
   for (int l = 1; l < 8; ++l) total += acc[l];
-  return static_cast<float>(total / static_cast<double>(len));
+  const double mean = total / static_cast<double>(len);
+  return rms ? l2_scale(mean) : static_cast<float>(mean);
 }
 
 // Pass 2 of a sign block (still in cache): r = m - (±s), m = v + r, for a block whose scale is finite.
@@ -424,16 +441,16 @@ inline void sign_block_pass2(const Source& source, float* rb, int64_t len, float
   }
 }
 
-// One block of the sign code with error feedback: bits into pb, the scale into *scale, the residual
-// rb (may be null) updated unless the scale is non-finite.
+// One block of the sign code with error feedback: bits into pb, the scale (mean |m|, or its rms) into
+// *scale, the residual rb (may be null) updated unless the scale is non-finite.
 template <typename Source>
-inline void sign_block(const Source& source, float* rb, int64_t len, uint8_t* pb, float* scale) {
-  *scale = sign_block_pass1(source, rb, len, pb);
+inline void sign_block(const Source& source, float* rb, int64_t len, uint8_t* pb, float* scale, bool rms) {
+  *scale = rms ? sign_block_pass1<true>(source, rb, len, pb) : sign_block_pass1<false>(source, rb, len, pb);
   if (rb && std::isfinite(*scale)) sign_block_pass2(source, rb, len, *scale);
 }
 
 std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::optional<torch::Tensor>& residual_opt,
-                                         int64_t block) {
+                                         int64_t block, bool rms) {
   const int64_t n = x.numel();
   const int64_t nblocks = (n + block - 1) / block;
   auto packed = torch::empty({packed_nbytes(n, 1)}, x.options().dtype(torch::kUInt8));
@@ -444,7 +461,7 @@ std::vector<torch::Tensor> sign_compress(const torch::Tensor& x, const c10::opti
   float* sp = scales.data_ptr<float>();
 
   for_blocks(n, block, [&](int64_t b, int64_t start, int64_t len) {
-    sign_block(BlockValues{xp + start}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b);
+    sign_block(BlockValues{xp + start}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b, rms);
   });
   return {packed, scales};
 }
@@ -481,7 +498,7 @@ torch::Tensor sign_decompress(const torch::Tensor& packed, const torch::Tensor& 
 }
 
 // The mean over W ranks of sign codes (one per row of `packed`/`scales`, same blocking), re-encoded
-// as a sign code with error feedback: sign_compress(mean, residual, block) where
+// as a sign code with error feedback: sign_compress(mean, residual, block, rms) where
 // mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32 and d_r is row r decoded. A block's means go to a
 // per-thread buffer (one block: it stays in cache for the two passes of the sign code).
 struct SignRows {
@@ -522,7 +539,7 @@ struct SignRows {
 
 std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, const torch::Tensor& scale_rows,
                                               const c10::optional<torch::Tensor>& residual_opt, int64_t block,
-                                              int64_t n) {
+                                              int64_t n, bool rms) {
   const int64_t nblocks = (n + block - 1) / block;
   const SignRows rows{packed_rows.data_ptr<uint8_t>(), scale_rows.data_ptr<float>(), packed_rows.size(1), nblocks,
                       packed_rows.size(0)};
@@ -536,7 +553,7 @@ std::vector<torch::Tensor> sign_mean_compress(const torch::Tensor& packed_rows, 
     thread_local std::vector<float> means;
     if (static_cast<int64_t>(means.size()) < len) means.resize(len);
     rows.block_mean(b, start, len, means.data());
-    sign_block(BlockValues{means.data()}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b);
+    sign_block(BlockValues{means.data()}, rp ? rp + start : nullptr, len, pp + start / 8, sp + b, rms);
   });
   return {packed, scales};
 }
@@ -596,18 +613,6 @@ inline void sum_squares2(const float* xa, const float* xb, int64_t len, double o
   out[0] = sum_squares(xa, len);
   out[1] = sum_squares(xb, len);
 #endif
-}
-
-// The l2 norm rounded up to fp32: the smallest fp32 s with s * s >= sumsq, so that sum((x_i / scale)^2) <= 1
-// also for a subnormal scale, the bound that caps the escapes of a block (docs/kernels.md). An exact test
-// (an fp32 squared is exact in double) corrects the fp32 nearest the double sqrt by one step either way,
-// so the result does not depend on how a sqrt rounds; the reference does the same.
-inline float l2_scale(double sumsq) {
-  constexpr float kInf = std::numeric_limits<float>::infinity();
-  float s = static_cast<float>(std::sqrt(sumsq));
-  if (static_cast<double>(s) * static_cast<double>(s) < sumsq) s = std::nextafter(s, kInf);
-  const float down = std::nextafter(s, 0.0f);
-  return static_cast<double>(down) * static_cast<double>(down) >= sumsq ? down : s;
 }
 
 // The largest |x| of a block, NaN if the block has one. Non-negative floats order as their bit patterns

@@ -115,18 +115,25 @@ def _per_element(values: torch.Tensor, n: int, block: int) -> torch.Tensor:
     return values.repeat_interleave(block)[:n]
 
 
-def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_compress(
+    x: torch.Tensor, residual: torch.Tensor | None, block: int, rms: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """1-bit sign code with optional error feedback; returns (packed, scales) and updates ``residual``.
 
-    m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it
-    (float64 lane sum / count, rounded to fp32). The residual of each block whose scale is finite (so
-    every m in it is) becomes m - (bit ? -scale : +scale); a block with a NaN/Inf keeps its residual.
+    m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it (float64
+    lane sum / count, rounded to fp32), or with ``rms`` its root mean square: the smallest fp32 s with
+    s * s >= (float64 lane sum of m^2) / count, as :func:`l2_scale`. The residual of each block whose scale
+    is finite (so every m in it is) becomes m - (bit ? -scale : +scale); a block with a NaN/Inf keeps its
+    residual.
     """
     n = x.numel()
     m = x if residual is None else x + residual
     neg = m < 0
     counts = block_counts(n, block, x.device).to(torch.float64)
-    scales = (block_lane_sum(m.abs(), block) / counts).to(torch.float32)
+    if rms:
+        scales = l2_scale(block_lane_sum(m.to(torch.float64).square(), block) / counts)
+    else:
+        scales = (block_lane_sum(m.abs(), block) / counts).to(torch.float32)
     if residual is not None:
         s = _per_element(scales, n, block)
         updated = torch.where(neg, m + s, m - s)
@@ -162,11 +169,12 @@ def mean_of_rows(decode: Callable, packed_rows: torch.Tensor, scale_rows: torch.
 
 
 def sign_mean_compress(
-    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
+    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean of W sign codes (rows), re-encoded: sign_compress(:func:`mean_of_rows`, residual, block)."""
+    """The mean of W sign codes (rows), re-encoded: sign_compress(:func:`mean_of_rows`, residual, block, rms)."""
     mean = mean_of_rows(lambda p, s, out, acc: sign_decompress(p, s, block, n, out, acc), packed_rows, scale_rows)
-    return sign_compress(mean, residual, block)
+    return sign_compress(mean, residual, block, rms)
 
 
 def l2_scale(sumsq: torch.Tensor) -> torch.Tensor:

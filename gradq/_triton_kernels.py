@@ -124,7 +124,8 @@ def _philox_kernel(out, n, seed, offset, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R: tl.constexpr, NB: tl.constexpr):
+def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R: tl.constexpr, RMS: tl.constexpr,
+                          NB: tl.constexpr):
     b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
     lanes = tl.arange(0, 8)
     base = b * block
@@ -135,9 +136,11 @@ def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R:
         m = tl.load(x + index, mask=inside, other=0.0)
         if HAS_R:
             m = m + tl.load(residual + index, mask=inside, other=0.0)
-        acc = acc + tl.abs(m).to(tl.float64)
+        a = tl.abs(m).to(tl.float64)
+        acc = acc + (a * a if RMS else a)
     count = tl.minimum(n - base, block).to(tl.float64)
-    scale = (_lanes_in_order(acc, lanes) / count).to(tl.float32)
+    mean = _lanes_in_order(acc, lanes) / count
+    scale = _l2_scale(mean) if RMS else mean.to(tl.float32)
     tl.store(scales + b, scale, mask=b < nblocks)
     keep = ~_finite(scale)
     for t in range(0, _steps(n, block, NB)):
@@ -331,7 +334,9 @@ def philox_uniform(n: int, seed: int, offset: int, device: torch.device | str = 
     return out
 
 
-def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_compress(
+    x: torch.Tensor, residual: torch.Tensor | None, block: int, rms: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()
     nblocks = -(-n // block)
     packed = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
@@ -339,7 +344,7 @@ def sign_compress(x: torch.Tensor, residual: torch.Tensor | None, block: int) ->
     if n:
         _sign_compress_kernel[_programs(nblocks, _NB)](
             x, x if residual is None else residual, packed, scales, n, nblocks, block,
-            HAS_R=residual is not None, NB=_NB, **_EXACT,
+            HAS_R=residual is not None, RMS=rms, NB=_NB, **_EXACT,
         )
     return packed, scales
 
@@ -360,10 +365,11 @@ def sign_decompress(
 
 
 def sign_mean_compress(
-    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int
+    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None, block: int, n: int,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     mean = mean_of_rows(lambda p, s, out, acc: sign_decompress(p, s, block, n, out, acc), packed_rows, scale_rows)
-    return sign_compress(mean, residual, block)
+    return sign_compress(mean, residual, block, rms)
 
 
 def signmag_compress(

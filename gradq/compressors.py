@@ -185,9 +185,15 @@ class _Blocked(Compressor):
         return self._check_input(x).to(torch.float32)
 
 
+ONEBIT_SCALES = ("mean", "rms")
+
+
 @register_compressor
 class OneBit(_Blocked):
-    """1-bit sign per value and one scale per block: mean |x|, the scale minimizing ||x - s sign(x)||2.
+    """1-bit sign per value and one scale per block: ``scale="mean"``, mean |x|, the scale minimizing
+    ||x - s sign(x)||2; or ``scale="rms"``, sqrt(mean x^2) rounded up to fp32, DeepSpeed's choice, with which
+    the decoded block keeps the l2 norm of x. The payload is the same either way (:class:`QuantScheme.sign`
+    with ``scale_from="mean_abs"`` or ``"rms"``).
 
     Biased, so hooks pair it with error feedback by default (Seide et al. 2014; Karimireddy et al. 2019).
     """
@@ -196,14 +202,18 @@ class OneBit(_Blocked):
     bits = 1
     error_feedback_default = True
 
-    def __init__(self, block: int = 512) -> None:
+    def __init__(self, block: int = 512, scale: str = "mean") -> None:
         super().__init__(block)
+        if scale not in ONEBIT_SCALES:
+            raise ValueError(f"onebit's scale is one of {', '.join(map(repr, ONEBIT_SCALES))}, got {scale!r}")
+        self.scale = scale
 
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
-        return self._join(*kernels.sign_compress(self._as_fp32(x), None, block=self.block))
+        return self._join(*kernels.sign_compress(self._as_fp32(x), None, block=self.block, rms=self.scale == "rms"))
 
     def fused_error_feedback(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self._join(*kernels.sign_compress(self._as_fp32(x), residual, block=self.block))
+        rms = self.scale == "rms"
+        return self._join(*kernels.sign_compress(self._as_fp32(x), residual, block=self.block, rms=rms))
 
     def decompress(
         self, payload: torch.Tensor, numel: int, *, out: torch.Tensor | None = None, accumulate: bool = False
@@ -215,7 +225,10 @@ class OneBit(_Blocked):
         self, payloads: torch.Tensor, numel: int, residual: torch.Tensor | None, *, seed: int = 0, offset: int = 0
     ) -> torch.Tensor:
         packed_rows, scale_rows = self._split_rows(payloads, numel)
-        return self._join(*kernels.sign_mean_compress(packed_rows, scale_rows, residual, block=self.block, numel=numel))
+        rms = self.scale == "rms"
+        return self._join(
+            *kernels.sign_mean_compress(packed_rows, scale_rows, residual, block=self.block, numel=numel, rms=rms)
+        )
 
 
 class _SignMagnitude(_Blocked):

@@ -88,11 +88,12 @@ def _check_scales(scales: torch.Tensor, numel: int, block: int, like: torch.Tens
 
 
 def sign_compress(
-    x: torch.Tensor, residual: torch.Tensor | None = None, *, block: int
+    x: torch.Tensor, residual: torch.Tensor | None = None, *, block: int, rms: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-bit sign code of ``x`` (+ error feedback); returns (packed bits, fp32 scale per block).
 
-    m = x + residual; bit i = (m_i < 0) (0 maps to +1); scale of a block = mean |m| over it. Mutates
+    m = x + residual; bit i = (m_i < 0) (0 maps to +1); scale of a block = mean |m| over it, or with
+    ``rms`` sqrt(mean m^2) rounded up to fp32 (docs/format.md). Mutates
     ``residual`` to m - decoded(m) in each block whose scale is finite; a block holding a NaN/Inf (in x,
     or from an overflow of x + residual) keeps its residual and gets a non-finite scale, so the residual
     never absorbs NaN/Inf and the decoded block stays non-finite.
@@ -106,7 +107,7 @@ def sign_compress(
                 f"residual must match x: got {tuple(residual.shape)} on {residual.device}, "
                 f"x is {tuple(x.shape)} on {x.device}"
             )
-    return kernels_for(x).sign_compress(x, residual, block)
+    return kernels_for(x).sign_compress(x, residual, block, bool(rms))
 
 
 def sign_decompress(
@@ -133,12 +134,18 @@ def sign_decompress(
 
 
 def sign_mean_compress(
-    packed_rows: torch.Tensor, scale_rows: torch.Tensor, residual: torch.Tensor | None = None, *, block: int, numel: int
+    packed_rows: torch.Tensor,
+    scale_rows: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    *,
+    block: int,
+    numel: int,
+    rms: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of W sign codes, re-encoded as a sign code with error feedback, in one pass.
 
     ``packed_rows`` (W, packed_nbytes(numel, 1)) uint8 and ``scale_rows`` (W, nblocks) fp32 hold W sign
-    codes of ``numel`` values with the same blocking. Equals ``sign_compress(mean, residual, block=block)``
+    codes of ``numel`` values with the same blocking. Equals ``sign_compress(mean, residual, block=block, rms=rms)``
     with mean = ((d_0 + d_1) + ... + d_{W-1}) / W in fp32, d_r = sign_decompress of row r, bit for bit;
     ``residual`` (numel,) is updated under the same rules. Two-phase onebit's server step.
     """
@@ -157,7 +164,7 @@ def sign_mean_compress(
         check_tensor("residual", residual, dtypes=(torch.float32,), dim=1)
         if residual.numel() != numel:
             raise ValueError(f"residual must hold {numel} values, got {residual.numel()}")
-    return kernels_for(packed_rows).sign_mean_compress(packed_rows, scale_rows, residual, block, numel)
+    return kernels_for(packed_rows).sign_mean_compress(packed_rows, scale_rows, residual, block, numel, bool(rms))
 
 
 def signmag_bits(levels: int) -> int:

@@ -291,7 +291,7 @@ def _quantize_gradient_codebook(x: torch.Tensor, scheme: QuantScheme, seed: int 
         return QTensor(torch.empty(x.shape, dtype=torch.uint8), torch.zeros(target), None, scheme, x.dtype)
     block = _bucket(scheme, flat.numel())
     if scheme.codebook == "sign":
-        packed, scales = kernels.sign_compress(flat, None, block=block)
+        packed, scales = kernels.sign_compress(flat, None, block=block, rms=scheme.scale_from == "rms")
     else:
         rule = "l2" if scheme.scale_from == "norm" else "absmax"
         packed, scales = kernels.signmag_compress(

@@ -47,10 +47,10 @@ class PerBucket:
 
 Granularity = PerTensor | PerAxis | PerGroup | PerBucket
 Rounding = Literal["nearest", "stochastic"]
-ScaleFrom = Literal["minmax", "norm", "mean_abs"]
+ScaleFrom = Literal["minmax", "norm", "mean_abs", "rms"]
 Codebook = Literal["uniform", "sign", "sign_magnitude"]
 
-_ALLOWED_SCALES = {"uniform": ("minmax", "norm"), "sign": ("mean_abs",), "sign_magnitude": ("minmax", "norm")}
+_ALLOWED_SCALES = {"uniform": ("minmax", "norm"), "sign": ("mean_abs", "rms"), "sign_magnitude": ("minmax", "norm")}
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ class QuantScheme:
     range [min(x, 0), max(x, 0)] is mapped affinely. ``scale_from``: ``minmax`` (min/max, or max |x| when
     symmetric) or ``norm`` (||x||2, symmetric only; never clips a signed code).
 
-    codebook ``sign``: 1 bit per value, +scale or -scale (0 maps to +scale), scale = mean |x|.
+    codebook ``sign``: 1 bit per value, +scale or -scale (0 maps to +scale), scale = mean |x| (``mean_abs``,
+    the least-squares scale) or sqrt(mean x^2) rounded up to fp32 (``rms``, DeepSpeed's 1-bit scale: the
+    decoded block keeps the input's l2 norm; PerTensor or PerBucket only).
 
     codebook ``sign_magnitude``: a sign bit plus a level in [0, levels]; value = ±level * (scale / levels);
     scale = max |x| (``minmax``, lowered to ``clip`` x RMS when ``clip > 0``) or ||x||2 (``norm``);
@@ -110,6 +112,9 @@ class QuantScheme:
     def _check_gradient_codebook(self) -> None:
         gran = self.granularity
         if self.codebook == "sign" and isinstance(gran, (PerAxis, PerGroup)):
+            if self.scale_from != "mean_abs":
+                raise ValueError("binary weights (sign per channel or group) take scale_from='mean_abs', the "
+                                 "least-squares scale; 'rms' is for gradient buckets (PerTensor or PerBucket)")
             gran = PerTensor()  # binary weights: mean |x| per channel or group, computed in torch
         if not isinstance(gran, (PerTensor, PerBucket)) or (isinstance(gran, PerBucket) and gran.bucket_size % 8):
             raise ValueError(
@@ -166,10 +171,11 @@ class QuantScheme:
         return cls(bits, signed, symmetric, granularity, rounding, scale_from)
 
     @classmethod
-    def sign(cls, bucket_size: int | None = None) -> QuantScheme:
-        """1-bit sign with scale mean |x| per bucket (or per tensor)."""
+    def sign(cls, bucket_size: int | None = None, scale_from: ScaleFrom = "mean_abs") -> QuantScheme:
+        """1-bit sign with scale mean |x| (or with ``scale_from="rms"`` sqrt(mean x^2)) per bucket (or per
+        tensor)."""
         gran = PerTensor() if bucket_size is None else PerBucket(bucket_size)
-        return cls(1, granularity=gran, scale_from="mean_abs", codebook="sign")
+        return cls(1, granularity=gran, scale_from=scale_from, codebook="sign")
 
     @classmethod
     def ternary(cls, bucket_size: int | None = None, clip: float = 0.0) -> QuantScheme:

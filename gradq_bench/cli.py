@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gradq-bench: {exc}", file=sys.stderr)
             return 1
         runs = json.loads(Path(spec["result_path"]).read_text())["runs"]
+    (args.output / "results.json").write_text(json.dumps({"schema": SCHEMA, "runs": runs}))  # kept if the report fails
     rows = summarize(runs)
     checks = check_targets(rows, workload.name)
     seeds = spec["seeds"]

@@ -37,6 +37,7 @@ def known_methods() -> list[str]:
 
 SYNC = "sync"  # method suffix: run the hook's reductions inside the hook call (register(overlap=False))
 MOMENTUM = "momentum"  # method suffix: compress the optimizer's momentum (SGD: in the hook; AdamW: CompressedAdamW)
+ERROR_FEEDBACK = "error_feedback"  # method option: the hook's (or CompressedAdamW's) error_feedback
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class GradqMethod:
     overlap: bool
     options: dict[str, int | float | str]
     hook_momentum: bool = False
+    error_feedback: bool | None = None  # None: the compressor's default
 
 
 def _option_value(text: str) -> int | float | str:
@@ -63,7 +65,7 @@ def _option_value(text: str) -> int | float | str:
 def parse_gradq_method(name: str) -> GradqMethod:
     """``compressor[:mode][:sync][:momentum][:option=value ...]`` -> :class:`GradqMethod`, e.g.
     ``qsgd:levels=2`` or ``onebit:scale=rms``; ``:momentum`` compresses the ranks' SGD momentum instead of their
-    gradients.
+    gradients; ``:error_feedback=0`` or ``=1`` overrides the compressor's default error feedback.
 
     Raises ValueError naming the accepted methods, modes or the compressor's complaint about an option.
     """
@@ -74,7 +76,7 @@ def parse_gradq_method(name: str) -> GradqMethod:
             f":{' or :'.join(MODES)}, :{SYNC} and :option=value, e.g. qsgd:levels=2); the no-communication floor "
             "always runs"
         )
-    mode, overlap, options, hook_momentum = "two_phase", True, {}, False
+    mode, overlap, options, hook_momentum, error_feedback = "two_phase", True, {}, False, None
     for suffix in suffixes:
         key, eq, value = suffix.partition("=")
         if not eq:
@@ -90,12 +92,17 @@ def parse_gradq_method(name: str) -> GradqMethod:
                     "option=value"
                 )
             continue
+        if key == ERROR_FEEDBACK:
+            if value not in ("0", "1"):
+                raise ValueError(f"{name!r}: {ERROR_FEEDBACK} is 0 or 1, got {value!r}")
+            error_feedback = value == "1"
+            continue
         options[key] = _option_value(value)
     try:
         get_compressor(compressor, **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name!r}: {exc}") from None
-    return GradqMethod(compressor, mode, overlap, options, hook_momentum)
+    return GradqMethod(compressor, mode, overlap, options, hook_momentum, error_feedback)
 
 
 def check_method(name: str) -> str:
@@ -113,6 +120,8 @@ def describe(name: str) -> str:
     settings = [method.mode.replace("_", "-"), *([] if method.overlap else [SYNC])]
     settings += [MOMENTUM] if method.hook_momentum else []
     settings += [f"{k}={v}" for k, v in method.options.items()]
+    if method.error_feedback is not None:
+        settings += ["error feedback" if method.error_feedback else "no error feedback"]
     return f"gradq {method.compressor} ({', '.join(settings)})"
 
 
@@ -149,7 +158,8 @@ class Meter:
         if in_hook and workload.optimizer == "adamw":
             self._gradq = self.optimizer = comm_hooks.CompressedAdamW(
                 ddp, lr=workload.lr, weight_decay=workload.weight_decay, warmup_steps=workload.momentum_warmup_steps,
-                compressor=method.compressor, mode=method.mode, seed=seed, **method.options,
+                compressor=method.compressor, mode=method.mode, seed=seed, error_feedback=method.error_feedback,
+                **method.options,
             )  # fmt: skip
             return
         self.optimizer = workload.make_optimizer(ddp.parameters(), 0.0 if in_hook else workload.momentum)
@@ -171,6 +181,7 @@ class Meter:
                 seed=seed,
                 overlap=method.overlap,
                 momentum=workload.momentum if in_hook else 0.0,
+                error_feedback=method.error_feedback,
                 **method.options,
             )
 

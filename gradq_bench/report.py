@@ -48,6 +48,15 @@ def _median_reached(values: list) -> float | None:
     return None if math.isinf(middle) else middle
 
 
+def _spread(values: list) -> float | None:
+    """Sample standard deviation; None if a value is missing, inf if one is infinite (a diverged run)."""
+    if any(v is None for v in values):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        return math.inf if not any(math.isnan(v) for v in values) else math.nan
+    return statistics.stdev(values)
+
+
 def combine_seeds(rows: list[dict], seeds: list[int]) -> dict:
     """One method's rows from several seeds as one: the model's figures (:data:`MODEL_FIGURES`) are the mean
     over seeds, each seed's kept in ``<figure>_per_seed`` and the sample standard deviation of the deltas in
@@ -65,7 +74,7 @@ def combine_seeds(rows: list[dict], seeds: list[int]) -> dict:
             combined[key] = None if any(v is None for v in values) else statistics.median(values)
     for key, sd in (("accuracy_delta_vs_fp32", "accuracy_delta_sd"), ("perplexity_vs_fp32", "perplexity_vs_fp32_sd")):
         values = combined[f"{key}_per_seed"]
-        combined[sd] = None if any(v is None for v in values) else statistics.stdev(values)
+        combined[sd] = _spread(values)
     return combined
 
 

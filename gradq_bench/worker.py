@@ -58,6 +58,14 @@ def evaluate(model: torch.nn.Module, workload: Workload, rank: int, world: int) 
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss); inf for a diverged run whose loss is past exp's float range (NaN stays NaN)."""
+    return math.inf if loss >= MAX_EXP_ARGUMENT else math.exp(loss)
+
+
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
+
+
 def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's shard of the training set, reshuffled every epoch, in batches of batch_size."""
     shard = torch.arange(rank, len(workload.train_x), world)
@@ -105,7 +113,7 @@ def run_method(workload: Workload, name: str, seed: int, spec: dict, rank: int, 
         if workload.test_x is not None and ((step + 1) % spec["eval_every"] == 0 or last):
             test_loss, accuracy = evaluate(ddp.module, workload, rank, world)
             evals.append({"step": step + 1, "train_seconds": sum(step_seconds), "bytes_sent": sum(sent),
-                          "loss": test_loss, "accuracy": accuracy, "perplexity": math.exp(test_loss)})  # fmt: skip
+                          "loss": test_loss, "accuracy": accuracy, "perplexity": perplexity(test_loss)})  # fmt: skip
         if progress is not None:
             progress.set_postfix_str(f"loss {losses[-1]:.3f}, {step_seconds[-1]:.3f} s/step", refresh=False)
             progress.update()

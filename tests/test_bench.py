@@ -225,6 +225,14 @@ def test_seeds_are_compared_pairwise_then_averaged():
     text = report.seed_table([noop, fp32, onebit])
     assert "89.0 (-1.0)" in text and "87.0 (+1.0)" in text and "85.0 (-3.0)" in text and "87.0 (-1.0)" in text
     assert text.splitlines()[-1].endswith("2.00") and "noop" not in text
+    # a diverged seed (infinite perplexity) makes the mean and the spread infinite, not the report crash
+    lm = [dict(r, final_perplexity=6.0 + r["seed"], final_accuracy=None) for r in runs if r["method"] != "noop"]
+    lm[3]["final_perplexity"] = math.inf  # onebit, seed 1
+    _, lm_onebit = summarize(lm)
+    assert lm_onebit["perplexity_vs_fp32_per_seed"] == [1.0, math.inf, 1.0]
+    assert lm_onebit["perplexity_vs_fp32"] == math.inf
+    assert lm_onebit["perplexity_vs_fp32_sd"] == math.inf and lm_onebit["accuracy_delta_sd"] is None
+    assert "inf" in report.seed_table([lm_onebit], perplexity=True)
 
 
 def test_seeds_flag_trains_each_seed_as_its_own_run(tmp_path):
@@ -425,6 +433,14 @@ def test_momentum_suffix_moves_sgd_momentum_into_the_hook():
     assert describe("terngrad:momentum") == "gradq terngrad (two-phase, momentum)"
     with pytest.raises(ValueError, match="'momentum' nor option=value"):
         parse_gradq_method("qsgd:momentun")
+    rms = parse_gradq_method("onebit:momentum:scale=rms:error_feedback=0")
+    assert rms.options == {"scale": "rms"} and rms.error_feedback is False
+    assert parse_gradq_method("qsgd:error_feedback=1").error_feedback is True and method.error_feedback is None
+    assert describe("qsgd:error_feedback=1") == "gradq qsgd (two-phase, error feedback)"
+    with pytest.raises(ValueError, match="onebit's scale is one of 'mean', 'rms', got 'l2'"):
+        parse_gradq_method("onebit:scale=l2")
+    with pytest.raises(ValueError, match="error_feedback is 0 or 1, got 'yes'"):
+        parse_gradq_method("qsgd:error_feedback=yes")
 
 
 def test_charlm_workload_is_next_character_prediction_on_the_plays():
@@ -490,6 +506,13 @@ def test_sequence_loss_and_sharded_evaluation_count_every_position_once():
     for loss, accuracy in run(_evaluate_rank, 3):
         assert loss == pytest.approx(float(expected), rel=1e-6)
         assert accuracy == float((logits.argmax(-1) == labels).double().mean())
+
+
+def test_a_diverged_run_has_infinite_perplexity_instead_of_crashing_the_benchmark():
+    from gradq_bench.worker import perplexity
+
+    assert perplexity(1.0) == math.e and perplexity(709.0) == math.exp(709.0)
+    assert perplexity(710.0) == math.inf and perplexity(math.inf) == math.inf and math.isnan(perplexity(math.nan))
 
 
 def test_charlm_targets_and_table_use_perplexity():

@@ -102,6 +102,24 @@ def test_sign_code_and_mean_abs_scale_are_exact():
     assert gradq.dequantize(qt).tolist() == [2.25, -2.25, 2.25, -2.25, 2.25, 2.25, -2.25, 2.25, 0.0]
 
 
+def test_sign_rms_scale_keeps_the_block_norm():
+    """scale_from='rms': s = the smallest fp32 with s^2 >= mean x^2, so ||decoded||^2 = n s^2 is the input's
+    ||x||^2 up to that rounding up (relative 2^-23 at most); the codes are mean_abs's."""
+    x = gradient(5000, 4)
+    mean_abs = gradq.quantize(x, QuantScheme.sign(bucket_size=512))
+    rms = gradq.quantize(x, QuantScheme.sign(bucket_size=512, scale_from="rms"))
+    assert torch.equal(rms.codes, mean_abs.codes)
+    decoded = gradq.dequantize(rms).double()
+    for block, x_block in zip(decoded.split(512), x.double().split(512), strict=True):
+        energy, want = float(block.square().sum()), float(x_block.square().sum())
+        assert want <= energy <= want * (1 + 2**-22)
+    assert (rms.scale > mean_abs.scale).all()  # rms > mean |x| unless every |x| of a block is equal
+    s = gradq.quantize(torch.tensor([3.0, -4.0]), QuantScheme.sign(scale_from="rms")).scale.double()
+    assert s**2 >= 12.5 > torch.nextafter(s.float(), torch.tensor(0.0)).double() ** 2  # rms sqrt(12.5), rounded up
+    with pytest.raises(ValueError, match="binary weights .* take scale_from='mean_abs'"):
+        QuantScheme(1, granularity=PerAxis(0), scale_from="rms", codebook="sign")
+
+
 def test_mean_abs_minimizes_the_sign_residual():
     x = gradient(4096, 3)
     s = float(gradq.quantize(x, QuantScheme.sign()).scale)

@@ -1,5 +1,7 @@
 """The native kernels reproduce the pure-PyTorch reference bit for bit (docs/kernels.md)."""
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -65,15 +67,16 @@ def test_pack_unpack(native, bits, n):
     assert_same_bits(native.unpack_bits(packed, bits, n), _reference.unpack_bits(packed, bits, n))
 
 
+@pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("nonfinite", [False, True])
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("n", ODD_LENGTHS)
-def test_sign_compress_with_error_feedback(native, n, block, nonfinite):
+def test_sign_compress_with_error_feedback(native, n, block, nonfinite, rms):
     x = sample(n, n + block, nonfinite)
     r_native = torch.randn(n, generator=torch.Generator().manual_seed(7))
     r_ref = r_native.clone()
-    packed, scales = native.sign_compress(x, r_native, block)
-    ref_packed, ref_scales = _reference.sign_compress(x, r_ref, block)
+    packed, scales = native.sign_compress(x, r_native, block, rms)
+    ref_packed, ref_scales = _reference.sign_compress(x, r_ref, block, rms)
     assert_same_bits(packed, ref_packed)
     assert_same_bits(scales, ref_scales)
     assert_same_bits(r_native, r_ref)
@@ -83,11 +86,31 @@ def test_sign_compress_with_error_feedback(native, n, block, nonfinite):
     )
 
 
+@pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("n", ODD_LENGTHS)
-def test_sign_compress_without_residual(native, n):
+def test_sign_compress_without_residual(native, n, rms):
     x = sample(n, n, nonfinite=False)
-    for a, b in zip(native.sign_compress(x, None, 64), _reference.sign_compress(x, None, 64), strict=True):
+    for a, b in zip(native.sign_compress(x, None, 64, rms), _reference.sign_compress(x, None, 64, rms), strict=True):
         assert_same_bits(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_sign_rms_scale_is_the_root_mean_square_rounded_up(native, backend):
+    """rms scale = the smallest fp32 s with s * s >= sum(m^2) / count, exactly: blocks of 8 fp32 integers,
+    whose sums of squares are exact in float64 and in Python integers, with squares/8 up to 2^50."""
+    kernels = native if backend == "native" else _reference
+    gen = torch.Generator().manual_seed(23)
+    blocks = torch.randint(-(2**25), 2**25, (4096, 8), generator=gen).float()
+    blocks[:5] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # rms 1 exactly
+    x = torch.cat([blocks.flatten(), torch.tensor([3.0, -4.0])])  # a last block of 2: rms sqrt(12.5)
+    _, scales = kernels.sign_compress(x, None, 8, True)
+    for row, s in zip([*blocks.long().tolist(), [3, -4]], scales.tolist(), strict=True):
+        mean = Fraction(sum(v * v for v in row), len(row))
+        below = float(torch.nextafter(torch.tensor(s), torch.tensor(0.0)))
+        assert Fraction(s) ** 2 >= mean > Fraction(below) ** 2
+    assert scales[:5].tolist() == [1.0] * 5
+    d = 2.0**-149  # subnormal: rms of (d, 0 x 7) is 0.35 d, which rounds to nearest as 0, so the scale is d
+    assert kernels.sign_compress(torch.tensor([d] + [0.0] * 7), None, 8, True)[1].tolist() == [d]
 
 
 def test_sign_compress_overflowing_sum_keeps_that_blocks_residual(native):
@@ -96,8 +119,8 @@ def test_sign_compress_overflowing_sum_keeps_that_blocks_residual(native):
     r = torch.zeros(32)
     r[20] = 3.0e38  # x + r overflows to +inf inside block 2 only
     r_ref, r_before = r.clone(), r.clone()
-    _, scales = native.sign_compress(x, r, 8)
-    _reference.sign_compress(x, r_ref, 8)
+    _, scales = native.sign_compress(x, r, 8, False)
+    _reference.sign_compress(x, r_ref, 8, False)
     assert_same_bits(r, r_ref)
     assert torch.isinf(scales[2]) and torch.isfinite(scales[[0, 1, 3]]).all()
     assert torch.equal(r[16:24], r_before[16:24])  # untouched
@@ -220,19 +243,20 @@ def test_escape_code_holds_every_block_the_l2_bound_allows(native, levels, block
         assert (decoded.abs() > scales.repeat_interleave(block) * (1.5 / levels)).any()  # escapes did occur
 
 
+@pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("nonfinite", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 4])
 @pytest.mark.parametrize("n", [1, 9, 4097, 70_001])
-def test_sign_mean_compress(native, n, rows, nonfinite):
+def test_sign_mean_compress(native, n, rows, nonfinite, rms):
     block = 512
-    codes = [native.sign_compress(sample(n, n + r, nonfinite and r == 1), None, block) for r in range(rows)]
+    codes = [native.sign_compress(sample(n, n + r, nonfinite and r == 1), None, block, rms) for r in range(rows)]
     packed_rows = torch.stack([c[0] for c in codes])
     scale_rows = torch.stack([c[1] for c in codes])
     for with_residual in (False, True):
         r_native = sample(n, 99, nonfinite=False) if with_residual else None
         r_ref = r_native.clone() if with_residual else None
-        out = native.sign_mean_compress(packed_rows, scale_rows, r_native, block, n)
-        ref = _reference.sign_mean_compress(packed_rows, scale_rows, r_ref, block, n)
+        out = native.sign_mean_compress(packed_rows, scale_rows, r_native, block, n, rms)
+        ref = _reference.sign_mean_compress(packed_rows, scale_rows, r_ref, block, n, rms)
         for a, b in zip(out, ref, strict=True):
             assert_same_bits(a, b)
         if with_residual:
@@ -275,7 +299,7 @@ def test_signmag_mean_compress_rejects_a_corrupt_row(native, backend):
 def test_decompress_into_and_accumulating_into_an_output(native, n):
     x = sample(n, n, nonfinite=False)
     base = sample(n, n + 1, nonfinite=False)
-    sign = native.sign_compress(x, None, 64)
+    sign = native.sign_compress(x, None, 64, False)
     signmag = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4, 0)
     escaped = native.signmag_compress(x, 4, 64, True, 0.0, 3, 4, 16)
     cases = (
@@ -305,14 +329,15 @@ def test_results_do_not_depend_on_thread_count(native):
         for threads in (1, 2):
             torch.set_num_threads(threads)
             r = torch.zeros_like(x)
-            sign = native.sign_compress(x, r, 4096)
+            sign = native.sign_compress(x, r, 4096, False)
+            sign_rms = native.sign_compress(x, torch.zeros_like(x), 4096, True)
             signmag = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 0)
             escaped = native.signmag_compress(x, 4, 512, True, 0.0, 99, 1, 16)
             decoded = native.signmag_decompress(*escaped, 4, 512, x.numel(), None, False, 16)
             rows = [torch.stack(t) for t in zip(escaped, signmag_rows, strict=True)]
             mean = native.signmag_mean_compress(*rows, 4, 512, x.numel(), True, 0.0, 5, 6, 16)
             uniforms = native.philox_uniform(x.numel(), 99, 1)
-            outputs.append((*sign, r, *signmag, *escaped, decoded, *mean, uniforms))
+            outputs.append((*sign, r, *sign_rms, *signmag, *escaped, decoded, *mean, uniforms))
     finally:
         torch.set_num_threads(before)
     for a, b in zip(*outputs, strict=True):

@@ -80,16 +80,17 @@ def test_philox_matches_the_known_answer_and_the_reference(on_triton):
         assert_same_bits(kernels.philox_uniform(n, seed, offset, device=DEVICE).cpu(), expected)
 
 
+@pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("block", [8, 64, 520])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_sign_code_equals_the_reference(on_triton, block, with_residual):
+def test_sign_code_equals_the_reference(on_triton, block, with_residual, rms):
     n = 1037
     x = gradients(n, block, special=block < 520)  # with 520, one block stays finite
     residual = gradients(n, block + 1, special=False) if with_residual else None
     before = None if residual is None else residual.clone()
-    (packed, scales), cpu, _ = on_triton(kernels.sign_compress, x, residual, block=block)
+    (packed, scales), cpu, _ = on_triton(kernels.sign_compress, x, residual, block=block, rms=rms)
     device_residual = None if residual is None else cuda(residual)
-    got_packed, got_scales = kernels.sign_compress(cuda(x), device_residual, block=block)
+    got_packed, got_scales = kernels.sign_compress(cuda(x), device_residual, block=block, rms=rms)
     assert_same_bits(got_packed.cpu(), packed)
     assert_same_bits(got_scales.cpu(), scales)
     if with_residual:
@@ -146,15 +147,17 @@ def test_sign_magnitude_server_step_equals_the_reference(on_triton, levels, rule
     assert_same_bits(got_scales.cpu(), scales)
 
 
-def test_sign_server_step_equals_the_reference(on_triton):
+@pytest.mark.parametrize("rms", [False, True])
+def test_sign_server_step_equals_the_reference(on_triton, rms):
     n, block = 531, 64
-    rows = [kernels.sign_compress(gradients(n, r, special=False), block=block) for r in range(3)]
+    rows = [kernels.sign_compress(gradients(n, r, special=False), block=block, rms=rms) for r in range(3)]
     packed_rows, scale_rows = (torch.stack(t).cpu() for t in zip(*rows, strict=True))
     residual = gradients(n, 5, special=False)
     (packed, scales), cpu, _ = on_triton(kernels.sign_mean_compress, packed_rows, scale_rows, residual, block=block,
-                                         numel=n)
+                                         numel=n, rms=rms)
     device_residual = cuda(residual)
-    got = kernels.sign_mean_compress(cuda(packed_rows), cuda(scale_rows), device_residual, block=block, numel=n)
+    got = kernels.sign_mean_compress(cuda(packed_rows), cuda(scale_rows), device_residual, block=block, numel=n,
+                                     rms=rms)
     assert_same_bits(got[0].cpu(), packed)
     assert_same_bits(got[1].cpu(), scales)
     assert_same_bits(device_residual.cpu(), cpu[2])
