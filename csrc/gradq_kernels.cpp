@@ -353,6 +353,9 @@ inline float l2_scale(double sumsq) {
 // ---------------------------------------------------------------------------------------------
 // 1-bit sign with error feedback.
 
+// The rms scale's cap, as a multiple of mean |m|: below 2, so that error feedback contracts (docs/quantization.md).
+constexpr double kRmsCap = 1.5;
+
 // Row b of kSignMask has the float sign bit in lane l where bit l of b is set: XOR with it turns s into
 // -s in exactly those lanes (the bits of the scalar -s).
 struct SignMaskTable {
@@ -380,18 +383,20 @@ struct BlockValues {
 #endif
 };
 
-// Pass 1 of a sign block: m = v + r (no r: m = v), bit (m < 0) into pb, and the returned scale: mean |m|,
-// or with rms l2_scale(sum m^2 / len) (each m^2 exact in double), both summed in the fixed lane order of
-// lane_sum (lanes 0-3 and 4-7 accumulate in two float64 vectors).
+// Pass 1 of a sign block: m = v + r (no r: m = v), bit (m < 0) into pb, and the returned scale:
+// mean = sum |m| / len, rounded to fp32; with rms, l2_scale(sum m^2 / len) (the root mean square rounded up)
+// capped at fp32(RMS_CAP * mean) (each m^2 exact in double). Both sums run in the fixed lane order of lane_sum
+// (lanes 0-3 and 4-7 accumulate in two float64 vectors).
 template <bool rms, typename Source>
 inline float sign_block_pass1(const Source& source, const float* rb, int64_t len, uint8_t* pb) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, acc_sq[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t p = 0;
 #if defined(__AVX2__)
   {
     const __m256 zero = _mm256_setzero_ps();
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256d acc_lo = _mm256_setzero_pd(), acc_hi = _mm256_setzero_pd();
+    __m256d sq_lo = _mm256_setzero_pd(), sq_hi = _mm256_setzero_pd();
     for (; p + 8 <= len; p += 8) {
       __m256 m = source.eight(p);
       if (rb) m = _mm256_add_ps(m, _mm256_loadu_ps(rb + p));
@@ -399,11 +404,17 @@ inline float sign_block_pass1(const Source& source, const float* rb, int64_t len
       const __m256 a = _mm256_and_ps(m, abs_mask);
       const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
       const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
-      acc_lo = _mm256_add_pd(acc_lo, rms ? _mm256_mul_pd(lo, lo) : lo);
-      acc_hi = _mm256_add_pd(acc_hi, rms ? _mm256_mul_pd(hi, hi) : hi);
+      acc_lo = _mm256_add_pd(acc_lo, lo);
+      acc_hi = _mm256_add_pd(acc_hi, hi);
+      if (rms) {
+        sq_lo = _mm256_add_pd(sq_lo, _mm256_mul_pd(lo, lo));
+        sq_hi = _mm256_add_pd(sq_hi, _mm256_mul_pd(hi, hi));
+      }
     }
     _mm256_storeu_pd(acc, acc_lo);
     _mm256_storeu_pd(acc + 4, acc_hi);
+    _mm256_storeu_pd(acc_sq, sq_lo);
+    _mm256_storeu_pd(acc_sq + 4, sq_hi);
   }
 #endif
   for (; p < len; p += 8) {
@@ -413,14 +424,19 @@ inline float sign_block_pass1(const Source& source, const float* rb, int64_t len
       const float m = rb ? v + rb[p + l] : v;
       byte |= static_cast<uint32_t>(m < 0.0f) << l;
       const double a = std::fabs(m);
-      acc[l] += rms ? a * a : a;
+      acc[l] += a;
+      if (rms) acc_sq[l] += a * a;
     }
     pb[p / 8] = static_cast<uint8_t>(byte);
   }
-  double total = acc[0];
+  double total = acc[0], total_sq = acc_sq[0];
   for (int l = 1; l < 8; ++l) total += acc[l];
   const double mean = total / static_cast<double>(len);
-  return rms ? l2_scale(mean) : static_cast<float>(mean);
+  if (!rms) return static_cast<float>(mean);
+  for (int l = 1; l < 8; ++l) total_sq += acc_sq[l];
+  const float root = l2_scale(total_sq / static_cast<double>(len));
+  const float cap = static_cast<float>(kRmsCap * mean);
+  return root < cap ? root : cap;
 }
 
 // Pass 2 of a sign block (still in cache): r = m - (±s), m = v + r, for a block whose scale is finite.

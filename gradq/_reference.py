@@ -98,6 +98,9 @@ def block_counts(n: int, block: int, device: torch.device | str = "cpu") -> torc
     return counts
 
 
+RMS_CAP = 1.5  # the rms sign scale's cap, as a multiple of mean |m|: below 2, so error feedback contracts
+
+
 def block_lane_sum(v: torch.Tensor, block: int) -> torch.Tensor:
     """Per-block sum of ``v`` (float64, nblocks), in the kernels' fixed order.
 
@@ -120,20 +123,22 @@ def sign_compress(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-bit sign code with optional error feedback; returns (packed, scales) and updates ``residual``.
 
-    m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block = mean |m| in it (float64
-    lane sum / count, rounded to fp32), or with ``rms`` its root mean square: the smallest fp32 s with
-    s * s >= (float64 lane sum of m^2) / count, as :func:`l2_scale`. The residual of each block whose scale
-    is finite (so every m in it is) becomes m - (bit ? -scale : +scale); a block with a NaN/Inf keeps its
-    residual.
+    m = x + residual; bit = (m < 0) (so 0 and NaN map to +1); scale of a block: mean = float64 lane sum of
+    |m| / count, rounded to fp32; with ``rms``, root = :func:`l2_scale` of (float64 lane sum of m^2) / count
+    (the root mean square rounded up), capped at fp32(RMS_CAP * mean) (docs/quantization.md). The residual
+    of each block whose scale is finite (so every m in it is) becomes m - (bit ? -scale : +scale); a block
+    with a NaN/Inf keeps its residual.
     """
     n = x.numel()
     m = x if residual is None else x + residual
     neg = m < 0
     counts = block_counts(n, block, x.device).to(torch.float64)
+    mean = block_lane_sum(m.abs(), block) / counts
+    scales = mean.to(torch.float32)
     if rms:
-        scales = l2_scale(block_lane_sum(m.to(torch.float64).square(), block) / counts)
-    else:
-        scales = (block_lane_sum(m.abs(), block) / counts).to(torch.float32)
+        root = l2_scale(block_lane_sum(m.to(torch.float64).square(), block) / counts)
+        cap = (RMS_CAP * mean).to(torch.float32)
+        scales = torch.where(root < cap, root, cap)
     if residual is not None:
         s = _per_element(scales, n, block)
         updated = torch.where(neg, m + s, m - s)

@@ -20,12 +20,13 @@ import triton
 import triton.language as tl
 
 from gradq._checks import check, norm_overflow_error
-from gradq._reference import mean_of_rows
+from gradq._reference import RMS_CAP, mean_of_rows
 
 _NB = 16  # blocks per program of the block kernels: a (16, 8) tile per step
 _GROUPS = 128  # groups of 8 codes per program of the packing kernels
 _ELEMENTS = 1024  # elements per program of the elementwise kernels
 _EXACT = {"enable_fp_fusion": False}
+_RMS_CAP = tl.constexpr(RMS_CAP)
 
 
 @triton.jit
@@ -130,6 +131,7 @@ def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R:
     lanes = tl.arange(0, 8)
     base = b * block
     acc = tl.zeros([NB, 8], dtype=tl.float64)
+    acc_sq = tl.zeros([NB, 8], dtype=tl.float64)
     for t in range(0, _steps(n, block, NB)):
         index = base[:, None] + t * 8 + lanes[None, :]
         inside = (index < n) & (b < nblocks)[:, None]
@@ -137,10 +139,16 @@ def _sign_compress_kernel(x, residual, packed, scales, n, nblocks, block, HAS_R:
         if HAS_R:
             m = m + tl.load(residual + index, mask=inside, other=0.0)
         a = tl.abs(m).to(tl.float64)
-        acc = acc + (a * a if RMS else a)
+        acc = acc + a
+        if RMS:
+            acc_sq = acc_sq + a * a
     count = tl.minimum(n - base, block).to(tl.float64)
     mean = _lanes_in_order(acc, lanes) / count
-    scale = _l2_scale(mean) if RMS else mean.to(tl.float32)
+    scale = mean.to(tl.float32)
+    if RMS:
+        root = _l2_scale(_lanes_in_order(acc_sq, lanes) / count)
+        cap = (mean * _RMS_CAP).to(tl.float32)
+        scale = tl.where(root < cap, root, cap)
     tl.store(scales + b, scale, mask=b < nblocks)
     keep = ~_finite(scale)
     for t in range(0, _steps(n, block, NB)):

@@ -202,7 +202,7 @@ class OneBit(_Blocked):
     bits = 1
     error_feedback_default = True
 
-    def __init__(self, block: int = 512, scale: str = "mean") -> None:
+    def __init__(self, block: int = 512, scale: str = "rms") -> None:
         super().__init__(block)
         if scale not in ONEBIT_SCALES:
             raise ValueError(f"onebit's scale is one of {', '.join(map(repr, ONEBIT_SCALES))}, got {scale!r}")

@@ -25,7 +25,7 @@ def test_registry_lists_every_compressor_and_rejects_unknown_names():
         gradq.get_compressor("onebit", block=100)
     with pytest.raises(ValueError, match="onebit's scale is one of 'mean', 'rms', got 'max'"):
         gradq.get_compressor("onebit", scale="max")
-    assert gradq.OneBit(scale="rms").config() != gradq.OneBit().config()  # ranks that disagree are told
+    assert gradq.OneBit(scale="mean").config() != gradq.OneBit().config()  # ranks that disagree are told
     with pytest.raises(ValueError, match="already registered"):
         gradq.register_compressor(gradq.OneBit)
     instance = gradq.QSGD(levels=7)
@@ -51,8 +51,8 @@ def test_code_book_compressors_match_the_quantizer_core():
     """A compressor's payload decodes to exactly what gradq.quantize/dequantize give for the same scheme."""
     x = grad(5000, 1)
     cases = [
-        (gradq.OneBit(block=1024), QuantScheme.sign(1024)),
-        (gradq.OneBit(block=1024, scale="rms"), QuantScheme.sign(1024, scale_from="rms")),
+        (gradq.OneBit(block=1024), QuantScheme.sign(1024, scale_from="rms")),
+        (gradq.OneBit(block=1024, scale="mean"), QuantScheme.sign(1024)),
         (gradq.TernGrad(block=2048, clip=2.5), QuantScheme.ternary(2048, clip=2.5)),
         (gradq.QSGD(levels=4, block=512), QuantScheme.qsgd(4, 512)),
     ]
@@ -94,7 +94,7 @@ def test_decompress_rejects_mismatched_payloads():
         comp.compress(torch.arange(10))
 
 
-@pytest.mark.parametrize("name", ["onebit", "onebit-rms", "terngrad", "qsgd", "fp16"])
+@pytest.mark.parametrize("name", ["onebit", "onebit-mean", "terngrad", "qsgd", "fp16"])
 def test_error_feedback_memory_conserves_the_sum(name):
     """sum of decoded payloads + final residual == sum of inputs (fused path for onebit, generic otherwise).
 
@@ -102,7 +102,7 @@ def test_error_feedback_memory_conserves_the_sum(name):
     step. QSGD is not contractive, so its residual grows large under error feedback: the bound scales with
     the largest magnitude seen.
     """
-    comp = gradq.OneBit(scale="rms") if name == "onebit-rms" else gradq.get_compressor(name)
+    comp = gradq.OneBit(scale="mean") if name == "onebit-mean" else gradq.get_compressor(name)
     memory = ErrorFeedback()
     n, steps = 3001, 40
     applied = torch.zeros(n, dtype=torch.float64)

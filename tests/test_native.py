@@ -1,5 +1,6 @@
 """The native kernels reproduce the pure-PyTorch reference bit for bit (docs/kernels.md)."""
 
+import math
 from fractions import Fraction
 
 import pytest
@@ -94,23 +95,42 @@ def test_sign_compress_without_residual(native, n, rms):
         assert_same_bits(a, b)
 
 
+def _fp32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float64).float())
+
+
+def _root_rounded_up(mean_square: Fraction) -> float:
+    """The smallest fp32 s with s * s >= mean_square, found with exact rational arithmetic."""
+    s = _fp32(math.sqrt(mean_square))
+    while Fraction(s) ** 2 < mean_square:
+        s = float(torch.nextafter(torch.tensor(s), torch.tensor(math.inf)))
+    while s > 0 and Fraction(below := float(torch.nextafter(torch.tensor(s), torch.tensor(0.0)))) ** 2 >= mean_square:
+        s = below
+    return s
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
-def test_sign_rms_scale_is_the_root_mean_square_rounded_up(native, backend):
-    """rms scale = the smallest fp32 s with s * s >= sum(m^2) / count, exactly: blocks of 8 fp32 integers,
-    whose sums of squares are exact in float64 and in Python integers, with squares/8 up to 2^50."""
+def test_sign_rms_scale_is_the_root_mean_square_rounded_up_and_capped(native, backend):
+    """rms scale = min(the smallest fp32 s with s * s >= sum(m^2) / count, fp32(1.5 * (sum|m| / count))),
+    exactly: blocks of 8 fp32 integers (sums exact in float64 and in Python integers), some sparse enough
+    (rms > 1.5 mean |m|) for the cap to decide."""
     kernels = native if backend == "native" else _reference
     gen = torch.Generator().manual_seed(23)
     blocks = torch.randint(-(2**25), 2**25, (4096, 8), generator=gen).float()
     blocks[:5] = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0])  # rms 1 exactly
+    blocks[5:1000, 2:] = 0.0  # two values and six zeros: rms >= 2 mean |m|, capped
     x = torch.cat([blocks.flatten(), torch.tensor([3.0, -4.0])])  # a last block of 2: rms sqrt(12.5)
     _, scales = kernels.sign_compress(x, None, 8, True)
+    capped = 0
     for row, s in zip([*blocks.long().tolist(), [3, -4]], scales.tolist(), strict=True):
-        mean = Fraction(sum(v * v for v in row), len(row))
-        below = float(torch.nextafter(torch.tensor(s), torch.tensor(0.0)))
-        assert Fraction(s) ** 2 >= mean > Fraction(below) ** 2
-    assert scales[:5].tolist() == [1.0] * 5
-    d = 2.0**-149  # subnormal: rms of (d, 0 x 7) is 0.35 d, which rounds to nearest as 0, so the scale is d
-    assert kernels.sign_compress(torch.tensor([d] + [0.0] * 7), None, 8, True)[1].tolist() == [d]
+        root = _root_rounded_up(Fraction(sum(v * v for v in row), len(row)))
+        cap = _fp32(1.5 * (sum(abs(v) for v in row) / len(row)))
+        assert s == min(root, cap)
+        capped += cap < root
+    assert scales[:5].tolist() == [1.0] * 5 and 995 <= capped < 2000  # the sparse ones (rms >= 2 mean), few others
+    d = 2.0**-149  # subnormal: the rms of (d, d, 0 x 6) is d / 2, rounded up to d; 1.5 * mean is below it
+    assert kernels.sign_compress(torch.tensor([d, d] + [0.0] * 6), None, 8, True)[1].tolist() == [0.0]
+    assert kernels.sign_compress(torch.tensor([d] * 8), None, 8, True)[1].tolist() == [d]
 
 
 def test_sign_compress_overflowing_sum_keeps_that_blocks_residual(native):
