@@ -71,8 +71,12 @@ def test_payload_sizes_give_the_expected_compression():
         16, 0.01
     )
     # QSGD at 4 levels, blocks of 512: 2-bit symbols + 16 escape entries of 4 bits + a scale per block
-    assert gradq.QSGD().escape and gradq.QSGD().payload_nbytes(n) == n // 4 + (n // 512) * (8 + 4)
-    assert gradq.get_compressor("none").payload_nbytes(n) / gradq.QSGD().payload_nbytes(n) == pytest.approx(14.63, 1e-3)
+    four = gradq.QSGD(levels=4)
+    assert four.escape and four.payload_nbytes(n) == n // 4 + (n // 512) * (8 + 4)
+    assert fp32 / four.payload_nbytes(n) == pytest.approx(14.63, 1e-3)
+    # the default 7 levels: 56 escape entries of 4 bits (room for 7^2 = 49, rounded up to a multiple of 8)
+    assert gradq.QSGD().escape and gradq.QSGD().payload_nbytes(n) == n // 4 + (n // 512) * (28 + 4)
+    assert fp32 / gradq.QSGD().payload_nbytes(n) == 12.8
     # levels=1 is the plain 2-bit code; at 127 levels the escape code would be larger, so the plain 8 bits
     assert not gradq.QSGD(levels=1).escape and gradq.QSGD(levels=1).payload_nbytes(n) == n // 4 + n // 128
     assert not gradq.QSGD(levels=127).escape and gradq.QSGD(levels=127).payload_nbytes(n) == n + n // 128
@@ -88,7 +92,7 @@ def test_half_precision_input_is_accepted():
 def test_decompress_rejects_mismatched_payloads():
     comp = gradq.QSGD()
     payload = comp.compress(grad(1000, 0), seed=0)
-    with pytest.raises(ValueError, match="payload has 274 bytes but qsgd needs 1096 for 4000 values"):
+    with pytest.raises(ValueError, match="payload has 314 bytes but qsgd needs 1256 for 4000 values"):
         comp.decompress(payload, 4000)
     with pytest.raises(TypeError, match="x must have dtype"):
         comp.compress(torch.arange(10))
