@@ -7,9 +7,10 @@ onebit compressor and error-feedback memory (worker error feedback, mean, server
 chunking, no communication). Variants: what is compressed (the gradient, each rank's own momentum, or a
 momentum shared by all ranks as 1-bit Adam keeps it), the scale block, error feedback on or off. Also
 prints, for the gradient variant at the old block of 65536, each layer's residual against its gradient
-and the compressor's energy ratio delta = 1 - |x - C(x)|^2 / |x|^2 at both blocks.
+and the compressor's energy ratio delta = 1 - |x - C(x)|^2 / |x|^2 at both blocks. The code is onebit with
+the scale mean |x|, its default when this diagnosis was made (``--scale rms`` for today's default).
 
-    .venv/bin/python benchmarks/onebit_momentum.py [--seeds 0,1,2] [--output benchmarks/results/onebit_momentum.json]
+    .venv/bin/python benchmarks/onebit_momentum.py [--seeds 0,1,2] [--scale mean|rms] [--output ...]
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ VARIANTS = {
 }
 
 
-def delta(x: torch.Tensor, block: int) -> float:
+def delta(x: torch.Tensor, block: int, scale: str) -> float:
     """1 - |x - C(x)|^2 / |x|^2 for the onebit code C with this block (1: lossless, 0: nothing kept)."""
-    c = OneBit(block)
+    c = OneBit(block, scale=scale)
     return 1 - float((x - c.decompress(c.compress(x), x.numel())).square().sum() / x.square().sum())
 
 
 class TwoPhase:
     """The arithmetic of a two-phase compressed allreduce over RANKS simulated ranks."""
 
-    def __init__(self, block: int, error_feedback: bool) -> None:
-        self.code = OneBit(block)
+    def __init__(self, block: int, error_feedback: bool, scale: str) -> None:
+        self.code = OneBit(block, scale=scale)
         self.workers = [ErrorFeedback() for _ in range(RANKS)]
         self.server = ErrorFeedback()
         self.error_feedback = error_feedback
@@ -65,7 +66,7 @@ class TwoPhase:
         return self._roundtrip(self.server, sum(decoded) / RANKS)
 
 
-def train(variant: str, seed: int, report_layers: bool) -> dict:
+def train(variant: str, seed: int, report_layers: bool, scale: str) -> dict:
     what, block, error_feedback = VARIANTS[variant]
     workload = fmnist()
     torch.manual_seed(seed)
@@ -74,7 +75,7 @@ def train(variant: str, seed: int, report_layers: bool) -> dict:
     sizes = [p.numel() for p in params]
     in_hook = what in ("local", "shared")
     opt = torch.optim.SGD(params, lr=workload.lr, momentum=0.0 if in_hook else workload.momentum)
-    reduce = TwoPhase(block, error_feedback) if block else None
+    reduce = TwoPhase(block, error_feedback, scale) if block else None
     own = [torch.zeros(sum(sizes)) for _ in range(RANKS)]
     shared = torch.zeros(sum(sizes))
     gen = torch.Generator().manual_seed(seed)
@@ -105,8 +106,8 @@ def train(variant: str, seed: int, report_layers: bool) -> dict:
             residual = reduce.workers[0].residuals[0]
             pairs = zip(residual.split(sizes), grads[0].split(sizes), strict=True)
             ratios = [float(r.norm() / g.norm()) for r, g in pairs]
-            layers.append({"step": step + 1, "residual_over_gradient": ratios,
-                           "delta_65536": delta(grads[0], 65536), "delta_512": delta(grads[0], 512)})  # fmt: skip
+            kept = {f"delta_{b}": delta(grads[0], b, scale) for b in (65536, 512)}
+            layers.append({"step": step + 1, "residual_over_gradient": ratios, **kept})
     with torch.no_grad():
         accuracy = float((model(workload.test_x).argmax(1) == workload.test_y).double().mean())
     return {"variant": variant, "seed": seed, "accuracy": accuracy, "final_train_loss": float(loss.detach()),
@@ -116,6 +117,7 @@ def train(variant: str, seed: int, report_layers: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--scale", choices=("mean", "rms"), default="mean", help="onebit's scale (default mean)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/onebit_momentum.json"))
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -123,7 +125,8 @@ def main() -> None:
     runs, started = [], time.perf_counter()
     for variant in VARIANTS:
         for seed in seeds:
-            run = train(variant, seed, report_layers=variant == "gradient, block 65536" and seed == seeds[0])
+            report = variant == "gradient, block 65536" and seed == seeds[0]
+            run = train(variant, seed, report_layers=report, scale=args.scale)
             runs.append(run)
             print(f"[{time.perf_counter() - started:5.0f} s] {variant}, seed {seed}: {100 * run['accuracy']:.1f}%",
                   file=sys.stderr, flush=True)  # fmt: skip
