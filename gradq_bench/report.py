@@ -169,7 +169,7 @@ def seed_table(rows: list[dict], perplexity: bool = False) -> str:
     seeds = rows[0]["seeds"]
     sd_key = "perplexity_vs_fp32_sd" if perplexity else "accuracy_delta_sd"
     titles = ["method", *(f"seed {s}" for s in seeds), "mean", "sd"]
-    widths = [20, *([17] * (len(seeds) + 1)), 7]
+    widths = [max(20, *(len(r["method"]) + 2 for r in rows)), *([17] * (len(seeds) + 1)), 7]
     lines = [f"{titles[0]:<{widths[0]}}" + "".join(f"{t:>{w}}" for t, w in zip(titles[1:], widths[1:], strict=True))]
     lines.append("-" * len(lines[0]))
     for row in rows:
@@ -179,7 +179,8 @@ def seed_table(rows: list[dict], perplexity: bool = False) -> str:
         sd_text = "-" if sd is None else format(100 * sd if perplexity else sd, ".2f")
         cells = [cell(v, d) for v, d in zip(row[f"{figure}_per_seed"], row[f"{delta}_per_seed"], strict=True)]
         cells += [cell(row[figure], row[delta]), sd_text]
-        lines.append(f"{row['method']:<20}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths[1:], strict=True)))
+        cells = [f"{row['method']:<{widths[0]}}", *(f"{c:>{w}}" for c, w in zip(cells, widths[1:], strict=True))]
+        lines.append("".join(cells))
     return "\n".join(lines)
 
 
