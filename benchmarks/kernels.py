@@ -151,13 +151,14 @@ def philox_kernel() -> Kernel:
     return Kernel("philox_uniform", {}, "write n*4", lambda n: n * 4, setup)
 
 
-def sign_compress_kernel(residual: bool) -> Kernel:
-    """``sign_compress``, with error feedback (a fresh residual per path) or without."""
+def sign_compress_kernel(residual: bool, rms: bool = True) -> Kernel:
+    """``sign_compress``, with error feedback (a fresh residual per path) or without; the scale rms (capped,
+    onebit's default) or mean |x|."""
 
     def setup(x: torch.Tensor) -> Callable[[ModuleType], Runner]:
-        return lambda mod: partial(mod.sign_compress, x, torch.zeros_like(x) if residual else None, SIGN_BLOCK, False)
+        return lambda mod: partial(mod.sign_compress, x, torch.zeros_like(x) if residual else None, SIGN_BLOCK, rms)
 
-    params = {"block": SIGN_BLOCK, "residual": residual}
+    params = {"block": SIGN_BLOCK, "residual": residual, "rms": rms}
     if residual:
         moved = "read x + read/write residual + write packed"
         return Kernel("sign_compress", params, moved, lambda n: n * 12 + packed_nbytes(n, 1), setup)
@@ -265,6 +266,7 @@ def all_kernels(bits: list[int]) -> list[Kernel]:
         *(unpack_kernel(b) for b in bits),
         philox_kernel(),
         sign_compress_kernel(residual=True),
+        sign_compress_kernel(residual=True, rms=False),
         sign_compress_kernel(residual=False),
         sign_decompress_kernel(),
         sign_mean_compress_kernel(),
@@ -277,7 +279,8 @@ def all_kernels(bits: list[int]) -> list[Kernel]:
 def label(kernel: Kernel) -> str:
     """Short row label of a kernel for the table."""
     if "residual" in kernel.params:
-        return f"sign_compress {'+residual' if kernel.params['residual'] else 'no residual'}"
+        scale = "" if kernel.params["rms"] else " mean"
+        return f"sign_compress {'+residual' if kernel.params['residual'] else 'no residual'}{scale}"
     if kernel.name in ("pack_bits", "unpack_bits"):
         return f"{kernel.name} bits={kernel.params['bits']}"
     return kernel.name
