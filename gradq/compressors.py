@@ -190,10 +190,11 @@ ONEBIT_SCALES = ("mean", "rms")
 
 @register_compressor
 class OneBit(_Blocked):
-    """1-bit sign per value and one scale per block: ``scale="mean"``, mean |x|, the scale minimizing
-    ||x - s sign(x)||2; or ``scale="rms"``, sqrt(mean x^2) rounded up to fp32, DeepSpeed's choice, with which
-    the decoded block keeps the l2 norm of x. The payload is the same either way (:class:`QuantScheme.sign`
-    with ``scale_from="mean_abs"`` or ``"rms"``).
+    """1-bit sign per value and one scale per block: ``scale="rms"`` (default), sqrt(mean x^2) rounded up to
+    fp32 and capped at 1.5 mean |x|, DeepSpeed's choice, with which the decoded block keeps the l2 norm of x
+    unless capped (the cap keeps error feedback contracting on sparse blocks, docs/quantization.md); or
+    ``scale="mean"``, mean |x|, the scale minimizing ||x - s sign(x)||2. The payload is the same either way
+    (:class:`QuantScheme.sign` with ``scale_from="rms"`` or ``"mean_abs"``).
 
     Biased, so hooks pair it with error feedback by default (Seide et al. 2014; Karimireddy et al. 2019).
     """
@@ -209,9 +210,12 @@ class OneBit(_Blocked):
         self.scale = scale
 
     def compress(self, x: torch.Tensor, *, seed: int = 0, offset: int = 0) -> torch.Tensor:
-        return self._join(*kernels.sign_compress(self._as_fp32(x), None, block=self.block, rms=self.scale == "rms"))
+        return self._sign(x, None)
 
     def fused_error_feedback(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self._sign(x, residual)
+
+    def _sign(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         rms = self.scale == "rms"
         return self._join(*kernels.sign_compress(self._as_fp32(x), residual, block=self.block, rms=rms))
 

@@ -93,7 +93,7 @@ def sign_compress(
     """1-bit sign code of ``x`` (+ error feedback); returns (packed bits, fp32 scale per block).
 
     m = x + residual; bit i = (m_i < 0) (0 maps to +1); scale of a block = mean |m| over it, or with
-    ``rms`` sqrt(mean m^2) rounded up to fp32 (docs/format.md). Mutates
+    ``rms`` sqrt(mean m^2) rounded up to fp32, capped at 1.5 mean |m| (docs/quantization.md). Mutates
     ``residual`` to m - decoded(m) in each block whose scale is finite; a block holding a NaN/Inf (in x,
     or from an overflow of x + residual) keeps its residual and gets a non-finite scale, so the residual
     never absorbs NaN/Inf and the decoded block stays non-finite.

@@ -63,8 +63,9 @@ class QuantScheme:
     symmetric) or ``norm`` (||x||2, symmetric only; never clips a signed code).
 
     codebook ``sign``: 1 bit per value, +scale or -scale (0 maps to +scale), scale = mean |x| (``mean_abs``,
-    the least-squares scale) or sqrt(mean x^2) rounded up to fp32 (``rms``, DeepSpeed's 1-bit scale: the
-    decoded block keeps the input's l2 norm; PerTensor or PerBucket only).
+    the least-squares scale) or sqrt(mean x^2) rounded up to fp32 and capped at 1.5 mean |x| (``rms``,
+    DeepSpeed's 1-bit scale, with which the decoded block keeps the input's l2 norm unless capped; PerTensor
+    or PerBucket only; docs/quantization.md).
 
     codebook ``sign_magnitude``: a sign bit plus a level in [0, levels]; value = ±level * (scale / levels);
     scale = max |x| (``minmax``, lowered to ``clip`` x RMS when ``clip > 0``) or ||x||2 (``norm``);
@@ -172,8 +173,8 @@ class QuantScheme:
 
     @classmethod
     def sign(cls, bucket_size: int | None = None, scale_from: ScaleFrom = "mean_abs") -> QuantScheme:
-        """1-bit sign with scale mean |x| (or with ``scale_from="rms"`` sqrt(mean x^2)) per bucket (or per
-        tensor)."""
+        """1-bit sign with scale mean |x| (or with ``scale_from="rms"`` sqrt(mean x^2), capped at 1.5 mean |x|)
+        per bucket (or per tensor)."""
         gran = PerTensor() if bucket_size is None else PerBucket(bucket_size)
         return cls(1, granularity=gran, scale_from=scale_from, codebook="sign")
 

@@ -58,12 +58,12 @@ def evaluate(model: torch.nn.Module, workload: Workload, rank: int, world: int) 
     return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
+MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
+
+
 def perplexity(loss: float) -> float:
     """exp(loss); inf for a diverged run whose loss is past exp's float range (NaN stays NaN)."""
     return math.inf if loss >= MAX_EXP_ARGUMENT else math.exp(loss)
-
-
-MAX_EXP_ARGUMENT = math.log(sys.float_info.max)
 
 
 def _batches(workload: Workload, rank: int, world: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,9 +18,10 @@ class Workload:
     """A classification task (or next-token prediction: a label per position) for data-parallel training.
 
     ``build_model()`` is called on every rank after ``torch.manual_seed(seed)``. ``train_x``/``train_y``
-    (inputs, int64 labels; first dimension = samples) are sharded over ranks; ``test_x``/``test_y`` are
-    evaluated on every rank (None: no evaluation). The model maps a batch of inputs to logits (..., classes)
-    whose leading dimensions are those of the labels (N) or (N, T); the loss is their mean cross-entropy.
+    (inputs, int64 labels; first dimension = samples) are sharded over ranks, and so is the evaluation of
+    ``test_x``/``test_y``, whose sums are then all-reduced (None: no evaluation). The model maps a batch of
+    inputs to logits (..., classes) whose leading dimensions are those of the labels (N) or (N, T); the loss
+    is their mean cross-entropy.
     ``batch_size`` is per rank. ``optimizer``: ``"sgd"`` (with ``lr``, ``momentum``, ``weight_decay``) or
     ``"adamw"`` (``lr``, ``weight_decay``). ``metric``: what the benchmark judges, ``"accuracy"`` (higher
     is better; time to ``target_accuracy`` reported) or ``"perplexity"`` (exp of the test loss, lower is
