@@ -646,7 +646,8 @@ GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels,
     for (int half = 0; half < 2; ++half) {
       const __m256i part = half ? _mm512_extracti64x4_epi64(sum, 1) : _mm512_castsi512_si256(sum);
       const int64_t at = c + 8 * half;
-      __m512i x = _mm512_mullo_epi64(_mm512_cvtepi32_epi64(part), _mm512_loadu_si512(v.mult.data() + at));
+      // both factors fit int32: the signed 32 x 32 -> 64-bit product of the low halves (one uop, not vpmullq's 3)
+      __m512i x = _mm512_mul_epi32(_mm512_cvtepi32_epi64(part), _mm512_loadu_si512(v.mult.data() + at));
       x = _mm512_srav_epi64(_mm512_add_epi64(x, _mm512_loadu_si512(v.round.data() + at)),
                             _mm512_loadu_si512(v.shift.data() + at));
       x = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
@@ -803,15 +804,38 @@ torch::Tensor add_codes(const torch::Tensor& a, const torch::Tensor& b, int64_t 
 
 namespace {
 
-// The window's mean code, (t + count * z) / count, rounded to nearest with ties to the even code:
-// r = floor((2T + count) / (2 count)) for T = t + count * z, minus 1 where that quotient is an exact odd
-// integer. The double division is exact enough: |2T + count| < 2^53, and a quotient that is not an integer
-// lies at least 1 / (2 count) from one.
-inline int64_t rounded_mean(int64_t t, int64_t count, int64_t zero_point) {
-  const int64_t num = 2 * (t + count * zero_point) + count, den = 2 * count;
-  int64_t r = static_cast<int64_t>(std::floor(static_cast<double>(num) / static_cast<double>(den)));
-  if (r * den == num && (r & 1)) --r;
-  return r;
+// The window's mean code T / count (T: the window's sum of codes, padding counted as the zero point), rounded
+// to nearest with ties to the even code. The double division is exact enough: IEEE division is correctly
+// rounded, |T / count| < 2^9 so an ulp of the quotient is at most 2^-43, and a quotient that is not a tie
+// lies at least 1 / (2 count) from one (count < 2^42); nearbyint rounds ties to even in the default mode.
+inline int32_t rounded_mean(int64_t total, double count) {
+  return static_cast<int32_t>(std::nearbyint(static_cast<double>(total) / count));
+}
+
+// One output position of a channels-last average pool: for each channel, the rounded mean of the window's
+// codes (rows [y0, y1) x columns [x0, x1) of the sample at `in`, row stride sh, column stride sw), padding
+// counted as the zero point; 16 channels at a time in int32 lanes, the division as rounded_mean's.
+GRADQ_AVX512_DQ void avg_pool_position_avx512(const uint8_t* in, int64_t sh, int64_t sw, int64_t y0, int64_t y1,
+                                              int64_t x0, int64_t x1, int64_t c, bool is_signed, int32_t base,
+                                              double count, uint8_t* out) {
+  const __m512d dcount = _mm512_set1_pd(count);
+  for (int64_t ch = 0; ch < c; ch += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(c - ch >= 16 ? 0xFFFF : (1u << (c - ch)) - 1);
+    __m512i acc = _mm512_set1_epi32(base);
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t xx = x0; xx < x1; ++xx) {
+        const __m128i v = _mm_maskz_loadu_epi8(mask, in + y * sh + xx * sw + ch);
+        acc = _mm512_add_epi32(acc, is_signed ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
+      }
+    }
+    const auto mean = [&](__m256i half) {
+      const __m512d q = _mm512_div_pd(_mm512_cvtepi32_pd(half), dcount);
+      return _mm512_cvtpd_epi32(_mm512_roundscale_pd(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    };
+    const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(mean(_mm512_castsi512_si256(acc))),
+                                         mean(_mm512_extracti64x4_epi64(acc, 1)), 1);
+    _mm_mask_storeu_epi8(out + ch, mask, _mm512_cvtepi32_epi8(r));
+  }
 }
 
 }  // namespace
@@ -828,9 +852,12 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
   auto* dst = static_cast<uint8_t*>(out.data_ptr());
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const int64_t dn = out.stride(0), dc = out.stride(1), dh = out.stride(2), dw = out.stride(3);
+  TORCH_CHECK(count <= (int64_t{1} << 22), "avg_pool2d_codes: a window of ", count, " codes would overflow the int32 sums; at most 2^22");
+  const double dcount = static_cast<double>(count);
   if (sc == 1 && c > 1 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {  // whole channel rows at a time
     at::parallel_for(0, n * oh, 1, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> t(c);
+      std::vector<int32_t> t(c);
+      const bool vector = has_avx512_dq();
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / oh, oy = row % oh;
         const int64_t y0 = std::max<int64_t>(oy * stride[0] - padding[0], 0);
@@ -838,19 +865,27 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
         for (int64_t ox = 0; ox < ow; ++ox) {
           const int64_t x0 = std::max<int64_t>(ox * stride[1] - padding[1], 0);
           const int64_t x1 = std::min(ox * stride[1] - padding[1] + kernel[1], w);
-          std::fill(t.begin(), t.end(), -zero_point * (y1 - y0) * (x1 - x0));
+          // padding positions count as the zero point (a real 0)
+          const auto base = static_cast<int32_t>(zero_point * (count - (y1 - y0) * (x1 - x0)));
+          uint8_t* o = dst + b * dn + oy * dh + ox * dw;
+          if (vector) {
+            avg_pool_position_avx512(src + b * sn, sh, sw, y0, y1, x0, x1, c, is_signed, base, dcount, o);
+            continue;
+          }
+          std::fill(t.begin(), t.end(), base);
+          int32_t* acc = t.data();
           for (int64_t y = y0; y < y1; ++y) {
             for (int64_t xx = x0; xx < x1; ++xx) {
               const uint8_t* v = src + b * sn + y * sh + xx * sw;
               if (is_signed) {
-                for (int64_t ch = 0; ch < c; ++ch) t[ch] += static_cast<int8_t>(v[ch]);
+                const auto* sv = reinterpret_cast<const int8_t*>(v);
+                for (int64_t ch = 0; ch < c; ++ch) acc[ch] += sv[ch];
               } else {
-                for (int64_t ch = 0; ch < c; ++ch) t[ch] += v[ch];
+                for (int64_t ch = 0; ch < c; ++ch) acc[ch] += v[ch];
               }
             }
           }
-          uint8_t* o = dst + b * dn + oy * dh + ox * dw;
-          for (int64_t ch = 0; ch < c; ++ch) o[ch] = static_cast<uint8_t>(rounded_mean(t[ch], count, zero_point));
+          for (int64_t ch = 0; ch < c; ++ch) o[ch] = static_cast<uint8_t>(rounded_mean(acc[ch], dcount));
         }
       }
     });
@@ -866,14 +901,14 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
         for (int64_t ox = 0; ox < ow; ++ox) {
           const int64_t x0 = std::max<int64_t>(ox * stride[1] - padding[1], 0);
           const int64_t x1 = std::min(ox * stride[1] - padding[1] + kernel[1], w);
-          int64_t t = 0;  // sum of (q - z) over the window; padding adds 0
+          int64_t t = zero_point * (count - (y1 - y0) * (x1 - x0));  // padding counts as the zero point
           for (int64_t y = y0; y < y1; ++y) {
             for (int64_t xx = x0; xx < x1; ++xx) {
               const uint8_t v = in[y * sh + xx * sw];
-              t += (is_signed ? static_cast<int8_t>(v) : v) - zero_point;
+              t += is_signed ? static_cast<int8_t>(v) : v;
             }
           }
-          dst[b * dn + ch * dc + oy * dh + ox * dw] = static_cast<uint8_t>(rounded_mean(t, count, zero_point));
+          dst[b * dn + ch * dc + oy * dh + ox * dw] = static_cast<uint8_t>(rounded_mean(t, dcount));
         }
       }
     }

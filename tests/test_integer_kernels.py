@@ -315,8 +315,9 @@ def test_quantize_codes_equals_gradq_quantize(signed, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
                                                    ((3, 2), (1, 2), (1, 0)), ((9, 8), (9, 8), (0, 0))])
-def test_avg_pool_of_codes_native_equals_reference(dtype, kernel, stride, padding, monkeypatch):
-    x = _inputs((2, 3, 9, 8), dtype == torch.int8, seed=8)
+@pytest.mark.parametrize("channels", [3, 16, 37])  # the native kernel takes 16 channels at a time
+def test_avg_pool_of_codes_native_equals_reference(dtype, kernel, stride, padding, channels, monkeypatch):
+    x = _inputs((2, channels, 9, 8), dtype == torch.int8, seed=8)
     zp = -3 if dtype == torch.int8 else 100
     expected = _integer_reference.avg_pool2d_codes(x.long(), [*kernel], [*stride], [*padding], zp)
     for choice in ("native", "reference"):
@@ -324,3 +325,10 @@ def test_avg_pool_of_codes_native_equals_reference(dtype, kernel, stride, paddin
         for layout in (torch.contiguous_format, torch.channels_last):
             out = integer_kernels.avg_pool2d_codes(x.contiguous(memory_format=layout), kernel, stride, padding, zp)
             assert out.dtype == dtype and torch.equal(out.long(), expected), (choice, layout)
+
+
+def test_native_avg_pool_rejects_windows_whose_sums_overflow(monkeypatch):
+    monkeypatch.setenv("GRADQ_KERNELS", "native")
+    x = torch.full((1, 1, 2049, 2049), 255, dtype=torch.uint8)  # 2049^2 > 2^22 codes in one window
+    with pytest.raises(RuntimeError, match="overflow the int32 sums; at most 2\\^22"):
+        integer_kernels.avg_pool2d_codes(x, [2049, 2049], [1, 1], [0, 0], 0)
