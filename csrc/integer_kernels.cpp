@@ -510,28 +510,40 @@ GRADQ_AVX512_BW inline void copy_xor_avx512(uint8_t* out, const uint8_t* in, int
 
 }  // namespace
 
-torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
-                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t width,
-                           int64_t zx, bool minus_128) {
-  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
-  const int64_t kh = kernel[0], kw = kernel[1], cg = cin / groups;
-  const int64_t oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t ow = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
-  const int64_t positions = oh * ow, rows = n * positions, row_width = groups * width;
+namespace {
+
+// The geometry of one im2col: the input as (N, H, W, C_in) bytes and the output rows' layout.
+struct Im2col {
+  const uint8_t* hwc;           // (N, H, W, C_in) codes
+  torch::Tensor owner;          // the channels-last copy, when the input was not channels-last
+  int64_t n, cin, h, wd, kh, kw, cg, oh, ow, groups, width, row_width;
+  std::vector<int64_t> stride, padding, dilation;
+  uint8_t mask, pad;            // XOR applied to every code; the padding byte (the code of a real 0, masked)
+};
+
+Im2col plan_im2col(const torch::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
+                   const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
+                   int64_t width, int64_t zx, bool minus_128) {
+  Im2col g{};
+  g.n = x.size(0), g.cin = x.size(1), g.h = x.size(2), g.wd = x.size(3);
+  g.kh = kernel[0], g.kw = kernel[1], g.cg = g.cin / groups, g.groups = groups, g.width = width;
+  g.oh = (g.h + 2 * padding[0] - dilation[0] * (g.kh - 1) - 1) / stride[0] + 1;
+  g.ow = (g.wd + 2 * padding[1] - dilation[1] * (g.kw - 1) - 1) / stride[1] + 1;
+  g.row_width = groups * width;
+  g.stride = stride, g.padding = padding, g.dilation = dilation;
   // uint8 codes pass as they are, int8 codes are flipped to uint8; minus_128 flips back to int8 bits
-  const auto mask = static_cast<uint8_t>((x.scalar_type() == torch::kInt8 ? 0x80 : 0) ^ (minus_128 ? 0x80 : 0));
-  const auto pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ mask);  // the code of a real 0
+  g.mask = static_cast<uint8_t>((x.scalar_type() == torch::kInt8 ? 0x80 : 0) ^ (minus_128 ? 0x80 : 0));
+  g.pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ g.mask);
   // The input as (N, H, W, C) bytes, so that a patch row is runs of C_in/groups bytes (channels-last input
   // is read in place).
   const auto* src = static_cast<const uint8_t*>(x.data_ptr());
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
-  torch::Tensor hwc;
-  const uint8_t* t = src;
-  const bool channels_last = (sc == 1 || cin == 1) && sw == cin && sh == wd * cin && sn == h * wd * cin;
-  if (!channels_last) {
-    hwc = torch::empty({n, h, wd, cin}, x.options().dtype(torch::kUInt8));
-    uint8_t* buf = hwc.data_ptr<uint8_t>();
-    at::parallel_for(0, n * h, 16, [&](int64_t begin, int64_t end) {
+  const int64_t cin = g.cin, h = g.h, wd = g.wd;
+  g.hwc = src;
+  if (!((sc == 1 || cin == 1) && sw == cin && sh == wd * cin && sn == h * wd * cin)) {
+    g.owner = torch::empty({g.n, h, wd, cin}, x.options().dtype(torch::kUInt8));
+    uint8_t* buf = g.owner.data_ptr<uint8_t>();
+    at::parallel_for(0, g.n * h, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const uint8_t* in = src + (r / h) * sn + (r % h) * sh;
         uint8_t* out = buf + r * wd * cin;
@@ -540,30 +552,35 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
         }
       }
     });
-    t = buf;
+    g.hwc = buf;
   }
-  const int64_t used = kh * kw * cg;  // columns per group before the zero fill up to width
-  auto cols = used == width ? torch::empty({rows, row_width}, x.options().dtype(torch::kUInt8))
-                            : torch::zeros({rows, row_width}, x.options().dtype(torch::kUInt8));
-  uint8_t* dst = cols.data_ptr<uint8_t>();
+  return g;
+}
+
+// Rows of output rows (sample, oy) in [task0, task1) (each ow rows of row_width bytes) written from dst on;
+// the columns past each group's kh * kw * cg are left as they are (the caller zeroes them once).
+void im2col_tasks(const Im2col& g, int64_t task0, int64_t task1, uint8_t* dst) {
   const bool wide_copy = has_avx512_bw();
+  const int64_t ow = g.ow, row_width = g.row_width, cg = g.cg, cin = g.cin, wd = g.wd, h = g.h;
+  const uint8_t mask = g.mask, pad = g.pad;
   // One task per output row (sample, oy): each tap (i, j) copies C_in/groups bytes for every ox, padding
   // outside the valid range [lo, hi) of ox.
-  at::parallel_for(0, n * oh, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(task0, task1, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t s = task / oh, oy = task % oh;
-      uint8_t* block = dst + task * ow * row_width;  // rows (s, oy, 0..ow-1)
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t y = oy * stride[0] - padding[0] + i * dilation[0];
+      const int64_t s = task / g.oh, oy = task % g.oh;
+      uint8_t* block = dst + (task - task0) * ow * row_width;  // rows (s, oy, 0..ow-1)
+      for (int64_t gr = 0; gr < g.groups; ++gr) {
+        for (int64_t i = 0; i < g.kh; ++i) {
+          const int64_t y = oy * g.stride[0] - g.padding[0] + i * g.dilation[0];
           const bool row_inside = y >= 0 && y < h;
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t first = j * dilation[1] - padding[1];  // input column of ox = 0
-            const int64_t lo = row_inside ? std::min(ow, first >= 0 ? 0 : (-first + stride[1] - 1) / stride[1]) : ow;
-            const int64_t hi = row_inside ? std::max(lo, std::min(ow, first >= wd ? 0 : (wd - 1 - first) / stride[1] + 1)) : ow;
-            uint8_t* out = block + g * width + (i * kw + j) * cg;
-            const uint8_t* in = t + (s * h + std::max<int64_t>(y, 0)) * wd * cin + g * cg + first * cin;
-            const int64_t step = stride[1] * cin;
+          for (int64_t j = 0; j < g.kw; ++j) {
+            const int64_t first = j * g.dilation[1] - g.padding[1];  // input column of ox = 0
+            const int64_t st = g.stride[1];
+            const int64_t lo = row_inside ? std::min(ow, first >= 0 ? 0 : (-first + st - 1) / st) : ow;
+            const int64_t hi = row_inside ? std::max(lo, std::min(ow, first >= wd ? 0 : (wd - 1 - first) / st + 1)) : ow;
+            uint8_t* out = block + gr * g.width + (i * g.kw + j) * cg;
+            const uint8_t* in = g.hwc + (s * h + std::max<int64_t>(y, 0)) * wd * cin + gr * cg + first * cin;
+            const int64_t step = st * cin;
             for (int64_t ox = 0; ox < lo; ++ox) std::memset(out + ox * row_width, pad, cg);
             if (cg == 1) {
               for (int64_t ox = lo; ox < hi; ++ox) out[ox * row_width] = in[ox * step] ^ mask;
@@ -580,6 +597,19 @@ torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, 
       }
     }
   });
+}
+
+}  // namespace
+
+torch::Tensor im2col_codes(const torch::Tensor& x, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, int64_t width,
+                           int64_t zx, bool minus_128) {
+  const Im2col g = plan_im2col(x, kernel, stride, padding, dilation, groups, width, zx, minus_128);
+  const int64_t rows = g.n * g.oh * g.ow;
+  const bool filled = g.kh * g.kw * g.cg == width;  // else zero columns after each group's K
+  auto cols = filled ? torch::empty({rows, g.row_width}, x.options().dtype(torch::kUInt8))
+                     : torch::zeros({rows, g.row_width}, x.options().dtype(torch::kUInt8));
+  im2col_tasks(g, 0, g.n * g.oh, cols.data_ptr<uint8_t>());
   return cols;
 }
 
@@ -665,20 +695,18 @@ bool has_avx512_dq() {
 
 }  // namespace
 
-torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
-                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
-  const int64_t rows = acc.size(0), channels = acc.size(1);
-  auto out = torch::empty({rows, channels}, acc.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
-  const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
-  const Output o{out.data_ptr(), out_signed, channels};
-  const int32_t* a = acc.data_ptr<int32_t>();
+namespace {
+
+// Codes (rows, channels) at out of int32 accumulators (rows, channels) at a plus the offset.
+void requantize_rows(const int32_t* a, int64_t rows, int64_t channels, const Epilogue& e, bool out_signed, void* out) {
+  const Output o{out, out_signed, channels};
   if (has_avx512_dq()) {
     const VectorEpilogue v = vector_epilogue(e, channels);
-    auto* dst = static_cast<uint8_t*>(out.data_ptr());
+    auto* dst = static_cast<uint8_t*>(out);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) requantize_row_avx512(a + m * channels, channels, v, e, dst + m * channels);
     });
-    return out;
+    return;
   }
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
@@ -687,7 +715,43 @@ torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& of
       }
     }
   });
+}
+
+}  // namespace
+
+torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
+                               const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed) {
+  const int64_t rows = acc.size(0), channels = acc.size(1);
+  auto out = torch::empty({rows, channels}, acc.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
+  requantize_rows(acc.data_ptr<int32_t>(), rows, channels, e, out_signed, out.data_ptr());
   return out;
+}
+
+torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, const torch::Tensor& offset,
+                            const torch::Tensor& mult, const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi,
+                            bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t zx,
+                            int64_t tile_bytes) {
+  const int64_t width = w8.size(0), channels = w8.size(1);
+  const Im2col g = plan_im2col(x, kernel, stride, padding, dilation, 1, width, zx, true);
+  const int64_t tasks = g.n * g.oh;
+  // whole output rows per tile, about tile_bytes of im2col rows (at least one output row)
+  const int64_t per_tile = std::max<int64_t>(1, std::min(tasks, tile_bytes / std::max<int64_t>(1, g.ow * width)));
+  const auto options = x.options();
+  auto cols = torch::zeros({per_tile * g.ow, width}, options.dtype(torch::kInt8));  // zero columns past K stay 0
+  auto acc = torch::empty({per_tile * g.ow, channels}, options.dtype(torch::kInt32));
+  auto out = torch::empty({g.n, g.oh, g.ow, channels}, options.dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
+  auto* dst = static_cast<uint8_t*>(out.data_ptr());
+  for (int64_t t0 = 0; t0 < tasks; t0 += per_tile) {
+    const int64_t t1 = std::min(tasks, t0 + per_tile), rows = (t1 - t0) * g.ow;
+    im2col_tasks(g, t0, t1, static_cast<uint8_t*>(cols.data_ptr()));
+    auto part = acc.narrow(0, 0, rows);
+    at::_int_mm_out(part, cols.narrow(0, 0, rows), w8);
+    requantize_rows(part.data_ptr<int32_t>(), rows, channels, e, out_signed, dst + t0 * g.ow * channels);
+  }
+  return out.permute({0, 3, 1, 2});
 }
 
 namespace {

@@ -30,6 +30,16 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
 torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& offset, const torch::Tensor& mult,
                                const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi, bool out_signed);
 
+// Codes (N, C_in, H, W) -> output codes (N, C, OH, OW), channels-last in memory, of an integer Conv2d with
+// groups = 1 through torch._int_mm: int8 weights w8 (K16, C) (K16 >= kh * kw * C_in, the rest zero), the
+// offset for the int8 (minus 128) codes, in tiles of whole output rows of about tile_bytes of im2col rows,
+// so that each tile's im2col, int32 products and requantization stay in cache.
+torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, const torch::Tensor& offset,
+                            const torch::Tensor& mult, const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi,
+                            bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t zx,
+                            int64_t tile_bytes);
+
 // im2col of codes (N, C_in, H, W), any strides: rows (N * OH * OW, groups * width) uint8, each group's K =
 // kh * kw * C_in / groups columns in (kh, kw, C_in) order first (the rest of width zero), padding with the
 // code zx; values as uint8 codes (int8 codes plus 128), or with minus_128 as int8 bits minus 128 (torch._int_mm).

@@ -40,6 +40,9 @@ INT_MM_MIN_ROWS = 128
 rows of a Linear, output positions of a convolution) on: compute-bound there, where oneDNN's int8 kernel
 was measured faster than gradq's; below it the GEMM reads weights more than it computes, and gradq's
 packed kernel, reading 8/bits times fewer weight bytes, was faster (benchmarks/integer.py)."""
+CONV_TILE_BYTES = 1 << 18
+"""A native ``int_mm`` convolution runs im2col, ``torch._int_mm`` and the epilogue on tiles of whole output
+rows of about this many bytes of im2col rows, so that each stays in the core's cache."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -320,6 +323,9 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
     if chosen == "int_mm":
         if groups != 1:
             raise ValueError("engine='int_mm' runs convolutions with groups=1 only; use engine='gradq'")
+        if module.__name__ == "gradq._C":  # im2col, products and epilogue tile by tile, in cache
+            return module.conv2d_int_mm(x, g.int8_weights(), g.signed_offset, g.mult, g.shift, g.zo, g.lo, g.hi,
+                                        g.out_signed, *conv[:4], g.zx, CONV_TILE_BYTES)
         cols = module.im2col_codes(x, *conv[:4], 1, g.int8_weights().shape[0], g.zx, True).view(torch.int8)
         return _int_mm(cols, g, module).view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last
     args, extra = _args(module, g, isa_id)

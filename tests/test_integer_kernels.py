@@ -176,18 +176,22 @@ def test_int_mm_engine_equals_gradq_kernel(rows, x_signed, bits):
     assert torch.equal(integer_linear(x, plan, engine="auto"), expected)
 
 
-@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("case", [c for c in CONV_CASES if c[-1] == 1])  # torch._int_mm: groups 1 only
 @pytest.mark.parametrize("bits", [8, 2, 1])
-def test_conv_int_mm_engine_equals_gradq_kernel(case, bits):
+@pytest.mark.parametrize("tile_bytes", [1, 2000, integer_kernels.CONV_TILE_BYTES])
+def test_conv_int_mm_engine_equals_gradq_kernel(case, bits, tile_bytes, monkeypatch):
+    # tiles of one output row, of a few rows (a shorter last tile), and the default (one tile here)
+    monkeypatch.setattr(integer_kernels, "CONV_TILE_BYTES", tile_bytes)
     n, cin, h, w, cout, kernel, stride, padding, dilation, groups = case
-    if groups != 1:
-        return
     k = cin * kernel[0] * kernel[1]
     for x_signed in (False, True):
         plan, _ = _plan(cout, k, bits, x_signed=x_signed, out_signed=x_signed, seed=k, taps=kernel[0] * kernel[1])
         x = _inputs((n, cin, h, w), x_signed, seed=h)
         expected = integer_conv2d(x, plan, kernel, stride, padding, dilation, 1, engine="gradq")
-        assert torch.equal(integer_conv2d(x, plan, kernel, stride, padding, dilation, 1, engine="int_mm"), expected)
+        for layout in (torch.contiguous_format, torch.channels_last):  # copied to channels last, or read in place
+            out = integer_conv2d(x.contiguous(memory_format=layout), plan, kernel, stride, padding, dilation, 1,
+                                 engine="int_mm")
+            assert torch.equal(out, expected), layout
 
 
 @pytest.mark.parametrize("case", CONV_CASES)
