@@ -980,6 +980,29 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
   return out;
 }
 
+namespace {
+
+// Codes of src[0:count] as quantize_codes, 16 floats at a time: the division is IEEE (correctly rounded, as
+// the scalar v / s) and roundscale rounds to nearest even, as nearbyint; returns whether all were finite.
+GRADQ_AVX512_DQ bool quantize_avx512(const float* src, uint8_t* dst, int64_t count, float s, float z, float lo,
+                                     float hi) {
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+  __mmask16 bad = 0;
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(count - i >= 16 ? 0xFFFF : (1u << (count - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, src + i);
+    const __mmask16 nonfinite = _mm512_fpclass_ps_mask(v, 0x99) & mask;  // NaN (quiet, signalling) or +-Inf
+    bad |= nonfinite;
+    __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vz), vlo), vhi);
+    q = _mm512_mask_blend_ps(nonfinite, q, vlo);
+    _mm_mask_storeu_epi8(dst + i, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+  }
+  return bad == 0;
+}
+
+}  // namespace
+
 std::vector<torch::Tensor> quantize_codes(const torch::Tensor& x, double scale, int64_t zero_point, int64_t qmin,
                                           int64_t qmax, bool out_signed) {
   auto out = torch::empty(x.sizes(), x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
@@ -989,7 +1012,12 @@ std::vector<torch::Tensor> quantize_codes(const torch::Tensor& x, double scale, 
   const auto lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   const int64_t count = x.numel();
   std::atomic<bool> finite{true};
+  const bool vector = has_avx512_dq();
   at::parallel_for(0, count, 1 << 14, [&](int64_t begin, int64_t end) {
+    if (vector) {
+      if (!quantize_avx512(src + begin, dst + begin, end - begin, s, z, lo, hi)) finite = false;
+      return;
+    }
     bool ok = true;
     for (int64_t i = begin; i < end; ++i) {
       const float v = src[i];

@@ -310,10 +310,12 @@ def test_quantize_codes_equals_gradq_quantize(signed, monkeypatch):
         codes = integer_kernels.quantize_codes(x, scale, zp, qmin, qmax, signed)
         assert codes.dtype == (torch.int8 if signed else torch.uint8)
         assert torch.equal(codes.long(), expected.long()), choice
-        bad = x.clone()
-        bad[1, 2, 3] = float("nan")
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            integer_kernels.quantize_codes(bad, scale, zp, qmin, qmax, signed)
+        assert int(codes.long().min()) == qmin and int(codes.long().max()) == qmax  # saturates at both ends
+        for value in (float("nan"), float("inf"), float("-inf")):
+            bad = x.clone()
+            bad[2, 6, 10] = value  # the last value: in the vector kernel's masked tail
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                integer_kernels.quantize_codes(bad, scale, zp, qmin, qmax, signed)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
