@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "integer_kernels.h"
 
@@ -795,10 +796,29 @@ void max_pool_codes(const torch::Tensor& x, torch::Tensor& out, const std::vecto
 namespace {
 
 // Max pooling of channels-last codes: each output position is the element-wise max of C-byte rows.
+// The channels of one output position: max over the window's rows [y0, y1) and columns [x0, x1) of the
+// channels-last codes of one sample at `in`, 64 channels at a time (masked loads: no byte outside is read).
+template <bool SIGNED>
+GRADQ_AVX512_BW void max_pool_position_avx512(const uint8_t* in, int64_t w, int64_t c, int64_t y0, int64_t y1,
+                                              int64_t x0, int64_t x1, uint8_t* o) {
+  for (int64_t ch = 0; ch < c; ch += 64) {
+    const __mmask64 mask = c - ch >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (c - ch)) - 1);
+    __m512i m = _mm512_maskz_loadu_epi8(mask, in + (y0 * w + x0) * c + ch);
+    for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t xx = x0; xx < x1; ++xx) {
+        const __m512i v = _mm512_maskz_loadu_epi8(mask, in + (y * w + xx) * c + ch);
+        m = SIGNED ? _mm512_max_epi8(m, v) : _mm512_max_epu8(m, v);
+      }
+    }
+    _mm512_mask_storeu_epi8(o + ch, mask, m);
+  }
+}
+
 template <typename T>
 void max_pool_channels_last(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
                             const std::vector<int64_t>& k, const std::vector<int64_t>& s,
                             const std::vector<int64_t>& p) {
+  const bool vector = has_avx512_bw();
   at::parallel_for(0, n * oh, 4, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / oh, oy = r % oh;
@@ -806,6 +826,11 @@ void max_pool_channels_last(const T* in, T* out, int64_t n, int64_t h, int64_t w
       for (int64_t ox = 0; ox < ow; ++ox) {
         const int64_t x0 = std::max<int64_t>(ox * s[1] - p[1], 0), x1 = std::min(ox * s[1] - p[1] + k[1], w);
         T* o = out + ((b * oh + oy) * ow + ox) * c;
+        if (vector) {
+          max_pool_position_avx512<std::is_signed_v<T>>(reinterpret_cast<const uint8_t*>(in + b * h * w * c), w, c,
+                                                         y0, y1, x0, x1, reinterpret_cast<uint8_t*>(o));
+          continue;
+        }
         std::copy(in + ((b * h + y0) * w + x0) * c, in + ((b * h + y0) * w + x0 + 1) * c, o);
         for (int64_t y = y0; y < y1; ++y) {
           for (int64_t xx = (y == y0 ? x0 + 1 : x0); xx < x1; ++xx) {

@@ -210,8 +210,9 @@ def test_im2col_native_equals_reference(case, x_signed, minus_128):
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
                                                    ((3, 2), (1, 2), (1, 0)), ((2, 3), (3, 1), (0, 1))])
-def test_max_pool_of_codes_equals_torch(dtype, kernel, stride, padding, monkeypatch):
-    x = _inputs((2, 3, 9, 8), dtype == torch.int8, seed=4)
+@pytest.mark.parametrize("channels", [3, 16, 64, 70])  # the native kernel takes 64 channels at a time
+def test_max_pool_of_codes_equals_torch(dtype, kernel, stride, padding, channels, monkeypatch):
+    x = _inputs((2, channels, 9, 8), dtype == torch.int8, seed=4)
     expected = torch.nn.functional.max_pool2d(x.double(), kernel, stride, padding).to(dtype)
     for choice in ("native", "reference"):
         monkeypatch.setenv("GRADQ_KERNELS", choice)
