@@ -504,6 +504,16 @@ bool has_avx512_bw() {
 
 // out[0:n] = in[0:n] ^ mask for n <= 64, one masked load and store (masked-off bytes are not touched).
 GRADQ_AVX512_BW inline void copy_xor_avx512(uint8_t* out, const uint8_t* in, int64_t n, uint8_t mask) {
+  if (n == 16) {  // whole vectors need no mask (masked stores are slow on some cores)
+    const __m128i v = _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)), _mm_set1_epi8(static_cast<char>(mask)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), v);
+    return;
+  }
+  if (n == 32) {
+    const __m256i v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in)), _mm256_set1_epi8(static_cast<char>(mask)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+    return;
+  }
   const __mmask64 keep = n == 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
   const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(keep, in), _mm512_set1_epi8(static_cast<char>(mask)));
   _mm512_mask_storeu_epi8(out, keep, v);
@@ -666,6 +676,15 @@ VectorEpilogue vector_epilogue(const Epilogue& e, int64_t channels) {
   return v;
 }
 
+// Stores the first n <= 16 bytes of v at out: a plain store for 16 (masked stores are slow on some cores).
+GRADQ_AVX512_BW inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {
+  if (n == 16) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), v);
+  } else {
+    _mm_mask_storeu_epi8(out, static_cast<__mmask16>((1u << n) - 1), v);
+  }
+}
+
 GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels, const VectorEpilogue& v,
                                            const Epilogue& e, uint8_t* out) {
   const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
@@ -684,7 +703,7 @@ GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels,
       x = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
       bytes[half] = _mm512_cvtepi64_epi8(x);
     }
-    _mm_mask_storeu_epi8(out + c, mask, _mm_unpacklo_epi64(bytes[0], bytes[1]));
+    store_bytes16(out + c, _mm_unpacklo_epi64(bytes[0], bytes[1]), left);
   }
 }
 
@@ -810,7 +829,11 @@ GRADQ_AVX512_BW void max_pool_position_avx512(const uint8_t* in, int64_t w, int6
         m = SIGNED ? _mm512_max_epi8(m, v) : _mm512_max_epu8(m, v);
       }
     }
-    _mm512_mask_storeu_epi8(o + ch, mask, m);
+    if (c - ch >= 64) {
+      _mm512_storeu_si512(o + ch, m);  // masked stores are slow on some cores
+    } else {
+      _mm512_mask_storeu_epi8(o + ch, mask, m);
+    }
   }
 }
 
@@ -923,7 +946,7 @@ GRADQ_AVX512_DQ void avg_pool_position_avx512(const uint8_t* in, int64_t sh, int
     };
     const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(mean(_mm512_castsi512_si256(acc))),
                                          mean(_mm512_extracti64x4_epi64(acc, 1)), 1);
-    _mm_mask_storeu_epi8(out + ch, mask, _mm512_cvtepi32_epi8(r));
+    store_bytes16(out + ch, _mm512_cvtepi32_epi8(r), std::min<int64_t>(16, c - ch));
   }
 }
 
@@ -1021,7 +1044,7 @@ GRADQ_AVX512_DQ bool quantize_avx512(const float* src, uint8_t* dst, int64_t cou
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(v, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, vz), vlo), vhi);
     q = _mm512_mask_blend_ps(nonfinite, q, vlo);
-    _mm_mask_storeu_epi8(dst + i, mask, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
+    store_bytes16(dst + i, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)), std::min<int64_t>(16, count - i));
   }
   return bad == 0;
 }
