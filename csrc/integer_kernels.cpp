@@ -130,6 +130,7 @@ uint32_t dot_portable(const uint8_t* x, const Weights& w, int64_t c) {
 #define GRADQ_AVX2 __attribute__((target("avx2,fma")))
 #define GRADQ_AVX512_DQ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define GRADQ_AVX512_BW __attribute__((target("avx512f,avx512bw")))
+#define GRADQ_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi")))
 
 template <int BITS, bool OFFSET>
 GRADQ_AVX512 inline __m512i unpack512(const uint8_t* p, bool sign) {
@@ -530,7 +531,52 @@ struct Im2col {
   int64_t n, cin, h, wd, kh, kw, cg, oh, ow, groups, width, row_width;
   std::vector<int64_t> stride, padding, dilation;
   uint8_t mask, pad;            // XOR applied to every code; the padding byte (the code of a real 0, masked)
+  // One input channel and a small kernel (single_channel_rows): the masked codes with their padding, as
+  // (N, H + 2 pad_h, W + 2 pad_w + 8) bytes, so that every patch row is an 8-byte load inside the buffer.
+  torch::Tensor padded;
+  int64_t padded_h = 0, padded_w = 0;
 };
+
+bool has_avx512_vbmi() {
+  static const bool ok = has_avx512_bw() && __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+// Rows of a one-channel image's patches, at most 4 x 8 taps, one byte shuffle each: the patch's kernel rows
+// are 8-byte loads at (row i, column ox * stride) of the padded input, placed in one 32-byte register, and
+// vpermb picks byte i * 8 + j for column i * kw + j (zeros from column kh * kw on). Writes `store` (16 or
+// 32) bytes per row.
+GRADQ_AVX512_VBMI void single_channel_rows(const uint8_t* rows, int64_t padded_w, int64_t kh, int64_t kw,
+                                           int64_t stride, int64_t ow, int64_t row_width, int64_t store,
+                                           uint8_t* out) {
+  alignas(32) uint8_t index[32] = {};
+  for (int64_t t = 0; t < kh * kw; ++t) index[t] = static_cast<uint8_t>((t / kw) * 8 + t % kw);
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(index));
+  const auto keep = static_cast<__mmask32>(kh * kw == 32 ? 0xFFFFFFFFu : (1u << (kh * kw)) - 1);
+  const auto row = [&](int64_t i, int64_t col) {
+    return i < kh ? _mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows + i * padded_w + col)) : _mm_setzero_si128();
+  };
+  for (int64_t ox = 0; ox < ow; ++ox) {
+    const int64_t col = ox * stride;
+    const __m128i lo = _mm_unpacklo_epi64(row(0, col), row(1, col));
+    const __m128i hi = _mm_unpacklo_epi64(row(2, col), row(3, col));
+    const __m256i patch = _mm256_maskz_permutexvar_epi8(keep, idx, _mm256_set_m128i(hi, lo));
+    if (store == 32) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ox * row_width), patch);
+    } else {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + ox * row_width), _mm256_castsi256_si128(patch));
+    }
+  }
+}
+
+// Whether im2col takes single_channel_rows: one input channel, dilation 1, at most 4 x 8 taps, and rows of
+// 16 bytes (at most 16 taps) or at least 32.
+bool single_channel_path(const Im2col& g) {
+  const bool rows_fit = (g.row_width == 16 && g.kh * g.kw <= 16) || g.row_width >= 32;
+  return g.cin == 1 && g.groups == 1 && g.dilation[0] == 1 && g.dilation[1] == 1 && g.kh <= 4 && g.kw <= 8 &&
+         rows_fit && has_avx512_vbmi();
+}
 
 Im2col plan_im2col(const torch::Tensor& x, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
                    const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups,
@@ -565,12 +611,34 @@ Im2col plan_im2col(const torch::Tensor& x, const std::vector<int64_t>& kernel, c
     });
     g.hwc = buf;
   }
+  if (single_channel_path(g)) {
+    g.padded_h = h + 2 * padding[0], g.padded_w = wd + 2 * padding[1] + 8;
+    g.padded = torch::full({g.n, g.padded_h, g.padded_w}, static_cast<int64_t>(g.pad), x.options().dtype(torch::kUInt8));
+    uint8_t* dst = g.padded.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < g.n * h; ++r) {
+      const uint8_t* in = g.hwc + r * wd;
+      uint8_t* out = dst + ((r / h) * g.padded_h + r % h + padding[0]) * g.padded_w + padding[1];
+      for (int64_t xx = 0; xx < wd; ++xx) out[xx] = in[xx] ^ g.mask;
+    }
+  }
   return g;
 }
 
 // Rows of output rows (sample, oy) in [task0, task1) (each ow rows of row_width bytes) written from dst on;
 // the columns past each group's kh * kw * cg are left as they are (the caller zeroes them once).
 void im2col_tasks(const Im2col& g, int64_t task0, int64_t task1, uint8_t* dst) {
+  if (g.padded.defined()) {
+    const uint8_t* src = g.padded.data_ptr<uint8_t>();
+    at::parallel_for(task0, task1, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t s = task / g.oh, oy = task % g.oh;
+        single_channel_rows(src + (s * g.padded_h + oy * g.stride[0]) * g.padded_w, g.padded_w, g.kh, g.kw,
+                            g.stride[1], g.ow, g.row_width, g.row_width == 16 ? 16 : 32,
+                            dst + (task - task0) * g.ow * g.row_width);
+      }
+    });
+    return;
+  }
   const bool wide_copy = has_avx512_bw();
   const int64_t ow = g.ow, row_width = g.row_width, cg = g.cg, cin = g.cin, wd = g.wd, h = g.h;
   const uint8_t mask = g.mask, pad = g.pad;
@@ -756,8 +824,9 @@ torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, con
   const int64_t width = w8.size(0), channels = w8.size(1);
   const Im2col g = plan_im2col(x, kernel, stride, padding, dilation, 1, width, zx, true);
   const int64_t tasks = g.n * g.oh;
-  // whole output rows per tile, about tile_bytes of im2col rows (at least one output row)
-  const int64_t per_tile = std::max<int64_t>(1, std::min(tasks, tile_bytes / std::max<int64_t>(1, g.ow * width)));
+  // whole output rows per tile, about tile_bytes of im2col rows and int32 products (at least one output row)
+  const int64_t row_bytes = width + 4 * channels;
+  const int64_t per_tile = std::max<int64_t>(1, std::min(tasks, tile_bytes / (g.ow * row_bytes)));
   const auto options = x.options();
   auto cols = torch::zeros({per_tile * g.ow, width}, options.dtype(torch::kInt8));  // zero columns past K stay 0
   auto acc = torch::empty({per_tile * g.ow, channels}, options.dtype(torch::kInt32));

@@ -32,8 +32,8 @@ torch::Tensor requantize_int32(const torch::Tensor& acc, const torch::Tensor& of
 
 // Codes (N, C_in, H, W) -> output codes (N, C, OH, OW), channels-last in memory, of an integer Conv2d with
 // groups = 1 through torch._int_mm: int8 weights w8 (K16, C) (K16 >= kh * kw * C_in, the rest zero), the
-// offset for the int8 (minus 128) codes, in tiles of whole output rows of about tile_bytes of im2col rows,
-// so that each tile's im2col, int32 products and requantization stay in cache.
+// offset for the int8 (minus 128) codes, in tiles of whole output rows of about tile_bytes of im2col rows
+// and int32 products, so that each tile's im2col, products and requantization stay in cache.
 torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, const torch::Tensor& offset,
                             const torch::Tensor& mult, const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi,
                             bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,

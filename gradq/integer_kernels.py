@@ -42,7 +42,7 @@ was measured faster than gradq's; below it the GEMM reads weights more than it c
 packed kernel, reading 8/bits times fewer weight bytes, was faster (benchmarks/integer.py)."""
 CONV_TILE_BYTES = 1 << 18
 """A native ``int_mm`` convolution runs im2col, ``torch._int_mm`` and the epilogue on tiles of whole output
-rows of about this many bytes of im2col rows, so that each stays in the core's cache."""
+rows of about this many bytes of im2col rows and int32 products, so that each stays in the core's cache."""
 
 
 @dataclass(frozen=True, eq=False)

@@ -137,6 +137,8 @@ CONV_CASES = [  # N, C_in, H, W, C_out, kernel, stride, padding, dilation, group
     (3, 1, 28, 28, 6, (5, 5), (1, 1), (0, 0), (1, 1), 1),
     (1, 6, 5, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1), 6),
     (2, 8, 6, 11, 4, (1, 3), (1, 2), (0, 1), (1, 1), 1),
+    (2, 1, 9, 10, 5, (3, 3), (2, 1), (1, 2), (1, 1), 1),  # one channel, at most 4 x 8 taps: a byte shuffle
+    (1, 1, 7, 6, 3, (4, 8), (1, 2), (2, 1), (1, 1), 1),
 ]
 
 
@@ -196,12 +198,14 @@ def test_conv_int_mm_engine_equals_gradq_kernel(case, bits, tile_bytes, monkeypa
 
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("x_signed,minus_128", [(False, False), (False, True), (True, False), (True, True)])
-def test_im2col_native_equals_reference(case, x_signed, minus_128):
+@pytest.mark.parametrize("width", ["K + 5", "K16", "64"])  # rows of odd width, as torch._int_mm's, as gradq's
+def test_im2col_native_equals_reference(case, x_signed, minus_128, width):
     n, cin, h, w, _, kernel, stride, padding, dilation, groups = case
     x = _inputs((n, cin, h, w), x_signed, seed=w)
     if x_signed:  # any strides: a channels-last input gives the same rows
         x = x.contiguous(memory_format=torch.channels_last)
-    width = cin // groups * kernel[0] * kernel[1] + 5
+    k = cin // groups * kernel[0] * kernel[1]
+    width = {"K + 5": k + 5, "K16": -(-k // 16) * 16, "64": -(-k // 64) * 64}[width]
     args = ([*kernel], [*stride], [*padding], [*dilation], groups, width, -3, minus_128)
     native = integer_kernels._kernels(x, "auto")[0].im2col_codes(x, *args)
     assert torch.equal(native, _integer_reference.im2col_codes(x, *args))
