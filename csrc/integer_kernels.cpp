@@ -725,21 +725,24 @@ torch::Tensor integer_conv2d(const torch::Tensor& x, const torch::Tensor& packed
 
 namespace {
 
-// The epilogue of rows of C int32 accumulators into rows of C codes, 16 channels at a time in int64 lanes.
+// The epilogue of rows of C int32 accumulators into rows of C codes, 16 channels at a time: the even and
+// the odd channels of a 16-lane int32 vector each take 8 int64 lanes (vpmuldq multiplies the low halves),
+// so round and shift are laid out per 16 channels as [the 8 even channels, the 8 odd ones].
 struct VectorEpilogue {
-  std::vector<int32_t> offset;               // offset mod 2^32
-  std::vector<int64_t> mult, round, shift;
+  std::vector<int32_t> offset, mult;         // offset mod 2^32; M
+  std::vector<int64_t> round, shift;         // 2^(n-1), n: even/odd order within each 16 channels
 };
 
 VectorEpilogue vector_epilogue(const Epilogue& e, int64_t channels) {
   const int64_t padded = (channels + 15) / 16 * 16;
-  VectorEpilogue v{std::vector<int32_t>(padded), std::vector<int64_t>(padded), std::vector<int64_t>(padded, 1),
+  VectorEpilogue v{std::vector<int32_t>(padded), std::vector<int32_t>(padded), std::vector<int64_t>(padded, 1),
                    std::vector<int64_t>(padded, 1)};
   for (int64_t c = 0; c < channels; ++c) {
     v.offset[c] = static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(e.offset[c])));
     v.mult[c] = e.mult[c];
-    v.shift[c] = e.shift[c];
-    v.round[c] = int64_t{1} << (e.shift[c] - 1);
+    const int64_t at = c / 16 * 16 + (c % 2) * 8 + (c % 16) / 2;
+    v.shift[at] = e.shift[c];
+    v.round[at] = int64_t{1} << (e.shift[c] - 1);
   }
   return v;
 }
@@ -756,22 +759,22 @@ GRADQ_AVX512_BW inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {
 GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels, const VectorEpilogue& v,
                                            const Epilogue& e, uint8_t* out) {
   const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
+  const auto finish = [&](__m512i product, const int64_t* round, const int64_t* shift) {
+    const __m512i x = _mm512_srav_epi64(_mm512_add_epi64(product, _mm512_loadu_si512(round)), _mm512_loadu_si512(shift));
+    return _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
+  };
   for (int64_t c = 0; c < channels; c += 16) {
     const int64_t left = std::min<int64_t>(16, channels - c);
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1);
     const __m512i sum = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc + c), _mm512_loadu_si512(v.offset.data() + c));
-    __m128i bytes[2];
-    for (int half = 0; half < 2; ++half) {
-      const __m256i part = half ? _mm512_extracti64x4_epi64(sum, 1) : _mm512_castsi512_si256(sum);
-      const int64_t at = c + 8 * half;
-      // both factors fit int32: the signed 32 x 32 -> 64-bit product of the low halves (one uop, not vpmullq's 3)
-      __m512i x = _mm512_mul_epi32(_mm512_cvtepi32_epi64(part), _mm512_loadu_si512(v.mult.data() + at));
-      x = _mm512_srav_epi64(_mm512_add_epi64(x, _mm512_loadu_si512(v.round.data() + at)),
-                            _mm512_loadu_si512(v.shift.data() + at));
-      x = _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
-      bytes[half] = _mm512_cvtepi64_epi8(x);
-    }
-    store_bytes16(out + c, _mm_unpacklo_epi64(bytes[0], bytes[1]), left);
+    const __m512i m = _mm512_loadu_si512(v.mult.data() + c);
+    // both factors fit int32: the signed 32 x 32 -> 64-bit products of the even and of the odd channels
+    const __m512i even = finish(_mm512_mul_epi32(sum, m), v.round.data() + c, v.shift.data() + c);
+    const __m512i odd = finish(_mm512_mul_epi32(_mm512_srli_epi64(sum, 32), _mm512_srli_epi64(m, 32)),
+                               v.round.data() + c + 8, v.shift.data() + c + 8);
+    // the codes (in [lo, hi]) back in channel order as 16 int32 lanes, then their low bytes
+    const __m512i codes = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi64(0xFFFFFFFF)), _mm512_slli_epi64(odd, 32));
+    store_bytes16(out + c, _mm512_cvtepi32_epi8(codes), left);
   }
 }
 

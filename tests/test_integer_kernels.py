@@ -269,6 +269,26 @@ def _requant_case(acc, mult, shift, zo=0, lo=-128, hi=127):
     return native.view(-1).tolist()
 
 
+@pytest.mark.parametrize("out_signed", [False, True])
+def test_requantization_of_many_channels_equals_the_oracle(out_signed):
+    # 37 channels: the native epilogue's even and odd lanes and a short last vector, with per-channel
+    # multipliers and shifts at their extremes among random ones
+    gen = torch.Generator().manual_seed(12)
+    rows, c = 5, 37
+    acc = torch.randint(-(2**30), 2**30, (rows, c), generator=gen, dtype=torch.int32)
+    offset = torch.randint(-(2**29), 2**29, (c,), generator=gen)
+    mult = torch.randint(0, 2**31 - 1, (c,), generator=gen, dtype=torch.int32)
+    shift = torch.randint(1, 63, (c,), generator=gen).to(torch.int8)
+    mult[:4] = torch.tensor([2**31 - 1, 0, 2**30, 1], dtype=torch.int32)
+    shift[4:8] = torch.tensor([1, 31, 62, 2], dtype=torch.int8)
+    zo, lo, hi = (-3, -128, 127) if out_signed else (7, 0, 255)
+    native = integer_kernels._kernels(acc, "auto")[0].requantize_int32(acc, offset, mult, shift, zo, lo, hi, out_signed)
+    expected = _oracle_requantize(acc.long() + offset, mult.tolist(), shift.tolist(), zo, lo, hi, 1)
+    assert native.dtype == (torch.int8 if out_signed else torch.uint8)
+    assert torch.equal(native.long(), expected)
+    assert 0 < int((expected == lo).sum()) and 0 < int((expected == hi).sum())  # both saturations occur
+
+
 def test_requantization_edge_cases():
     # ties at m = 1/2 round toward plus infinity
     assert _requant_case([1, -1, 3, -3, 5, -5], 2**30, 31) == [1, 0, 2, -1, 3, -2]
