@@ -749,7 +749,7 @@ VectorEpilogue vector_epilogue(const Epilogue& e, int64_t channels) {
 }
 
 // Stores the first n <= 16 bytes of v at out: a plain store for 16 (masked stores are slow on some cores).
-GRADQ_AVX512_BW inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {
+GRADQ_AVX512_DQ inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {
   if (n == 16) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out), v);
   } else {
@@ -757,22 +757,26 @@ GRADQ_AVX512_BW inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {
   }
 }
 
+// clamp(((product + round) >> shift) + zo, lo, hi) in 8 int64 lanes (a function, not a lambda: a lambda
+// does not inherit its enclosing function's target attribute).
+GRADQ_AVX512_DQ inline __m512i requantize_lanes(__m512i product, const int64_t* round, const int64_t* shift,
+                                                __m512i zo, __m512i lo, __m512i hi) {
+  const __m512i x = _mm512_srav_epi64(_mm512_add_epi64(product, _mm512_loadu_si512(round)), _mm512_loadu_si512(shift));
+  return _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
+}
+
 GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels, const VectorEpilogue& v,
                                            const Epilogue& e, uint8_t* out) {
   const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
-  const auto finish = [&](__m512i product, const int64_t* round, const int64_t* shift) {
-    const __m512i x = _mm512_srav_epi64(_mm512_add_epi64(product, _mm512_loadu_si512(round)), _mm512_loadu_si512(shift));
-    return _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
-  };
   for (int64_t c = 0; c < channels; c += 16) {
     const int64_t left = std::min<int64_t>(16, channels - c);
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1);
     const __m512i sum = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc + c), _mm512_loadu_si512(v.offset.data() + c));
     const __m512i m = _mm512_loadu_si512(v.mult.data() + c);
     // both factors fit int32: the signed 32 x 32 -> 64-bit products of the even and of the odd channels
-    const __m512i even = finish(_mm512_mul_epi32(sum, m), v.round.data() + c, v.shift.data() + c);
-    const __m512i odd = finish(_mm512_mul_epi32(_mm512_srli_epi64(sum, 32), _mm512_srli_epi64(m, 32)),
-                               v.round.data() + c + 8, v.shift.data() + c + 8);
+    const __m512i even = requantize_lanes(_mm512_mul_epi32(sum, m), v.round.data() + c, v.shift.data() + c, zo, lo, hi);
+    const __m512i odd = requantize_lanes(_mm512_mul_epi32(_mm512_srli_epi64(sum, 32), _mm512_srli_epi64(m, 32)),
+                                         v.round.data() + c + 8, v.shift.data() + c + 8, zo, lo, hi);
     // the codes (in [lo, hi]) back in channel order as 16 int32 lanes, then their low bytes
     const __m512i codes = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi64(0xFFFFFFFF)), _mm512_slli_epi64(odd, 32));
     store_bytes16(out + c, _mm512_cvtepi32_epi8(codes), left);
@@ -969,6 +973,12 @@ torch::Tensor max_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
 
 namespace {
 
+// 8 codes at p as int64 lanes (a function, not a lambda, for the target attribute).
+GRADQ_AVX512_DQ inline __m512i widen8(const uint8_t* p, bool is_signed) {
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return is_signed ? _mm512_cvtepi8_epi64(v) : _mm512_cvtepu8_epi64(v);
+}
+
 // add_codes on codes [0, count) - count % 8, 8 at a time in int64 lanes; the products by vpmuldq, exact
 // because q - z and both multipliers fit int32 (the caller checks). Returns how many codes it wrote.
 template <bool A_SIGNED, bool B_SIGNED>
@@ -979,14 +989,10 @@ GRADQ_AVX512_DQ int64_t add_codes_avx512(const uint8_t* pa, const uint8_t* pb, u
   const __m512i vmb = _mm512_set1_epi64(mb), round = _mm512_set1_epi64(int64_t{1} << (n - 1));
   const __m512i shift = _mm512_set1_epi64(n), vzo = _mm512_set1_epi64(zo), vlo = _mm512_set1_epi64(lo);
   const __m512i vhi = _mm512_set1_epi64(hi);
-  const auto widen = [](const uint8_t* p, bool is_signed) {
-    const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-    return is_signed ? _mm512_cvtepi8_epi64(v) : _mm512_cvtepu8_epi64(v);
-  };
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
-    const __m512i da = _mm512_sub_epi64(widen(pa + i, A_SIGNED), vza);
-    const __m512i db = _mm512_sub_epi64(widen(pb + i, B_SIGNED), vzb);
+    const __m512i da = _mm512_sub_epi64(widen8(pa + i, A_SIGNED), vza);
+    const __m512i db = _mm512_sub_epi64(widen8(pb + i, B_SIGNED), vzb);
     __m512i v = _mm512_add_epi64(_mm512_add_epi64(_mm512_mul_epi32(da, vma), _mm512_mul_epi32(db, vmb)), round);
     v = _mm512_add_epi64(_mm512_srav_epi64(v, shift), vzo);
     v = _mm512_min_epi64(_mm512_max_epi64(v, vlo), vhi);
@@ -1035,6 +1041,12 @@ inline int32_t rounded_mean(int64_t total, double count) {
   return static_cast<int32_t>(std::nearbyint(static_cast<double>(total) / count));
 }
 
+// rounded_mean of 8 int32 sums (a function, not a lambda, for the target attribute).
+GRADQ_AVX512_DQ inline __m256i rounded_means(__m256i sums, __m512d count) {
+  const __m512d q = _mm512_div_pd(_mm512_cvtepi32_pd(sums), count);
+  return _mm512_cvtpd_epi32(_mm512_roundscale_pd(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 // One output position of a channels-last average pool: for each channel, the rounded mean of the window's
 // codes (rows [y0, y1) x columns [x0, x1) of the sample at `in`, row stride sh, column stride sw), padding
 // counted as the zero point; 16 channels at a time in int32 lanes, the division as rounded_mean's.
@@ -1051,12 +1063,8 @@ GRADQ_AVX512_DQ void avg_pool_position_avx512(const uint8_t* in, int64_t sh, int
         acc = _mm512_add_epi32(acc, is_signed ? _mm512_cvtepi8_epi32(v) : _mm512_cvtepu8_epi32(v));
       }
     }
-    const auto mean = [&](__m256i half) {
-      const __m512d q = _mm512_div_pd(_mm512_cvtepi32_pd(half), dcount);
-      return _mm512_cvtpd_epi32(_mm512_roundscale_pd(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    };
-    const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(mean(_mm512_castsi512_si256(acc))),
-                                         mean(_mm512_extracti64x4_epi64(acc, 1)), 1);
+    const __m512i r = _mm512_inserti64x4(_mm512_castsi256_si512(rounded_means(_mm512_castsi512_si256(acc), dcount)),
+                                         rounded_means(_mm512_extracti64x4_epi64(acc, 1), dcount), 1);
     store_bytes16(out + ch, _mm512_cvtepi32_epi8(r), std::min<int64_t>(16, c - ch));
   }
 }
