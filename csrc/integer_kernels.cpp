@@ -834,6 +834,8 @@ torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, con
   const int64_t tasks = g.n * g.oh;
   // whole output rows per tile, about tile_bytes of im2col rows and int32 products (at least one output row)
   const int64_t row_bytes = width + 4 * channels;
+  TORCH_CHECK(g.oh > 0 && g.ow > 0, "integer conv2d: the padded input (", g.h + 2 * padding[0], " x ", g.wd + 2 * padding[1],
+              ") is smaller than the dilated kernel; no output position")
   const int64_t per_tile = std::max<int64_t>(1, std::min(tasks, tile_bytes / (g.ow * row_bytes)));
   const auto options = x.options();
   auto cols = torch::zeros({per_tile * g.ow, width}, options.dtype(torch::kInt8));  // zero columns past K stay 0

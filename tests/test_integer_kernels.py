@@ -196,6 +196,13 @@ def test_conv_int_mm_engine_equals_gradq_kernel(case, bits, tile_bytes, monkeypa
             assert torch.equal(out, expected), layout
 
 
+def test_int_mm_convolution_of_an_input_smaller_than_the_kernel_is_a_clear_error():
+    plan, _ = _plan(4, 9, 8, seed=1, taps=9)
+    x = torch.zeros(130, 1, 2, 2, dtype=torch.uint8)  # 2 x 2 under a 3 x 3 kernel: no output position
+    with pytest.raises(RuntimeError, match=r"padded input \(2 x 2\) is smaller than the dilated kernel"):
+        integer_conv2d(x, plan, (3, 3), (1, 1), (0, 0), (1, 1), 1, engine="int_mm")
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 @pytest.mark.parametrize("x_signed,minus_128", [(False, False), (False, True), (True, False), (True, True)])
 @pytest.mark.parametrize("width", ["K + 5", "K16", "64"])  # rows of odd width, as torch._int_mm's, as gradq's
