@@ -546,11 +546,10 @@ bool has_avx512_vbmi() {
 
 // Rows of a one-channel image's patches, at most 4 x 8 taps, one byte shuffle each: the patch's kernel rows
 // are 8-byte loads at (row i, column ox * stride) of the padded input, placed in one 32-byte register, and
-// vpermb picks byte i * 8 + j for column i * kw + j (zeros from column kh * kw on). Writes `store` (16 or
-// 32) bytes per row.
+// vpermb picks byte i * 8 + j for column i * kw + j (zeros from column kh * kw on). Writes 16 bytes per row
+// of 16, else 32 (single_channel_path: rows of 16 or at least 32 bytes).
 GRADQ_AVX512_VBMI void single_channel_rows(const uint8_t* rows, int64_t padded_w, int64_t kh, int64_t kw,
-                                           int64_t stride, int64_t ow, int64_t row_width, int64_t store,
-                                           uint8_t* out) {
+                                           int64_t stride, int64_t ow, int64_t row_width, uint8_t* out) {
   alignas(32) uint8_t index[32] = {};
   for (int64_t t = 0; t < kh * kw; ++t) index[t] = static_cast<uint8_t>((t / kw) * 8 + t % kw);
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(index));
@@ -563,7 +562,7 @@ GRADQ_AVX512_VBMI void single_channel_rows(const uint8_t* rows, int64_t padded_w
     const __m128i lo = _mm_unpacklo_epi64(row(0, col), row(1, col));
     const __m128i hi = _mm_unpacklo_epi64(row(2, col), row(3, col));
     const __m256i patch = _mm256_maskz_permutexvar_epi8(keep, idx, _mm256_set_m128i(hi, lo));
-    if (store == 32) {
+    if (row_width >= 32) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + ox * row_width), patch);
     } else {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(out + ox * row_width), _mm256_castsi256_si128(patch));
@@ -634,8 +633,7 @@ void im2col_tasks(const Im2col& g, int64_t task0, int64_t task1, uint8_t* dst) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t s = task / g.oh, oy = task % g.oh;
         single_channel_rows(src + (s * g.padded_h + oy * g.stride[0]) * g.padded_w, g.padded_w, g.kh, g.kw,
-                            g.stride[1], g.ow, g.row_width, g.row_width == 16 ? 16 : 32,
-                            dst + (task - task0) * g.ow * g.row_width);
+                            g.stride[1], g.ow, g.row_width, dst + (task - task0) * g.ow * g.row_width);
       }
     });
     return;
@@ -893,7 +891,6 @@ void max_pool_codes(const torch::Tensor& x, torch::Tensor& out, const std::vecto
 
 namespace {
 
-// Max pooling of channels-last codes: each output position is the element-wise max of C-byte rows.
 // The channels of one output position: max over the window's rows [y0, y1) and columns [x0, x1) of the
 // channels-last codes of one sample at `in`, 64 channels at a time (masked loads: no byte outside is read).
 template <bool SIGNED>
@@ -916,6 +913,7 @@ GRADQ_AVX512_BW void max_pool_position_avx512(const uint8_t* in, int64_t w, int6
   }
 }
 
+// Max pooling of channels-last codes: each output position is the element-wise max of C-byte rows.
 template <typename T>
 void max_pool_channels_last(const T* in, T* out, int64_t n, int64_t h, int64_t w, int64_t c, int64_t oh, int64_t ow,
                             const std::vector<int64_t>& k, const std::vector<int64_t>& s,
