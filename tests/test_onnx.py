@@ -74,3 +74,41 @@ def test_unsupported_operations_and_models_are_named(tmp_path):
         gradq.export_onnx(converted, torch.randn(1, 3, 12), tmp_path / "b.onnx")
     with pytest.raises(ValueError, match="gradq.convert"):
         gradq.export_onnx(gradq.prepare(Net()), torch.randn(1, 1, 16, 16), tmp_path / "p.onnx")
+
+
+def _outputs_at(path, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    """The exported graph's values ``names`` (code tensors) as onnxruntime computes them, all optimizations."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.graph.output[:]
+    proto.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(v) for v in session.run(names, {"input": x.numpy()})]
+
+
+@pytest.mark.parametrize("config", ["w8a8", SIGNED], ids=["uint8", "int8"])
+def test_average_pooling_exports_exactly(tmp_path, config):
+    """Average pooling runs on the code values in the exported graph, so onnxruntime's codes equal gradq's
+    (padding as the code of a real 0, ties to the even code), where a pooling on dequantized floats rounded
+    about 2% of a residual CNN's outputs the other way."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(2),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))  # no ReLU: zero points inside
+    _, converted = _converted(model, config, [torch.randn(8, 2, 13, 13) for _ in range(2)])
+    gradq.export_onnx(converted, torch.randn(1, 2, 13, 13), tmp_path / "pool.onnx")
+    pools = {n.name: converted.get_submodule(n.target) for n in converted.graph.nodes
+             if n.op == "call_module" and type(converted.get_submodule(n.target)).__name__ == "IntegerAvgPool"}
+    assert len(pools) == 3
+    seen = {}
+    for name, pool in pools.items():
+        pool.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    x = torch.randn(64, 2, 13, 13)
+    converted(x)
+    zero = int(next(iter(pools.values())).zero_point)
+    assert zero != 0 or config is SIGNED  # uint8: a zero point the padding has to supply
+    for name, theirs in zip(pools, _outputs_at(tmp_path / "pool.onnx", list(pools), x), strict=True):
+        assert theirs.dtype == seen[name].dtype and torch.equal(theirs, seen[name]), name

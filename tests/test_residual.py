@@ -171,10 +171,10 @@ def test_residual_save_load_and_onnxruntime(tmp_path, digits):
     got = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
     step = float(converted.get_submodule(_output_dequantize(converted)).scale)
     steps = ((got - expected).abs() / step).round()
-    # onnxruntime rounds each of the six requantizations in float (ties to even); a one-step difference
-    # inside can reach the output as two steps, rarely
-    # (measured on this untrained block: 99.8% within one step, the rest two)
-    assert float(steps.max()) <= 2 and float((steps <= 1).float().mean()) >= 0.99
+    # onnxruntime requantizes the layers and the add in float (ties to even), so a code inside may differ
+    # by one step where the real value lies within float rounding of a tie; the poolings run on the code
+    # values, exactly as gradq's (measured on this block: every output equal)
+    assert float(steps.max()) <= 1 and float((steps == 0).float().mean()) >= 0.99
 
 
 def _output_dequantize(model: nn.Module) -> str:

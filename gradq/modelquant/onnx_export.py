@@ -5,8 +5,9 @@ Each integer layer becomes DequantizeLinear(input codes) -> Conv/Gemm with Dequa
 QuantizeLinear(output scale): the pattern onnxruntime fuses into its integer kernels. Weights of any width
 travel as int8 initializers holding the same values (int4 and lower widened: ONNX int4 tensors are not
 used); per-group weights, whose integer form r * q exceeds int8, travel as int16 (opset 21). Max pooling,
-flatten and ReLU run on the codes; a residual add and average pooling run as DequantizeLinear -> Add /
-AveragePool -> QuantizeLinear; the model's outputs are dequantized. onnxruntime requantizes with a
+flatten and ReLU run on the codes; a residual add runs as DequantizeLinear -> Add -> QuantizeLinear, and
+average pooling on the code values (DequantizeLinear and QuantizeLinear at scale 1: exact in float, so it
+rounds as gradq); the model's outputs are dequantized. onnxruntime requantizes with a
 float multiplier, not our fixed-point one, so its codes may differ from gradq's by one step.
 """
 
@@ -50,12 +51,14 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     nodes, inits, names = [], [], {}
     codes: dict[str, tuple[str, str]] = {}  # value name -> (scale, zero point) initializer names
     dequantized: set[str] = set()
+    zero_dtypes: dict[str, torch.dtype] = {}  # zero point initializer name -> the codes' dtype
 
     def const(name: str, tensor: torch.Tensor) -> str:
         inits.append(numpy_helper.from_array(tensor.detach().cpu().numpy(), name))
         return name
 
     def qparams(prefix: str, scale: torch.Tensor, zp: int, dtype: torch.dtype) -> tuple[str, str]:
+        zero_dtypes[f"{prefix}.zero_point"] = dtype
         return (const(f"{prefix}.scale", scale.reshape(()).to(torch.float32)),
                 const(f"{prefix}.zero_point", torch.tensor(zp, dtype=dtype)))
 
@@ -130,11 +133,12 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
             qp = qparams(f"{name}.output", target.scales[2], zo, target.out_dtype)
             nodes.append(helper.make_node("QuantizeLinear", [out, *qp], [name]))
             names[node], codes[name] = name, qp
-        elif isinstance(target, IntegerAvgPool):
-            qp = codes[src]
-            nodes.append(_avg_pool(helper, target.spec, floats(src), f"{name}.mean"))
-            nodes.append(helper.make_node("QuantizeLinear", [f"{name}.mean", *qp], [name]))
-            names[node], codes[name] = name, qp
+        elif isinstance(target, IntegerAvgPool):  # on the codes themselves (scale 1): exact in float
+            unit = qparams(f"{name}.unit", torch.tensor(1.0), 0, zero_dtypes[codes[src][1]])
+            nodes.append(helper.make_node("DequantizeLinear", [src, *unit], [f"{name}.codes"]))
+            nodes += _avg_pool(helper, target.spec, f"{name}.codes", f"{name}.mean", int(target.zero_point), const)
+            nodes.append(helper.make_node("QuantizeLinear", [f"{name}.mean", *unit], [name]))
+            names[node], codes[name] = name, codes[src]
         elif isinstance(target, WeightOnlyLayer):
             bias = const(f"{name}.bias", target.bias) if target.bias is not None else None
             names[node] = compute(name, target, floats(src), bias)
@@ -167,13 +171,20 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     onnx.save(proto, str(path))
 
 
-def _avg_pool(helper, spec: PoolSpec, src: str, out: str) -> object:  # noqa: ANN001
-    """AveragePool (padding counted, as the integer pooling) or GlobalAveragePool on dequantized codes; the
-    QuantizeLinear that follows rounds half to even, gradq ties up: at most one step apart."""
+def _avg_pool(helper, spec: PoolSpec, codes: str, out: str, zero_point: int, const) -> list:  # noqa: ANN001
+    """Nodes of average pooling on float ``codes`` (the code values, exact in fp32): padding with the code of
+    a real 0, then AveragePool (or GlobalAveragePool). Sums of codes are exact in fp32 and the mean is one
+    division, so the QuantizeLinear at scale 1 that follows rounds the exact mean half to even, as gradq."""
     if spec.kernel is None:
-        return helper.make_node("GlobalAveragePool", [src], [out])
-    return helper.make_node("AveragePool", [src], [out], kernel_shape=list(spec.kernel), strides=list(spec.stride),
-                            pads=list(spec.padding) * 2, count_include_pad=1)
+        return [helper.make_node("GlobalAveragePool", [codes], [out])]
+    nodes = []
+    if any(spec.padding):
+        pads = const(f"{out}.pads", torch.tensor([0, 0, *spec.padding] * 2, dtype=torch.int64))
+        value = const(f"{out}.pad_value", torch.tensor(float(zero_point)))
+        nodes.append(helper.make_node("Pad", [codes, pads, value], [f"{out}.padded"]))
+        codes = f"{out}.padded"
+    return [*nodes, helper.make_node("AveragePool", [codes], [out], kernel_shape=list(spec.kernel),
+                                     strides=list(spec.stride))]
 
 
 def _is_maxpool(node: fx.Node, target: nn.Module | None) -> bool:
