@@ -1107,6 +1107,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("requantize_int32", &requantize_int32, "requantization epilogue", no_gil);
   m.def("im2col_codes", &im2col_codes, "im2col of code tensors", no_gil);
   m.def("conv2d_int_mm", &conv2d_int_mm, "integer Conv2d through torch._int_mm in cache-sized tiles", no_gil);
+  m.def("conv2d_direct_available", &conv2d_direct_available, "whether the direct VNNI convolution runs here");
+  m.def("conv2d_direct", &conv2d_direct, "integer Conv2d by a direct VNNI convolution", no_gil);
   m.def("max_pool2d_codes", &max_pool2d_codes, "max pooling of code tensors", no_gil);
   m.def("add_codes", &add_codes, "integer residual add of code tensors", no_gil);
   m.def("avg_pool2d_codes", &avg_pool2d_codes, "average pooling of code tensors", no_gil);

@@ -763,21 +763,27 @@ GRADQ_AVX512_DQ inline __m512i requantize_lanes(__m512i product, const int64_t* 
   return _mm512_min_epi64(_mm512_max_epi64(_mm512_add_epi64(x, zo), lo), hi);
 }
 
+// The codes of channels [c, c + 16) from their 16 int32 accumulators (without the offset).
+GRADQ_AVX512_DQ inline __m128i requantize16(__m512i acc, const VectorEpilogue& v, int64_t c, __m512i zo, __m512i lo,
+                                            __m512i hi) {
+  const __m512i sum = _mm512_add_epi32(acc, _mm512_loadu_si512(v.offset.data() + c));
+  const __m512i m = _mm512_loadu_si512(v.mult.data() + c);
+  // both factors fit int32: the signed 32 x 32 -> 64-bit products of the even and of the odd channels
+  const __m512i even = requantize_lanes(_mm512_mul_epi32(sum, m), v.round.data() + c, v.shift.data() + c, zo, lo, hi);
+  const __m512i odd = requantize_lanes(_mm512_mul_epi32(_mm512_srli_epi64(sum, 32), _mm512_srli_epi64(m, 32)),
+                                       v.round.data() + c + 8, v.shift.data() + c + 8, zo, lo, hi);
+  // the codes (in [lo, hi]) back in channel order as 16 int32 lanes, then their low bytes
+  const __m512i codes = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi64(0xFFFFFFFF)), _mm512_slli_epi64(odd, 32));
+  return _mm512_cvtepi32_epi8(codes);
+}
+
 GRADQ_AVX512_DQ void requantize_row_avx512(const int32_t* acc, int64_t channels, const VectorEpilogue& v,
                                            const Epilogue& e, uint8_t* out) {
   const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
   for (int64_t c = 0; c < channels; c += 16) {
     const int64_t left = std::min<int64_t>(16, channels - c);
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1);
-    const __m512i sum = _mm512_add_epi32(_mm512_maskz_loadu_epi32(mask, acc + c), _mm512_loadu_si512(v.offset.data() + c));
-    const __m512i m = _mm512_loadu_si512(v.mult.data() + c);
-    // both factors fit int32: the signed 32 x 32 -> 64-bit products of the even and of the odd channels
-    const __m512i even = requantize_lanes(_mm512_mul_epi32(sum, m), v.round.data() + c, v.shift.data() + c, zo, lo, hi);
-    const __m512i odd = requantize_lanes(_mm512_mul_epi32(_mm512_srli_epi64(sum, 32), _mm512_srli_epi64(m, 32)),
-                                         v.round.data() + c + 8, v.shift.data() + c + 8, zo, lo, hi);
-    // the codes (in [lo, hi]) back in channel order as 16 int32 lanes, then their low bytes
-    const __m512i codes = _mm512_or_si512(_mm512_and_si512(even, _mm512_set1_epi64(0xFFFFFFFF)), _mm512_slli_epi64(odd, 32));
-    store_bytes16(out + c, _mm512_cvtepi32_epi8(codes), left);
+    store_bytes16(out + c, requantize16(_mm512_maskz_loadu_epi32(mask, acc + c), v, c, zo, lo, hi), left);
   }
 }
 
@@ -847,6 +853,173 @@ torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, con
     auto part = acc.narrow(0, 0, rows);
     at::_int_mm_out(part, cols.narrow(0, 0, rows), w8);
     requantize_rows(part.data_ptr<int32_t>(), rows, channels, e, out_signed, dst + t0 * g.ow * channels);
+  }
+  return out.permute({0, 3, 1, 2});
+}
+
+namespace {
+
+// Direct convolution (groups 1, C_out a multiple of 16) with AVX-512 VNNI, no im2col. The input becomes
+// uint8 codes (int8 codes plus 128), channels last, padded with the code of a real 0. The patch of an
+// output position is S segments of L contiguous input bytes: with dilation 1 along W, a kernel row's
+// kw * C_in codes (S = kh), else one tap's C_in (S = kh * kw). Each vpdpbusd broadcasts 4 bytes of a segment
+// and multiplies them by a 64-byte row of weights (4 inputs x 16 output channels); the weights are zero
+// past L, so the up to 3 bytes read past a segment do not count. R output positions by NB blocks of 16
+// output channels accumulate in registers over the whole patch; the epilogue then requantizes them and
+// stores 16 codes per block.
+#define GRADQ_DIRECT __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
+
+struct DirectConv {
+  const uint8_t* padded;         // (N, Hp, Wp, C_in) uint8, then 4 spare bytes
+  const int8_t* weights;         // (S, G4, C_out, 4) int8, G4 = ceil(L / 4)
+  const int64_t* segment;        // (S) bytes from a position's first input byte to each segment
+  int64_t segments, groups4, channels, hp, wp, cin, oh, ow, stride_h, stride_w;
+};
+
+inline int32_t load_u32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Output positions [m, m + R) (flattened over N, OH, OW; positions past `last` repeat `last`, computed but
+// not stored) by channel blocks [b0, b0 + NB), into out (positions, C_out).
+template <int NB, int R>
+GRADQ_DIRECT void direct_block(const DirectConv& d, int64_t m, int64_t last, int64_t b0, const VectorEpilogue& v,
+                               const Epilogue& e, uint8_t* out) {
+  const uint8_t* at[R];
+  int64_t ox = m % d.ow, oy = (m / d.ow) % d.oh, s = m / (d.ow * d.oh);  // position m, then step by one
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    at[r] = d.padded + ((s * d.hp + oy * d.stride_h) * d.wp + ox * d.stride_w) * d.cin;
+    if (m + r < last && ++ox == d.ow) {
+      ox = 0;
+      if (++oy == d.oh) oy = 0, ++s;
+    }
+  }
+  __m512i acc[R][NB];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_si512();
+  }
+  const int64_t row = d.channels * 4;  // bytes of weights per 4 inputs
+  for (int64_t t = 0; t < d.segments; ++t) {
+    const int64_t off = d.segment[t];
+    const int8_t* w = d.weights + t * d.groups4 * row + b0 * 64;
+    for (int64_t g = 0; g < d.groups4; ++g, w += row) {
+      __m512i wr[NB];
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) wr[b] = _mm512_loadu_si512(w + b * 64);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(load_u32(at[r] + off + g * 4));
+#pragma GCC unroll 4
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], x, wr[b]);
+      }
+    }
+  }
+  const __m512i zo = _mm512_set1_epi64(e.zo), lo = _mm512_set1_epi64(e.lo), hi = _mm512_set1_epi64(e.hi);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {  // a constant trip count: acc stays in registers
+    if (m + r > last) break;
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) {
+      const int64_t c = (b0 + b) * 16;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + r) * d.channels + c), requantize16(acc[r][b], v, c, zo, lo, hi));
+    }
+  }
+}
+
+bool has_avx512_vnni_dq() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+                         __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+
+// x (N, C_in, H, W) codes in any strides -> (N, H + 2 ph, W + 2 pw, C_in) uint8 codes (int8 codes XOR 0x80)
+// padded with `pad`, at dst (then 4 spare bytes, zero).
+void pad_channels_last(const torch::Tensor& x, int64_t ph, int64_t pw, uint8_t pad, uint8_t* dst) {
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3), hp = h + 2 * ph, wp = wd + 2 * pw;
+  const uint8_t mask = x.scalar_type() == torch::kInt8 ? 0x80 : 0;
+  const auto* src = static_cast<const uint8_t*>(x.data_ptr());
+  const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
+  const bool dense_rows = (sc == 1 || cin == 1) && sw == cin;  // a row's W x C_in codes lie contiguous
+  at::parallel_for(0, n * hp, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = r / hp, y = r % hp - ph;
+      uint8_t* out = dst + r * wp * cin;
+      if (y < 0 || y >= h) {
+        std::memset(out, pad, wp * cin);
+        continue;
+      }
+      std::memset(out, pad, pw * cin);
+      std::memset(out + (pw + wd) * cin, pad, pw * cin);
+      const uint8_t* in = src + s * sn + y * sh;
+      uint8_t* o = out + pw * cin;
+      if (dense_rows) {
+        for (int64_t i = 0; i < wd * cin; ++i) o[i] = in[i] ^ mask;
+      } else {
+        for (int64_t xx = 0; xx < wd; ++xx) {
+          for (int64_t c = 0; c < cin; ++c) o[xx * cin + c] = in[xx * sw + c * sc] ^ mask;
+        }
+      }
+    }
+  });
+  std::memset(dst + n * hp * wp * cin, 0, 4);
+}
+
+}  // namespace
+
+bool conv2d_direct_available() { return has_avx512_vnni_dq(); }
+
+torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& offset,
+                            const torch::Tensor& mult, const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi,
+                            bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                            std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t zx) {
+  TORCH_CHECK(has_avx512_vnni_dq(), "integer conv2d: the direct kernel needs AVX-512 VNNI and DQ; use engine='int_mm'")
+  const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
+  const bool rows = dilation[1] == 1;  // a kernel row's taps are contiguous in the padded input
+  const int64_t segments = rows ? kernel[0] : kernel[0] * kernel[1], length = rows ? kernel[1] * cin : cin;
+  const int64_t groups4 = (length + 3) / 4, channels = weights.size(2);
+  TORCH_CHECK(weights.dim() == 4 && weights.size(0) == segments && weights.size(1) == groups4 && weights.size(3) == 4 &&
+              channels % 16 == 0, "integer conv2d: direct weights of shape ", weights.sizes(), " do not fit a ",
+              kernel[0], "x", kernel[1], " kernel over ", cin, " input channels (want (", segments, ", ", groups4,
+              ", C, 4), C a multiple of 16)")
+  const int64_t hp = h + 2 * padding[0], wp = wd + 2 * padding[1];
+  TORCH_CHECK(hp >= dilation[0] * (kernel[0] - 1) + 1 && wp >= dilation[1] * (kernel[1] - 1) + 1,
+              "integer conv2d: the padded input (", hp, " x ", wp, ") is smaller than the dilated kernel; no output position")
+  const int64_t oh = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
+  const int64_t ow = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
+  const uint8_t pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ (x.scalar_type() == torch::kInt8 ? 0x80 : 0));
+  auto padded = torch::empty({n * hp * wp * cin + 4}, x.options().dtype(torch::kUInt8));
+  pad_channels_last(x, padding[0], padding[1], pad, padded.data_ptr<uint8_t>());
+  std::vector<int64_t> segment(segments);
+  for (int64_t t = 0; t < segments; ++t) {
+    const int64_t i = rows ? t : t / kernel[1], j = rows ? 0 : t % kernel[1];
+    segment[t] = (i * dilation[0] * wp + j * dilation[1]) * cin;
+  }
+  const DirectConv d{padded.data_ptr<uint8_t>(), weights.data_ptr<int8_t>(), segment.data(), segments, groups4,
+                     channels, hp, wp, cin, oh, ow, stride[0], stride[1]};
+  const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
+  const VectorEpilogue v = vector_epilogue(e, channels);
+  auto out = torch::empty({n, oh, ow, channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  auto* o = static_cast<uint8_t*>(out.data_ptr());
+  const int64_t positions = n * oh * ow, last = positions - 1, blocks16 = channels / 16;
+  for (int64_t b0 = 0; b0 < blocks16; b0 += 4) {
+    const int64_t nb = std::min<int64_t>(4, blocks16 - b0);
+    const int64_t r = nb == 1 ? 8 : (nb == 2 ? 12 : (nb == 3 ? 8 : 6));  // positions per block: R x NB accumulators in registers
+    at::parallel_for(0, (positions + r - 1) / r, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        switch (nb) {
+          case 1: direct_block<1, 8>(d, blk * r, last, b0, v, e, o); break;
+          case 2: direct_block<2, 12>(d, blk * r, last, b0, v, e, o); break;
+          case 3: direct_block<3, 8>(d, blk * r, last, b0, v, e, o); break;
+          default: direct_block<4, 6>(d, blk * r, last, b0, v, e, o); break;
+        }
+      }
+    });
   }
   return out.permute({0, 3, 1, 2});
 }

@@ -196,6 +196,78 @@ def test_conv_int_mm_engine_equals_gradq_kernel(case, bits, tile_bytes, monkeypa
             assert torch.equal(out, expected), layout
 
 
+DIRECT_CASES = [  # (N, C_in, H, W, C_out, kernel, stride, padding, dilation)
+    (2, 16, 14, 14, 16, (3, 3), (1, 1), (1, 1), (1, 1)),  # the residual CNN's block: one 16-channel block
+    (3, 1, 28, 28, 16, (3, 3), (2, 2), (1, 1), (1, 1)),  # one input channel: a kernel row is 3 bytes of 4
+    (1, 3, 9, 7, 32, (5, 5), (1, 1), (2, 2), (1, 1)),  # two blocks; rows of 15 inputs
+    (2, 5, 11, 13, 48, (3, 2), (2, 1), (2, 0), (2, 1)),  # three blocks; dilation along H
+    (1, 7, 10, 9, 80, (3, 3), (1, 2), (1, 1), (1, 2)),  # four blocks, then one; dilation along W: tap segments
+    (1, 2, 2, 2, 64, (1, 1), (1, 1), (0, 0), (1, 1)),  # 4 positions, fewer than a register block
+    (1, 33, 5, 6, 16, (4, 8), (1, 1), (1, 2), (1, 1)),  # rows of 264 inputs
+]
+DIRECT = native_available() and integer_kernels._direct_reason(_plan(16, 9, 8)[0], 1, integer_kernels._kernels(
+    torch.zeros(1), "auto")[0]) == ""
+
+
+@pytest.mark.skipif(not DIRECT, reason="the direct convolution needs the native build and AVX-512 VNNI")
+@pytest.mark.parametrize("case", DIRECT_CASES)
+@pytest.mark.parametrize("bits", [8, 4, 1])
+@pytest.mark.parametrize("x_signed", [False, True])
+def test_direct_convolution_equals_reference(case, bits, x_signed, monkeypatch):
+    n, cin, h, w, cout, kernel, stride, padding, dilation = case
+    k = cin * kernel[0] * kernel[1]
+    plan, _ = _plan(cout, k, bits, x_signed=x_signed, out_signed=not x_signed, zx=-3 if x_signed else 9, seed=k,
+                    taps=kernel[0] * kernel[1])
+    wide = _inputs((n, cin, h, w + 3), x_signed, seed=h + cout)
+    monkeypatch.setenv("GRADQ_KERNELS", "reference")
+    expected = integer_conv2d(wide[..., 3:].contiguous(), plan, kernel, stride, padding, dilation, 1)
+    monkeypatch.setenv("GRADQ_KERNELS", "native")
+    for x in (wide[..., 3:].contiguous(), wide[..., 3:].contiguous(memory_format=torch.channels_last), wide[..., 3:]):
+        out = integer_conv2d(x, plan, kernel, stride, padding, dilation, 1, engine="direct")
+        assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, expected), x.stride()
+
+
+@pytest.mark.skipif(not DIRECT, reason="the direct convolution needs the native build and AVX-512 VNNI")
+def test_auto_engine_takes_the_direct_convolution_where_it_runs(monkeypatch):
+    calls = []
+    native = integer_kernels._kernels(torch.zeros(1), "auto")[0]
+    direct = native.conv2d_direct
+    monkeypatch.setattr(native, "conv2d_direct", lambda *a: calls.append(1) or direct(*a))
+    x = _inputs((2, 16, 6, 6), False, seed=1)
+    for cout, group, want in ((32, 0, 1), (20, 0, 0), (32, 16, 0)):  # 20 channels, per-group weights: int_mm/gradq
+        plan, _ = _plan(cout, 144, 4, group=group, seed=cout, taps=9)
+        auto = integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+        assert torch.equal(auto, integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1, engine="gradq"))
+        assert len(calls) == want
+        calls.clear()
+    threads = torch.get_num_threads()
+    plan, _ = _plan(48, 144, 8, seed=2, taps=9)
+    x = _inputs((3, 16, 14, 14), False, seed=2)
+    try:
+        torch.set_num_threads(1)
+        one = integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1)
+        torch.set_num_threads(2)
+        assert torch.equal(integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1), one)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_direct_engine_names_what_it_cannot_run():
+    x = _inputs((1, 4, 6, 6), False, seed=0)
+    for cout, group, groups, match in ((20, 0, 1, "multiple of 16 output channels, got 20"),
+                                       (32, 4, 1, "per-channel weights"), (32, 0, 2, "groups=1 only")):
+        plan, _ = _plan(cout, 36 // groups, 8, group=group, seed=1, taps=9)
+        with pytest.raises(ValueError, match=match):
+            integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), groups, engine="direct")
+    plan, _ = _plan(16, 64, 8, seed=1)
+    with pytest.raises(ValueError, match="engine='direct' runs convolutions"):
+        integer_linear(torch.zeros(2, 64, dtype=torch.uint8), plan, engine="direct")
+    if DIRECT:
+        plan, _ = _plan(16, 9, 8, seed=1, taps=9)
+        with pytest.raises(RuntimeError, match=r"padded input \(2 x 2\) is smaller than the dilated kernel"):
+            integer_conv2d(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), plan, (3, 3), (1, 1), (0, 0), (1, 1), 1)
+
+
 def test_int_mm_convolution_of_an_input_smaller_than_the_kernel_is_a_clear_error():
     plan, _ = _plan(4, 9, 8, seed=1, taps=9)
     x = torch.zeros(130, 1, 2, 2, dtype=torch.uint8)  # 2 x 2 under a 3 x 3 kernel: no output position
