@@ -1112,5 +1112,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_pool2d_codes", &max_pool2d_codes, "max pooling of code tensors", no_gil);
   m.def("add_codes", &add_codes, "integer residual add of code tensors", no_gil);
   m.def("avg_pool2d_codes", &avg_pool2d_codes, "average pooling of code tensors", no_gil);
+  m.def("dequantize_codes", &dequantize_codes, "codes to fp32 values", no_gil);
   m.def("quantize_codes", &quantize_codes, "per-tensor uniform quantization to codes", no_gil);
 }

@@ -1370,3 +1370,22 @@ std::vector<torch::Tensor> quantize_codes(const torch::Tensor& x, double scale, 
   });
   return {out, torch::tensor(finite.load())};
 }
+
+torch::Tensor dequantize_codes(const torch::Tensor& codes, double scale, int64_t zero_point) {
+  auto out = torch::empty(codes.sizes(), codes.options().dtype(torch::kFloat32));
+  float* dst = out.data_ptr<float>();
+  const auto s = static_cast<float>(scale);
+  const auto z = static_cast<int32_t>(zero_point);
+  const bool is_signed = codes.scalar_type() == torch::kInt8;
+  const void* src = codes.data_ptr();
+  at::parallel_for(0, codes.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    if (is_signed) {
+      const auto* q = static_cast<const int8_t*>(src);
+      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<float>(static_cast<int32_t>(q[i]) - z) * s;
+    } else {
+      const auto* q = static_cast<const uint8_t*>(src);
+      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<float>(static_cast<int32_t>(q[i]) - z) * s;
+    }
+  });
+  return out;
+}

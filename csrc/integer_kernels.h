@@ -78,3 +78,6 @@ torch::Tensor avg_pool2d_codes(const torch::Tensor& x, std::vector<int64_t> kern
 // gradq.quantize), and whether every x was finite.
 std::vector<torch::Tensor> quantize_codes(const torch::Tensor& x, double scale, int64_t zero_point, int64_t qmin,
                                           int64_t qmax, bool out_signed);
+
+// fp32(q - zero_point) * fp32(scale) of contiguous int8/uint8 codes (the integer model's Dequantize).
+torch::Tensor dequantize_codes(const torch::Tensor& codes, double scale, int64_t zero_point);

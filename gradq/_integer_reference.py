@@ -149,3 +149,8 @@ def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qm
     y = torch.round(x.to(torch.float32) / torch.tensor(scale, dtype=torch.float32)) + float(zero_point)
     codes = y.clamp(qmin, qmax).nan_to_num(float(qmin)).to(torch.int8 if out_signed else torch.uint8)
     return [codes, torch.isfinite(x).all()]
+
+
+def dequantize_codes(codes: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``fp32(q - zero_point) * fp32(scale)`` of int8/uint8 codes (exact subtraction, one rounding)."""
+    return (codes.to(torch.int32) - zero_point).to(torch.float32) * torch.tensor(scale, dtype=torch.float32)

@@ -23,6 +23,7 @@ accumulated in registers and requantized there.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -289,6 +290,11 @@ def _int_mm(xs: torch.Tensor, g: IntegerGemm, module: object) -> torch.Tensor:
     return module.requantize_int32(acc, g.signed_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed)
 
 
+Call = Callable[[torch.Tensor], torch.Tensor]
+"""A planned kernel call: valid for inputs of the shape, strides, dtype and device it was planned for, under
+the same ``GRADQ_KERNELS`` (the integer modules keep one per input signature)."""
+
+
 def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: str = "auto") -> torch.Tensor:
     """Output codes (rows, C) (int8 or uint8 as planned) of input codes ``x`` (rows, K), contiguous, on the
     device the layer was planned on (CPU: native kernels; CUDA: Triton kernels).
@@ -297,14 +303,23 @@ def integer_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: s
     applies the same epilogue; ``"gradq"`` uses gradq's kernel; ``"auto"`` chooses (:data:`INT_MM_MIN_ROWS`).
     ``isa`` forces an instruction set of the native kernels (tests, benchmarks).
     """
+    return plan_linear(x, g, isa, engine)(x)
+
+
+def plan_linear(x: torch.Tensor, g: IntegerGemm, isa: str = "auto", engine: str = "auto") -> Call:
+    """:func:`integer_linear` for inputs like ``x``, checked and chosen once (a :data:`Call`)."""
     _check_codes(x, g, 2, x.shape[1])
     module, isa_id = _kernels(x, isa)
     if _engine(engine, g, x.shape[0], module) == "int_mm":
-        xs = x if g.x_signed else (x ^ 128).view(torch.int8)  # uint8 codes minus 128
         k16 = g.int8_weights().shape[0]
-        return _int_mm(xs if k16 == g.k else torch.nn.functional.pad(xs, (0, k16 - g.k)), g, module)
+
+        def int_mm(x: torch.Tensor) -> torch.Tensor:
+            xs = x if g.x_signed else (x ^ 128).view(torch.int8)  # uint8 codes minus 128
+            return _int_mm(xs if k16 == g.k else torch.nn.functional.pad(xs, (0, k16 - g.k)), g, module)
+
+        return int_mm
     args, extra = _args(module, g, isa_id)
-    return module.integer_linear(x, *args, **extra)
+    return lambda x: module.integer_linear(x, *args, **extra)
 
 
 def _engine(engine: str, g: IntegerGemm, rows: int, module: object) -> str:
@@ -334,6 +349,13 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
     ``direct``: the native direct convolution (no im2col; groups 1, per-channel weights, a multiple of 16
     output channels, AVX-512 VNNI), which ``auto`` takes wherever it runs: it was measured faster than
     ``torch._int_mm`` on every convolution of the benchmark models, at batch 1 and 64."""
+    return plan_conv2d(x, g, kernel, stride, padding, dilation, groups, isa, engine)(x)
+
+
+def plan_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], stride: tuple[int, int],
+                padding: tuple[int, int], dilation: tuple[int, int], groups: int, isa: str = "auto",
+                engine: str = "auto") -> Call:
+    """:func:`integer_conv2d` for inputs like ``x``, checked and chosen once (a :data:`Call`)."""
     _check_codes(x, g, 4, x.shape[1] // groups * math.prod(kernel))
     module, isa_id = _kernels(x, isa)
     conv = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding],
@@ -345,19 +367,26 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
     if engine == "direct" and direct:
         raise ValueError(f"engine='direct' {direct}; use engine='int_mm' or 'gradq'")
     if not direct and (engine == "direct" or (engine == "auto" and isa in ("auto", "avx512_vnni"))):
-        return module.conv2d_direct(x, g.direct_weights(x.shape[1], conv[0], conv[3][1]), g.offset, g.mult, g.shift,
-                                    g.zo, g.lo, g.hi, g.out_signed, *conv[:4], g.zx)
+        args = (g.direct_weights(x.shape[1], conv[0], conv[3][1]), g.offset, g.mult, g.shift, g.zo, g.lo, g.hi,
+                g.out_signed, *conv[:4], g.zx)
+        return lambda x: module.conv2d_direct(x, *args)
     chosen = _engine("gradq" if engine == "auto" and groups != 1 else engine, g, n * oh * ow, module)
     if chosen == "int_mm":
         if groups != 1:
             raise ValueError("engine='int_mm' runs convolutions with groups=1 only; use engine='gradq'")
         if module.__name__ == "gradq._C":  # im2col, products and epilogue tile by tile, in cache
-            return module.conv2d_int_mm(x, g.int8_weights(), g.signed_offset, g.mult, g.shift, g.zo, g.lo, g.hi,
-                                        g.out_signed, *conv[:4], g.zx, CONV_TILE_BYTES)
-        cols = module.im2col_codes(x, *conv[:4], 1, g.int8_weights().shape[0], g.zx, True).view(torch.int8)
-        return _int_mm(cols, g, module).view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last
+            args = (g.int8_weights(), g.signed_offset, g.mult, g.shift, g.zo, g.lo, g.hi, g.out_signed, *conv[:4],
+                    g.zx, CONV_TILE_BYTES)
+            return lambda x: module.conv2d_int_mm(x, *args)
+        k16 = g.int8_weights().shape[0]
+
+        def int_mm(x: torch.Tensor) -> torch.Tensor:
+            cols = module.im2col_codes(x, *conv[:4], 1, k16, g.zx, True).view(torch.int8)
+            return _int_mm(cols, g, module).view(n, oh, ow, g.channels).permute(0, 3, 1, 2)  # channels last
+
+        return int_mm
     args, extra = _args(module, g, isa_id)
-    return module.integer_conv2d(x, *args, *conv, **extra)
+    return lambda x: module.integer_conv2d(x, *args, *conv, **extra)
 
 
 def _direct_reason(g: IntegerGemm, groups: int, module: object) -> str:
@@ -378,11 +407,18 @@ def max_pool2d_codes(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int
                      padding: tuple[int, int]) -> torch.Tensor:
     """Max pooling (dilation 1, floor mode) of codes ``x`` (N, C, H, W) uint8/int8, equal to
     ``F.max_pool2d`` on the codes; contiguous or channels-last input (the output keeps its memory format)."""
+    return plan_max_pool2d(x, kernel, stride, padding)(x)
+
+
+def plan_max_pool2d(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+                    padding: tuple[int, int]) -> Call:
+    """:func:`max_pool2d_codes` for inputs like ``x`` (a :data:`Call`)."""
     check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
+    f = _code_kernels(x).max_pool2d_codes
+    args = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding])
     if not x.is_contiguous():
-        x = x.contiguous(memory_format=torch.channels_last)
-    return _code_kernels(x).max_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
-                                             [int(v) for v in padding])
+        return lambda x: f(x.contiguous(memory_format=torch.channels_last), *args)
+    return lambda x: f(x, *args)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -395,12 +431,19 @@ def add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: i
     ``clamp((((a - za) ma + (b - zb) mb + 2**(n-1)) >> n) + zo, lo, hi)`` as int8 or uint8 codes. Natively
     when both have the same shape and strides (dense, contiguous or channels-last), else by the reference
     (which broadcasts)."""
+    return plan_add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, out_signed)(a, b)
+
+
+def plan_add_codes(a: torch.Tensor, b: torch.Tensor, za: int, zb: int, ma: int, mb: int, n: int, zo: int, lo: int,
+                   hi: int, out_signed: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """:func:`add_codes` for inputs like ``a`` and ``b``: a function of (a, b)."""
     for name, t in (("a", a), ("b", b)):
         check_tensor(name, t, dtypes=(torch.uint8, torch.int8), contiguous=False)
     module = _code_kernels(a)
     if a.shape != b.shape or a.stride() != b.stride() or not _dense(a):
         module = _integer_reference
-    return module.add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, out_signed)
+    f, args = module.add_codes, (za, zb, ma, mb, n, zo, lo, hi, out_signed)
+    return lambda a, b: f(a, b, *args)
 
 
 def avg_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
@@ -408,9 +451,16 @@ def avg_pool2d_codes(x: torch.Tensor, kernel: list[int], stride: list[int], padd
     """Average pooling of uint8/int8 codes ``x`` (N, C, H, W) in any memory format (kept) on their grid: the
     window's mean code rounded to nearest, ties to even (docs/integer.md section 5); natively on the CPU,
     else by the reference."""
+    return plan_avg_pool2d(x, kernel, stride, padding, zero_point)(x)
+
+
+def plan_avg_pool2d(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int],
+                    zero_point: int) -> Call:
+    """:func:`avg_pool2d_codes` for inputs like ``x`` (a :data:`Call`)."""
     check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), dim=4, contiguous=False)
-    return _code_kernels(x).avg_pool2d_codes(x, [int(v) for v in kernel], [int(v) for v in stride],
-                                   [int(v) for v in padding], int(zero_point))
+    f = _code_kernels(x).avg_pool2d_codes
+    args = ([int(v) for v in kernel], [int(v) for v in stride], [int(v) for v in padding], int(zero_point))
+    return lambda x: f(x, *args)
 
 
 def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
@@ -418,11 +468,36 @@ def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qm
     """Codes ``clamp(round(fp32(x / scale)) + zero_point, qmin, qmax)`` (int8 or uint8) of float ``x``, as
     ``gradq.quantize`` computes them for a per-tensor uniform scheme; natively for contiguous fp32 CPU
     tensors. Raises ValueError if ``x`` holds NaN or Inf."""
+    return plan_quantize_codes(x, scale, zero_point, qmin, qmax, out_signed)(x)
+
+
+def plan_quantize_codes(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int,
+                        out_signed: bool) -> Call:
+    """:func:`quantize_codes` for inputs like ``x`` (a :data:`Call`)."""
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16), contiguous=False)
     module = _code_kernels(x)
     if x.dtype != torch.float32 or not x.is_contiguous():
         module = _integer_reference
-    codes, finite = module.quantize_codes(x, float(scale), int(zero_point), int(qmin), int(qmax), out_signed)
-    if not bool(finite):
-        raise ValueError("x contains NaN or Inf; uniform quantization needs finite values")
-    return codes
+    f, args = module.quantize_codes, (float(scale), int(zero_point), int(qmin), int(qmax), out_signed)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        codes, finite = f(x, *args)
+        if not bool(finite):
+            raise ValueError("x contains NaN or Inf; uniform quantization needs finite values")
+        return codes
+
+    return call
+
+
+def dequantize_codes(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """Values ``fp32(q - zero_point) * fp32(scale)`` (float32, x's shape) of int8/uint8 codes ``x``;
+    natively for contiguous CPU codes."""
+    return plan_dequantize_codes(x, scale, zero_point)(x)
+
+
+def plan_dequantize_codes(x: torch.Tensor, scale: float, zero_point: int) -> Call:
+    """:func:`dequantize_codes` for inputs like ``x`` (a :data:`Call`)."""
+    check_tensor("codes", x, dtypes=(torch.uint8, torch.int8), contiguous=False)
+    module = _code_kernels(x) if x.is_contiguous() else _integer_reference
+    f, args = module.dequantize_codes, (float(scale), int(zero_point))
+    return lambda x: f(x, *args)

@@ -175,3 +175,36 @@ def test_relu6_is_fused_as_the_clamp_at_the_code_of_six(tmp_path):
     outputs = [m for m in converted.modules() if isinstance(m, gradq.modelquant.Dequantize)]
     step = float(outputs[-1].scale)
     assert float((theirs - converted(x)).abs().max()) <= step * 1.001
+
+
+def test_planned_calls_follow_shapes_parameters_and_kernel_choice(monkeypatch):
+    """Each integer module plans its kernel call once per input signature; other shapes, new parameters
+    (load_state_dict), GRADQ_KERNELS and copies plan again, and every planned call computes eval()'s codes."""
+    import copy
+    import pickle
+
+    from gradq.modelquant import integer_modules
+
+    torch.manual_seed(0)
+    prepared, converted = _converted(Net().eval(), CONFIGS["w8a8"], _data())
+    _, other = _converted(Net().eval(), CONFIGS["w8a8"], _data(seed=3))  # other weights and scales
+    planned = [m for m in converted.modules() if isinstance(m, integer_modules._Planned)]
+    x = torch.cat(_data(2, seed=7))
+    for batch in (x[:5], x[:1], x[:5], x[1:3]):  # two signatures seen twice
+        assert torch.equal(converted(batch), prepared(batch))
+    assert all(len(m._calls) == 3 for m in planned)  # batches of 5, 1 and 2
+    monkeypatch.setenv("GRADQ_KERNELS", "reference")
+    assert torch.equal(converted(x[:5]), prepared(x[:5]))
+    assert all(len(m._calls) == 4 for m in planned)
+    monkeypatch.delenv("GRADQ_KERNELS")
+    clone = copy.deepcopy(converted)  # planned closures are not state: not copied, not pickled
+    assert not any("_calls" in vars(m) for m in clone.modules())
+    assert all(pickle.loads(pickle.dumps(m)).__dict__.keys() == vars(m).keys() - {"_calls"} for m in planned)
+    assert torch.equal(clone(x), prepared(x))
+    assert not torch.equal(converted(x[:5]), other(x[:5]))
+    converted.load_state_dict(other.state_dict())  # new parameters: the old plans are forgotten
+    assert not any("_calls" in vars(m) for m in planned)
+    assert torch.equal(converted(x[:5]), other(x[:5]))
+    for n in range(1, integer_modules.MAX_PLANS + 3):  # many shapes: at most MAX_PLANS plans each
+        converted(x[:n])
+    assert all(0 < len(m._calls) <= integer_modules.MAX_PLANS for m in planned)

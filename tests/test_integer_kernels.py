@@ -290,6 +290,19 @@ def test_im2col_native_equals_reference(case, x_signed, minus_128, width):
     assert torch.equal(native, _integer_reference.im2col_codes(x, *args))
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_dequantize_codes_equals_the_float64_product_rounded_once(signed, monkeypatch):
+    codes = _inputs((5, 3, 7, 9), signed, seed=4)  # every code at least once
+    scale, zp = 0.0123456789, (-7 if signed else 131)
+    exact = (codes.double() - zp) * torch.tensor(scale, dtype=torch.float32).double()
+    expected = exact.to(torch.float32)  # (q - z) is exact in fp32, so the product is rounded once
+    for choice in ("native", "reference"):
+        monkeypatch.setenv("GRADQ_KERNELS", choice)
+        for x in (codes, codes.contiguous(memory_format=torch.channels_last)):
+            out = integer_kernels.dequantize_codes(x, scale, zp)
+            assert out.dtype == torch.float32 and torch.equal(out, expected), (choice, x.stride())
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8])
 @pytest.mark.parametrize("kernel,stride,padding", [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)),
                                                    ((3, 2), (1, 2), (1, 0)), ((2, 3), (3, 1), (0, 1))])

@@ -6,21 +6,25 @@ codes, dequantize. Built by ``gradq.convert``; their buffers are what ``gradq.sa
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from gradq._backend import ENV_VAR as KERNELS_ENV
 from gradq.integer_kernels import (
     IntegerGemm,
     WeightOnlyGemm,
-    add_codes,
-    avg_pool2d_codes,
-    integer_conv2d,
-    integer_linear,
-    max_pool2d_codes,
+    plan_add_codes,
+    plan_avg_pool2d,
+    plan_conv2d,
+    plan_dequantize_codes,
     plan_integer_gemm,
+    plan_linear,
+    plan_max_pool2d,
+    plan_quantize_codes,
     plan_weight_only,
-    quantize_codes,
     uses_triton,
     weight_only_linear,
 )
@@ -37,7 +41,45 @@ def code_dtype(scheme: QuantScheme) -> torch.dtype:
     return torch.int8 if scheme.signed else torch.uint8
 
 
-class QuantizeInput(nn.Module):
+MAX_PLANS = 16
+"""Planned calls kept per module (one per input signature); more input shapes than this start over."""
+
+
+class _Planned(nn.Module):
+    """A module that checks its inputs and chooses its kernel once per input signature (shape, strides,
+    dtype, device and ``GRADQ_KERNELS``), then calls the planned kernel directly: about 10 us of Python
+    per call otherwise, most of a batch-1 forward. Parameters are read when a call is planned;
+    ``load_state_dict`` and ``.to()`` plan again."""
+
+    def _planned(self, tensors: tuple[torch.Tensor, ...], plan: Callable[[], Callable]) -> Callable:
+        x = tensors[0]
+        key = (os.environ.get(KERNELS_ENV), x.shape, x.stride(), x.dtype, x.device)
+        if len(tensors) > 1:
+            key += tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors[1:])
+        calls = self.__dict__.setdefault("_calls", {})
+        call = calls.get(key)
+        if call is None:
+            if len(calls) >= MAX_PLANS:
+                calls.clear()
+            call = calls[key] = plan()
+        return call
+
+    def _forget_plans(self) -> None:
+        self.__dict__.pop("_calls", None)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._forget_plans()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True) -> nn.Module:  # noqa: ANN001
+        self._forget_plans()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_calls"}  # closures: plan again after a copy
+
+
+class QuantizeInput(_Planned):
     """Float tensor -> codes (uint8/int8) with a fixed scale and zero point, exactly as ``gradq.quantize``."""
 
     def __init__(self, scheme: QuantScheme, scale: torch.Tensor, zero_point: int) -> None:
@@ -50,12 +92,13 @@ class QuantizeInput(nn.Module):
         s = self.scheme
         if s.rounding == "nearest" and s.codebook == "uniform" and isinstance(s.granularity, PerTensor):
             zp = int(self.zero_point) if s.has_zero_point else 0
-            return quantize_codes(x, float(self.scale), zp, s.qmin, s.qmax, s.signed)
+            return self._planned((x,), lambda: plan_quantize_codes(x, float(self.scale), zp, s.qmin, s.qmax,
+                                                                   s.signed))(x)
         zp = self.zero_point if s.has_zero_point else None
         return quantize(x, s, scale=self.scale, zero_point=zp).codes
 
 
-class Dequantize(nn.Module):
+class Dequantize(_Planned):
     """Codes -> fp32(scale * (q - zero_point))."""
 
     def __init__(self, scale: torch.Tensor, zero_point: int) -> None:
@@ -64,7 +107,8 @@ class Dequantize(nn.Module):
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes.to(torch.int32) - self.zero_point).to(torch.float32) * self.scale
+        return self._planned((codes,), lambda: plan_dequantize_codes(codes, float(self.scale),
+                                                                     int(self.zero_point)))(codes)
 
 
 class CodeReLU(nn.Module):
@@ -78,7 +122,7 @@ class CodeReLU(nn.Module):
         return codes.clamp(min=int(self.zero_point))
 
 
-class CodeMaxPool(nn.MaxPool2d):
+class CodeMaxPool(_Planned, nn.MaxPool2d):
     """``nn.MaxPool2d`` on codes: gradq's max-pooling kernel (dilation 1, floor mode), else the torch op on
     contiguous codes (PyTorch's uint8 max pooling rejects channels-last input); off the CPU the torch op on
     float64 copies of the codes (exact)."""
@@ -97,10 +141,11 @@ class CodeMaxPool(nn.MaxPool2d):
         if not native or codes.dim() != 4:
             return super().forward(codes.contiguous())
         kernel = pair(self.kernel_size)
-        return max_pool2d_codes(codes, kernel, pair(self.stride or kernel), pair(self.padding))
+        return self._planned((codes,), lambda: plan_max_pool2d(codes, kernel, pair(self.stride or kernel),
+                                                               pair(self.padding)))(codes)
 
 
-class _PackedWeights(nn.Module):
+class _PackedWeights(_Planned):
     """Weights stored as docs/integer.md section 2 says: codes packed at their width (sign: bit 1 is -1),
     8-bit sub-scales per group, fp32 channel scales and the mask of all-zero channels."""
 
@@ -200,18 +245,21 @@ class IntegerLayer(_PackedWeights):
                  "lo": lo, "hi": hi, "bound": bound}
             return integer_layer(codes, p, self.kind, self.conv_args, self.weight_shape).to(self.out_dtype)
         if self.kind == "linear":
-            rows = codes.reshape(-1, codes.shape[-1]).contiguous()
-            return integer_linear(rows, self.gemm()).view(*codes.shape[:-1], -1)
+            rows = codes if codes.dim() == 2 else codes.reshape(-1, codes.shape[-1])
+            rows = rows.contiguous()
+            out = self._planned((rows,), lambda: plan_linear(rows, self.gemm()))(rows)
+            return out if codes.dim() == 2 else out.view(*codes.shape[:-1], -1)
         unbatched = codes.dim() == len(self.weight_shape) - 1
         x = codes.unsqueeze(0) if unbatched else codes
         a = self.conv_args
         if self.kind == "conv1d":  # a Conv1d runs as a Conv2d of height 1
-            out = integer_conv2d(x.unsqueeze(2), self.gemm(), (1, self.weight_shape[2]),
-                                 (1, a["stride"][0]), (0, a["padding"][0]), (1, a["dilation"][0]), a["groups"])
-            out = out.squeeze(2)
+            x = x.unsqueeze(2)
+            out = self._planned((x,), lambda: plan_conv2d(
+                x, self.gemm(), (1, self.weight_shape[2]), (1, a["stride"][0]), (0, a["padding"][0]),
+                (1, a["dilation"][0]), a["groups"]))(x).squeeze(2)
         else:
-            out = integer_conv2d(x, self.gemm(), self.weight_shape[2:], a["stride"], a["padding"], a["dilation"],
-                                 a["groups"])
+            out = self._planned((x,), lambda: plan_conv2d(x, self.gemm(), self.weight_shape[2:], a["stride"],
+                                                          a["padding"], a["dilation"], a["groups"]))(x)
         return out.squeeze(0) if unbatched else out
 
     def extra_repr(self) -> str:
@@ -255,7 +303,7 @@ class WeightOnlyLayer(_PackedWeights):
 ADD_FIELDS = ("za", "zb", "Ma", "Mb", "n", "zo", "lo", "hi")
 
 
-class IntegerAdd(nn.Module):
+class IntegerAdd(_Planned):
     """The residual add on codes (docs/integer.md section 5): both inputs rescaled to the output's scale
     with one shift, rounded once, zero point, clamp (a fused ReLU is the lower clamp)."""
 
@@ -271,14 +319,14 @@ class IntegerAdd(nn.Module):
             self.scales.copy_(torch.stack([q.qparams()[0] for q in (*add.input_quantizers, add.output_quant)]))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        za, zb, ma, mb, n, zo, lo, hi = self.integers.tolist()
-        return add_codes(a, b, za, zb, ma, mb, n, zo, lo, hi, self.out_dtype == torch.int8)
+        return self._planned((a, b), lambda: plan_add_codes(a, b, *self.integers.tolist(),
+                                                            self.out_dtype == torch.int8))(a, b)
 
     def extra_repr(self) -> str:
         return f"{self.name}: integer add{'+ReLU' if self.relu else ''}"
 
 
-class IntegerAvgPool(nn.Module):
+class IntegerAvgPool(_Planned):
     """Average pooling on codes, output on the input's grid (docs/integer.md section 5)."""
 
     def __init__(self, spec: PoolSpec, scale: torch.Tensor, zero_point: int) -> None:
@@ -290,7 +338,7 @@ class IntegerAvgPool(nn.Module):
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         s = self.spec
         x, kernel, stride, padding = pool_window(codes, s.kernel, s.stride, s.padding)
-        out = avg_pool2d_codes(x, kernel, stride, padding, int(self.zero_point))
+        out = self._planned((x,), lambda: plan_avg_pool2d(x, kernel, stride, padding, int(self.zero_point)))(x)
         return out if codes.dim() == 4 else out.squeeze(2)
 
     def extra_repr(self) -> str:
