@@ -208,3 +208,58 @@ def test_planned_calls_follow_shapes_parameters_and_kernel_choice(monkeypatch):
     for n in range(1, integer_modules.MAX_PLANS + 3):  # many shapes: at most MAX_PLANS plans each
         converted(x[:n])
     assert all(0 < len(m._calls) <= integer_modules.MAX_PLANS for m in planned)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return y, self.b(y)
+
+
+def test_integer_model_runs_a_program_of_planned_calls_equal_to_its_modules(monkeypatch):
+    """From the second call with a signature, convert's model runs its program (no planned_call lookups);
+    it computes what the module-by-module forward computes, falls back where hooks must run, and a new
+    parameter anywhere (load_state_dict on one layer), a copy or a new graph makes a new program."""
+    import copy
+
+    from gradq.modelquant import integer_modules
+    from gradq.modelquant.integer_model import IntegerModel
+
+    torch.manual_seed(0)
+    prepared, converted = _converted(Net().eval(), CONFIGS["w8a8"], _data())
+    _, other = _converted(Net().eval(), CONFIGS["w8a8"], _data(seed=3))
+    assert isinstance(converted, IntegerModel)
+    x = torch.cat(_data(2, seed=7))
+    lookups = []
+    planned_call = integer_modules._Planned.planned_call
+    monkeypatch.setattr(integer_modules._Planned, "planned_call",
+                        lambda self, *a: lookups.append(self) or planned_call(self, *a))
+    for batch in (x[:1], x[:5]):
+        assert torch.equal(converted(batch), prepared(batch))  # recorded: every integer module planned
+        assert lookups
+        lookups.clear()
+        assert torch.equal(converted(batch), prepared(batch))  # the program
+        assert not lookups
+    seen = []
+    handle = converted.fc1.register_forward_hook(lambda m, i, out: seen.append(out.shape))
+    assert torch.equal(converted(x[:5]), prepared(x[:5])) and seen == [(5, 16)]  # hooks run: module by module
+    handle.remove()
+    converted.fc2.load_state_dict(other.fc2.state_dict())  # one layer's new parameters: every program is stale
+    mixed = converted.forward(x[:5])  # the module-by-module forward
+    assert not torch.equal(mixed, prepared(x[:5]))
+    assert torch.equal(converted(x[:5]), mixed) and torch.equal(converted(x[:5]), mixed)
+    clone = copy.deepcopy(converted)
+    assert "_programs" not in vars(clone) and torch.equal(clone(x[:5]), mixed)
+    converted.recompile()
+    assert "_programs" not in vars(converted) and torch.equal(converted(x[:5]), mixed)
+
+    torch.manual_seed(1)
+    prepared, converted = _converted(TwoHeads().eval(), "w8a8", [torch.randn(16, 8)])
+    x = torch.randn(5, 8)
+    for _ in range(2):  # recorded, then the program: a tuple of outputs
+        got, want = converted(x), prepared(x)
+        assert isinstance(got, tuple) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))

@@ -16,6 +16,7 @@ from gradq.modelquant.calibrators import (
 )
 from gradq.modelquant.config import QuantConfig, activation_scheme, weight_scheme
 from gradq.modelquant.convert import convert
+from gradq.modelquant.integer_model import IntegerModel
 from gradq.modelquant.integer_modules import (
     CodeReLU,
     Dequantize,
@@ -41,6 +42,7 @@ __all__ = [
     "IntegerAdd",
     "IntegerAvgPool",
     "IntegerLayer",
+    "IntegerModel",
     "QuantizeInput",
     "WeightOnlyLayer",
     "convert",

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gradq.modelquant.calibrate import quant_layers
+from gradq.modelquant.integer_model import IntegerModel
 from gradq.modelquant.integer_modules import (
     CodeMaxPool,
     CodeReLU,
@@ -32,7 +33,7 @@ from gradq.modelquant.prepare import PreparedInfo, is_relu, preserves_grid
 from gradq.modelquant.quant_ops import QuantAdd, QuantAvgPool
 
 
-def convert(prepared: nn.Module) -> fx.GraphModule:
+def convert(prepared: nn.Module) -> IntegerModel:
     """The integer model of a prepared, calibrated (or trained) model; ``prepared`` is not modified.
 
     Every layer with quantized weights and activations becomes an :class:`IntegerLayer`, every quantized
@@ -44,7 +45,7 @@ def convert(prepared: nn.Module) -> fx.GraphModule:
     return build_integer_model(prepared, with_values=True)
 
 
-def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModule:
+def build_integer_model(prepared: nn.Module, with_values: bool) -> IntegerModel:
     """:func:`convert`; ``with_values=False`` builds the same modules with zeroed parameters, for loading a
     saved integer model's state into (no calibration needed)."""
     quant_layers(prepared)
@@ -136,5 +137,8 @@ def build_integer_model(prepared: nn.Module, with_values: bool) -> fx.GraphModul
     info = next(m for m in prepared.modules() if isinstance(m, PreparedInfo))
     gm.add_submodule("gradq_info", copy.deepcopy(info))
     graph.lint()
-    gm.recompile()
-    return gm
+    model = IntegerModel(gm, graph)
+    for name, child in gm.named_children():  # modules the graph does not call (gradq_info)
+        if not hasattr(model, name):
+            model.add_module(name, child)
+    return model

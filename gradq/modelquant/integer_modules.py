@@ -45,27 +45,41 @@ MAX_PLANS = 16
 """Planned calls kept per module (one per input signature); more input shapes than this start over."""
 
 
-class _Planned(nn.Module):
-    """A module that checks its inputs and chooses its kernel once per input signature (shape, strides,
-    dtype, device and ``GRADQ_KERNELS``), then calls the planned kernel directly: about 10 us of Python
-    per call otherwise, most of a batch-1 forward. Parameters are read when a call is planned;
-    ``load_state_dict`` and ``.to()`` plan again."""
+PLAN_EPOCH = [0]
+"""Counts the times any integer module dropped its plans: a program of planned calls (``IntegerModel``)
+made before is stale."""
 
-    def _planned(self, tensors: tuple[torch.Tensor, ...], plan: Callable[[], Callable]) -> Callable:
-        x = tensors[0]
+
+class _Planned(nn.Module):
+    """A module that checks its inputs and chooses its kernels once per input signature (shape, strides,
+    dtype, device of each input and ``GRADQ_KERNELS``): :meth:`_plan` returns the forward for inputs of
+    that signature as a function, which later calls run directly (about 10 us of Python per call
+    otherwise, most of a batch-1 forward). Parameters are read when a call is planned; ``load_state_dict``
+    and ``.to()`` plan again."""
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.planned_call(*inputs)(*inputs)
+
+    def planned_call(self, *inputs: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The forward for inputs of the signature of ``inputs``, planned at its first call."""
+        x = inputs[0]
         key = (os.environ.get(KERNELS_ENV), x.shape, x.stride(), x.dtype, x.device)
-        if len(tensors) > 1:
-            key += tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors[1:])
+        if len(inputs) > 1:
+            key += tuple((t.shape, t.stride(), t.dtype, t.device) for t in inputs[1:])
         calls = self.__dict__.setdefault("_calls", {})
         call = calls.get(key)
         if call is None:
             if len(calls) >= MAX_PLANS:
                 calls.clear()
-            call = calls[key] = plan()
+            call = calls[key] = self._plan(*inputs)
         return call
+
+    def _plan(self, *inputs: torch.Tensor) -> Callable[..., torch.Tensor]:
+        raise NotImplementedError
 
     def _forget_plans(self) -> None:
         self.__dict__.pop("_calls", None)
+        PLAN_EPOCH[0] += 1
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._forget_plans()
@@ -88,14 +102,13 @@ class QuantizeInput(_Planned):
         self.register_buffer("scale", scale.detach().clone().to(torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _plan(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         s = self.scheme
         if s.rounding == "nearest" and s.codebook == "uniform" and isinstance(s.granularity, PerTensor):
             zp = int(self.zero_point) if s.has_zero_point else 0
-            return self._planned((x,), lambda: plan_quantize_codes(x, float(self.scale), zp, s.qmin, s.qmax,
-                                                                   s.signed))(x)
-        zp = self.zero_point if s.has_zero_point else None
-        return quantize(x, s, scale=self.scale, zero_point=zp).codes
+            return plan_quantize_codes(x, float(self.scale), zp, s.qmin, s.qmax, s.signed)
+        scale, zero_point = self.scale, self.zero_point if s.has_zero_point else None
+        return lambda x: quantize(x, s, scale=scale, zero_point=zero_point).codes
 
 
 class Dequantize(_Planned):
@@ -106,9 +119,8 @@ class Dequantize(_Planned):
         self.register_buffer("scale", scale.detach().clone().to(torch.float32))
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return self._planned((codes,), lambda: plan_dequantize_codes(codes, float(self.scale),
-                                                                     int(self.zero_point)))(codes)
+    def _plan(self, codes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return plan_dequantize_codes(codes, float(self.scale), int(self.zero_point))
 
 
 class CodeReLU(nn.Module):
@@ -131,18 +143,18 @@ class CodeMaxPool(_Planned, nn.MaxPool2d):
     def of(cls, pool: nn.MaxPool2d) -> CodeMaxPool:
         return cls(pool.kernel_size, pool.stride, pool.padding, pool.dilation, pool.return_indices, pool.ceil_mode)
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def _plan(self, codes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         def pair(v: int | tuple) -> tuple[int, int]:
             return (v, v) if isinstance(v, int) else tuple(v)
 
+        pool = super(_Planned, self).forward  # nn.MaxPool2d's
         native = pair(self.dilation) == (1, 1) and not self.ceil_mode and not self.return_indices
         if codes.device.type != "cpu" and not self.return_indices:  # CUDA has no integer max pooling: float64
-            return super().forward(codes.to(torch.float64)).to(codes.dtype)
+            return lambda codes: pool(codes.to(torch.float64)).to(codes.dtype)
         if not native or codes.dim() != 4:
-            return super().forward(codes.contiguous())
+            return lambda codes: pool(codes.contiguous())
         kernel = pair(self.kernel_size)
-        return self._planned((codes,), lambda: plan_max_pool2d(codes, kernel, pair(self.stride or kernel),
-                                                               pair(self.padding)))(codes)
+        return plan_max_pool2d(codes, kernel, pair(self.stride or kernel), pair(self.padding))
 
 
 class _PackedWeights(_Planned):
@@ -237,30 +249,40 @@ class IntegerLayer(_PackedWeights):
             )
         return self._gemm
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def _plan(self, codes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         if codes.device.type not in ("cpu", "cuda"):  # the exact float emulation (docs/integer.md) elsewhere
             zx, zo, lo, hi, bound = self.integers.tolist()
             p = {"Wi": self.integer_weights(), "bq": self.bias_q.to(torch.int64),
                  "M": self.multiplier.to(torch.int64), "n": self.shift.to(torch.int64), "zx": zx, "zo": zo,
                  "lo": lo, "hi": hi, "bound": bound}
-            return integer_layer(codes, p, self.kind, self.conv_args, self.weight_shape).to(self.out_dtype)
+            kind, args, shape, dtype = self.kind, self.conv_args, self.weight_shape, self.out_dtype
+            return lambda codes: integer_layer(codes, p, kind, args, shape).to(dtype)
         if self.kind == "linear":
-            rows = codes if codes.dim() == 2 else codes.reshape(-1, codes.shape[-1])
-            rows = rows.contiguous()
-            out = self._planned((rows,), lambda: plan_linear(rows, self.gemm()))(rows)
-            return out if codes.dim() == 2 else out.view(*codes.shape[:-1], -1)
-        unbatched = codes.dim() == len(self.weight_shape) - 1
+            k = codes.shape[-1]
+            rows = codes.reshape(-1, k).contiguous()
+            call = plan_linear(rows, self.gemm())
+            if codes.dim() == 2 and codes.is_contiguous():
+                return call
+            lead = codes.shape[:-1]
+            return lambda codes: call(codes.reshape(-1, k).contiguous()).view(*lead, -1)
+        unbatched, one_d = codes.dim() == len(self.weight_shape) - 1, self.kind == "conv1d"
         x = codes.unsqueeze(0) if unbatched else codes
         a = self.conv_args
-        if self.kind == "conv1d":  # a Conv1d runs as a Conv2d of height 1
-            x = x.unsqueeze(2)
-            out = self._planned((x,), lambda: plan_conv2d(
-                x, self.gemm(), (1, self.weight_shape[2]), (1, a["stride"][0]), (0, a["padding"][0]),
-                (1, a["dilation"][0]), a["groups"]))(x).squeeze(2)
+        if one_d:  # a Conv1d runs as a Conv2d of height 1
+            call = plan_conv2d(x.unsqueeze(2), self.gemm(), (1, self.weight_shape[2]), (1, a["stride"][0]),
+                               (0, a["padding"][0]), (1, a["dilation"][0]), a["groups"])
         else:
-            out = self._planned((x,), lambda: plan_conv2d(x, self.gemm(), self.weight_shape[2:], a["stride"],
-                                                          a["padding"], a["dilation"], a["groups"]))(x)
-        return out.squeeze(0) if unbatched else out
+            call = plan_conv2d(x, self.gemm(), self.weight_shape[2:], a["stride"], a["padding"], a["dilation"],
+                               a["groups"])
+        if not (unbatched or one_d):
+            return call
+
+        def reshaped(codes: torch.Tensor) -> torch.Tensor:
+            x = codes.unsqueeze(0) if unbatched else codes
+            out = call(x.unsqueeze(2)).squeeze(2) if one_d else call(x)
+            return out.squeeze(0) if unbatched else out
+
+        return reshaped
 
     def extra_repr(self) -> str:
         return f"{self.name}: {self.kind}, {self.weight_scheme.bits}-bit weights, {self.packed_weight.numel()} bytes"
@@ -287,17 +309,18 @@ class WeightOnlyLayer(_PackedWeights):
                                           scheme.codebook == "sign", group, self.weight_scale, self.bias)
         return self._gemm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _plan(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """Linear on CUDA (or with GRADQ_KERNELS=triton): the packed-weight kernel; else ``F.linear`` and the
         convolutions with the dequantized weights."""
+        relu, relu6 = self.relu, self.relu6
         if self.kind == "linear" and uses_triton(x):
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
-            y = weight_only_linear(rows, self.plan()).view(*x.shape[:-1], -1)
-            return activate(y, self.relu, self.relu6)
+            g = self.plan()
+            return lambda x: activate(weight_only_linear(x.reshape(-1, x.shape[-1]).contiguous(), g).view(
+                *x.shape[:-1], -1), relu, relu6)
         if self._weight is None:
             self._weight = dequantized_weight(self.integer_weights(), self.weight_scale, self.weight_shape)
-        y = LAYER_FUNCTIONS[self.kind](x, self._weight.to(x.dtype), self.bias, **self.conv_args)
-        return activate(y, self.relu, self.relu6)
+        weight, bias, layer, args = self._weight.to(x.dtype), self.bias, LAYER_FUNCTIONS[self.kind], self.conv_args
+        return lambda x: activate(layer(x, weight, bias, **args), relu, relu6)
 
 
 ADD_FIELDS = ("za", "zb", "Ma", "Mb", "n", "zo", "lo", "hi")
@@ -318,9 +341,8 @@ class IntegerAdd(_Planned):
             self.integers.copy_(torch.tensor([p[f] for f in ADD_FIELDS]))
             self.scales.copy_(torch.stack([q.qparams()[0] for q in (*add.input_quantizers, add.output_quant)]))
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self._planned((a, b), lambda: plan_add_codes(a, b, *self.integers.tolist(),
-                                                            self.out_dtype == torch.int8))(a, b)
+    def _plan(self, a: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return plan_add_codes(a, b, *self.integers.tolist(), self.out_dtype == torch.int8)
 
     def extra_repr(self) -> str:
         return f"{self.name}: integer add{'+ReLU' if self.relu else ''}"
@@ -335,11 +357,11 @@ class IntegerAvgPool(_Planned):
         self.register_buffer("scale", scale.detach().clone().to(torch.float32))  # for export
         self.register_buffer("zero_point", torch.tensor(zero_point, dtype=torch.int32))
 
-    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+    def _plan(self, codes: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         s = self.spec
         x, kernel, stride, padding = pool_window(codes, s.kernel, s.stride, s.padding)
-        out = self._planned((x,), lambda: plan_avg_pool2d(x, kernel, stride, padding, int(self.zero_point)))(x)
-        return out if codes.dim() == 4 else out.squeeze(2)
+        call = plan_avg_pool2d(x, kernel, stride, padding, int(self.zero_point))
+        return call if codes.dim() == 4 else lambda codes: call(codes.unsqueeze(2)).squeeze(2)
 
     def extra_repr(self) -> str:
         return f"{'global ' if self.spec.kernel is None else ''}average pooling on codes"
