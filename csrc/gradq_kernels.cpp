@@ -18,7 +18,8 @@
 #include <limits>
 #include <vector>
 
-#include "integer_kernels.h"
+#include "code_ops.h"
+#include "integer_gemm.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>

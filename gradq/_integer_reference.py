@@ -1,5 +1,5 @@
-"""Pure-PyTorch reference of the integer GEMM kernels (csrc/integer_kernels.cpp): the same arguments, the
-arithmetic of docs/integer.md section 3 computed directly (no uint8 flip, no offset trick), exact in
+"""Pure-PyTorch reference of the integer kernels (csrc/integer_gemm.cpp, csrc/code_ops.cpp): the same
+arguments, the arithmetic of docs/integer.md section 3 computed directly (no uint8 flip, no offset trick), exact in
 float64 because every partial sum is an integer below 2**31. The layout is read back by
 :func:`unpack_layout`, so the tests of the kernels against this module also check the layout.
 """

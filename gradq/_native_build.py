@@ -13,7 +13,7 @@ from pathlib import Path
 from types import ModuleType
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
-SOURCES = ["csrc/gradq_kernels.cpp", "csrc/integer_kernels.cpp"]
+SOURCES = ["csrc/gradq_kernels.cpp", "csrc/integer_gemm.cpp", "csrc/code_ops.cpp"]
 """The extension's translation units, relative to the repository root (csrc/gradq_kernels.cpp binds them)."""
 
 

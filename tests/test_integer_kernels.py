@@ -1,5 +1,5 @@
-"""The integer GEMM kernels (csrc/integer_kernels.cpp): every instruction set this CPU has, bit-exact against
-the pure-PyTorch reference on odd shapes; the reference against an independent oracle (F.conv2d and
+"""The integer kernels (csrc/integer_gemm.cpp, csrc/code_ops.cpp): every instruction set this CPU has,
+bit-exact against the pure-PyTorch reference on odd shapes; the reference against an independent oracle (F.conv2d and
 matmul in float64, requantization in Python integers); the weight layout; requantization edge cases."""
 
 from pathlib import Path
