@@ -955,10 +955,16 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
                             bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,
                             std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t zx) {
   TORCH_CHECK(has_avx512_vnni_dq(), "integer conv2d: the direct kernel needs AVX-512 VNNI and DQ; use engine='int_mm'")
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && (x.scalar_type() == torch::kUInt8 || x.scalar_type() == torch::kInt8),
+              "integer conv2d: the direct kernel takes (N, C_in, H, W) uint8/int8 codes on the CPU, got ", x.scalar_type(),
+              " of shape ", x.sizes(), " on ", x.device())
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3);
   const bool rows = dilation[1] == 1;  // a kernel row's taps are contiguous in the padded input
   const int64_t segments = rows ? kernel[0] : kernel[0] * kernel[1], length = rows ? kernel[1] * cin : cin;
   const int64_t groups4 = (length + 3) / 4, channels = weights.size(2);
+  TORCH_CHECK(weights.is_contiguous() && offset.numel() == weights.size(2) && mult.numel() == weights.size(2) &&
+              shift.numel() == weights.size(2), "integer conv2d: direct weights must be contiguous, with one offset, "
+              "multiplier and shift per output channel")
   TORCH_CHECK(weights.dim() == 4 && weights.size(0) == segments && weights.size(1) == groups4 && weights.size(3) == 4 &&
               channels % 16 == 0, "integer conv2d: direct weights of shape ", weights.sizes(), " do not fit a ",
               kernel[0], "x", kernel[1], " kernel over ", cin, " input channels (want (", segments, ", ", groups4,

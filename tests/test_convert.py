@@ -263,3 +263,50 @@ def test_integer_model_runs_a_program_of_planned_calls_equal_to_its_modules(monk
     for _ in range(2):  # recorded, then the program: a tuple of outputs
         got, want = converted(x), prepared(x)
         assert isinstance(got, tuple) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+LAYOUT = {"channels_last": False}
+
+
+@torch.fx.wrap
+def _relayout(x):
+    """A float operation whose output layout the test switches between calls."""
+    return x.contiguous(memory_format=torch.channels_last) if LAYOUT["channels_last"] else x.contiguous()
+
+
+class Relayout(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(2, 16, 3), nn.Conv2d(16, 16, 3)
+
+    def forward(self, x):
+        return self.conv2(_relayout(torch.relu(self.conv1(x))))
+
+
+def test_integer_model_programs_follow_replaced_modules_changed_values_and_copies():
+    import copy
+    import pickle
+
+    from gradq.modelquant.integer_model import IntegerModel
+
+    torch.manual_seed(0)
+    _, converted = _converted(Net().eval(), CONFIGS["w8a8"], _data())
+    _, other = _converted(Net().eval(), CONFIGS["w8a8"], _data(seed=3))
+    x = torch.cat(_data(2, seed=7))[:5]
+    before = converted(x)
+    assert torch.equal(converted(x), before)  # the program
+    converted.fc2 = other.fc2  # a module the program calls is replaced: a new program
+    assert not torch.equal(converted(x), before) and torch.equal(converted(x), converted.forward(x))
+    for clone in (copy.copy(converted), pickle.loads(pickle.dumps(converted))):
+        assert isinstance(clone, IntegerModel) and hasattr(clone, "gradq_info")
+        assert torch.equal(clone(x), converted.forward(x)) and torch.equal(clone(x), converted.forward(x))
+
+    torch.manual_seed(1)
+    prepared, converted = _converted(Relayout().eval(), "w8a8", [torch.randn(4, 2, 10, 10) for _ in range(2)])
+    x = torch.randn(3, 2, 10, 10)
+    try:
+        for channels_last in (False, False, True, True):  # recorded on contiguous values, then switched
+            LAYOUT["channels_last"] = channels_last
+            assert torch.equal(converted(x), prepared(x)), channels_last
+    finally:
+        LAYOUT["channels_last"] = False

@@ -96,7 +96,8 @@ def test_average_pooling_exports_exactly(tmp_path, config):
     (padding as the code of a real 0, ties to the even code), where a pooling on dequantized floats rounded
     about 2% of a residual CNN's outputs the other way."""
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(2),
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.AvgPool2d(3, stride=2, padding=1),
+                          nn.AvgPool2d((2, 3), stride=(1, 2), padding=(1, 0)),  # unequal padding along H and W
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))  # no ReLU: zero points inside
     _, converted = _converted(model, config, [torch.randn(8, 2, 13, 13) for _ in range(2)])
     gradq.export_onnx(converted, torch.randn(1, 2, 13, 13), tmp_path / "pool.onnx")

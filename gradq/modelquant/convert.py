@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from gradq.modelquant.calibrate import quant_layers
-from gradq.modelquant.integer_model import IntegerModel
+from gradq.modelquant.integer_model import IntegerModel, integer_model
 from gradq.modelquant.integer_modules import (
     CodeMaxPool,
     CodeReLU,
@@ -137,8 +137,4 @@ def build_integer_model(prepared: nn.Module, with_values: bool) -> IntegerModel:
     info = next(m for m in prepared.modules() if isinstance(m, PreparedInfo))
     gm.add_submodule("gradq_info", copy.deepcopy(info))
     graph.lint()
-    model = IntegerModel(gm, graph)
-    for name, child in gm.named_children():  # modules the graph does not call (gradq_info)
-        if not hasattr(model, name):
-            model.add_module(name, child)
-    return model
+    return integer_model(gm, graph)

@@ -5,13 +5,18 @@ is what a batch-1 forward of a small model is mostly made of (about 5 us per mod
 
 A program is made at the first call with a signature (each input's shape, strides, dtype and device, and
 ``GRADQ_KERNELS``) by running the graph once; it holds the planned calls of that run, so it computes what
-the module-by-module forward computes, value for value. Forward hooks (on the model, on any integer
-module, or global) send every call the module-by-module way, where they run. A module that drops its
-plans (``load_state_dict``, ``.to()``) makes every program stale.
+the module-by-module forward computes, value for value. It is made again when:
+- a module drops its plans (``load_state_dict``, ``.to()``): every program is stale;
+- a module the graph calls is replaced (``model.fc = ...``, at any depth of its path);
+- a value that an integer module reads from a step other than an integer module (a float operation, a
+  method, an attribute) arrives with another signature than when the program was made.
+Forward hooks (on the model, on an integer module, or global) send the call the module-by-module way,
+where they run.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 
@@ -22,7 +27,26 @@ from torch.nn.modules import module as nn_module
 from gradq._backend import ENV_VAR as KERNELS_ENV
 from gradq.modelquant.integer_modules import MAX_PLANS, PLAN_EPOCH, _Planned
 
-_TRANSIENT = ("_programs", "_planned_modules", "_arity")  # made from the graph and the modules, never state
+_TRANSIENT = ("_programs", "_arity")  # made from the graph and the modules, never state
+
+
+class _Stale(Exception):
+    """A program met a value of another signature than when it was made."""
+
+
+class _Program:
+    """A recorded forward: ``run(*inputs)``, the (parent, name, child) links of every module the graph
+    calls, and the integer modules it calls directly (whose hooks it would skip)."""
+
+    def __init__(self, run: Callable, links: list[tuple[nn.Module, str, nn.Module]], planned: list[nn.Module]) -> None:
+        self.run, self.links, self.planned = run, links, planned
+
+    def current(self) -> bool:
+        """Whether every module the program calls is still the model's."""
+        return all(parent._modules.get(name) is child for parent, name, child in self.links)
+
+    def hooked(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.planned)
 
 
 class IntegerModel(fx.GraphModule):
@@ -33,7 +57,9 @@ class IntegerModel(fx.GraphModule):
         arity = self.__dict__.get("_arity")
         if arity is None:
             arity = self.__dict__["_arity"] = sum(n.op == "placeholder" for n in self.graph.nodes)
-        if kwargs or len(args) != arity or not all(isinstance(a, torch.Tensor) for a in args) or self._hooked():
+        hooks = (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or self._forward_hooks
+                 or self._forward_pre_hooks)
+        if hooks or kwargs or len(args) != arity or not all(isinstance(a, torch.Tensor) for a in args):
             return super().__call__(*args, **kwargs)
         programs = self.__dict__.setdefault("_programs", {})
         if programs.get("epoch") != PLAN_EPOCH[0]:
@@ -41,14 +67,22 @@ class IntegerModel(fx.GraphModule):
             programs["epoch"] = PLAN_EPOCH[0]
         key = (os.environ.get(KERNELS_ENV), *((a.shape, a.stride(), a.dtype, a.device) for a in args))
         program = programs.get(key)
-        if program is None:
-            if len(programs) > MAX_PLANS:
-                programs.clear()
-                programs["epoch"] = PLAN_EPOCH[0]
-            program, out = self._record(args)
-            programs[key] = program
-            return out
-        return program(*args)
+        if program is not None and program.current():
+            if program.hooked():
+                return super().__call__(*args, **kwargs)
+            try:
+                return program.run(*args)
+            except _Stale:
+                pass
+        if len(programs) > MAX_PLANS:
+            programs.clear()
+            programs["epoch"] = PLAN_EPOCH[0]
+        called = [self.get_submodule(n.target) for n in self.graph.nodes if n.op == "call_module"]
+        if any(m._forward_hooks or m._forward_pre_hooks for m in called if isinstance(m, _Planned)):
+            return super().__call__(*args, **kwargs)
+        program, out = self._record(args)
+        programs[key] = program
+        return out
 
     def recompile(self) -> object:
         for name in _TRANSIENT:  # a new graph: new programs
@@ -62,50 +96,93 @@ class IntegerModel(fx.GraphModule):
         finally:
             self.__dict__.update(saved)
 
+    def __copy__(self) -> IntegerModel:
+        return integer_model(self, self.graph)
+
     def __reduce__(self) -> tuple:
         saved = {k: self.__dict__.pop(k) for k in _TRANSIENT if k in self.__dict__}
         try:
-            return super().__reduce__()
+            rebuild, args = super().__reduce__()[:2]
         finally:
             self.__dict__.update(saved)
+        called = {n.target.split(".")[0] for n in self.graph.nodes if n.op == "call_module"}
+        extra = {name: child for name, child in self.named_children() if name not in called}  # gradq_info
+        return _unpickle, (rebuild, args, extra)
 
-    def _hooked(self) -> bool:
-        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or self._forward_hooks
-                or self._forward_pre_hooks):
-            return True
-        planned = self.__dict__.get("_planned_modules")
-        if planned is None:
-            planned = self.__dict__["_planned_modules"] = [m for m in self.modules() if isinstance(m, _Planned)]
-        return any(m._forward_hooks or m._forward_pre_hooks for m in planned)
-
-    def _record(self, args: tuple[torch.Tensor, ...]) -> tuple[Callable, object]:
+    def _record(self, args: tuple[torch.Tensor, ...]) -> tuple[_Program, object]:
         """Run the graph on ``args`` once, planning each integer module's call; the program of those calls
-        (a function of the inputs) and this run's output."""
+        and this run's output."""
         env: dict[fx.Node, object] = {}
         steps: list[tuple[Callable, list[fx.Node]]] = []
-        step_of: dict[fx.Node, int] = {}
+        links: dict[tuple[int, str], tuple[nn.Module, str, nn.Module]] = {}
+        planned: list[nn.Module] = []
+        checks: dict[fx.Node, tuple] = {}  # values read by integer modules from other steps: their signature
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         env.update(zip(placeholders, args, strict=True))
-        result: object = None
+        generic: set[fx.Node] = set()
+        out_node: object = None
         for node in self.graph.nodes:
             if node.op == "placeholder":
                 continue
             if node.op == "output":
-                result = fx.node.map_arg(node.args[0], env.__getitem__)
                 out_node = node.args[0]
                 break
             target = self.get_submodule(node.target) if node.op == "call_module" else None
+            if target is not None:
+                parent: nn.Module = self
+                for atom in node.target.split("."):
+                    child = parent._modules[atom]
+                    links[(id(parent), atom)] = (parent, atom, child)
+                    parent = child
             inputs = node.all_input_nodes
             flat = not node.kwargs and all(isinstance(a, fx.Node) for a in node.args) and len(inputs) == len(node.args)
             if isinstance(target, _Planned) and flat:
-                fn = target.planned_call(*(env[a] for a in node.args))
+                values = [env[a] for a in node.args]
+                fn = target.planned_call(*values)
+                planned.append(target)
                 inputs = list(node.args)
+                for a, v in zip(inputs, values, strict=True):
+                    if a in generic:
+                        checks[a] = _signature(v)
             else:
                 fn = _generic_step(self, node, target, inputs)
+                generic.add(node)
             env[node] = fn(*(env[a] for a in inputs))
-            step_of[node] = len(steps)
             steps.append((fn, inputs))
-        return _compile(steps, step_of, placeholders, out_node), result
+        result = fx.node.map_arg(out_node, env.__getitem__)
+        run = _compile(steps, [n for n in self.graph.nodes if n.op not in ("placeholder", "output")], placeholders,
+                       out_node, checks)
+        return _Program(run, list(links.values()), planned), result
+
+
+def integer_model(root: fx.GraphModule, graph: fx.Graph) -> IntegerModel:
+    """An :class:`IntegerModel` of ``graph`` over ``root``'s modules, keeping those the graph does not call
+    (``gradq_info``)."""
+    model = IntegerModel(root, graph)
+    for name, child in root.named_children():
+        if not hasattr(model, name):
+            model.add_module(name, child)
+    model.meta = copy.copy(getattr(root, "meta", {}))
+    return model
+
+
+def _unpickle(rebuild: Callable, args: tuple, extra: dict[str, nn.Module]) -> IntegerModel:
+    """fx.GraphModule's unpickling, then the :class:`IntegerModel` with the modules the graph does not call."""
+    gm = rebuild(*args)
+    for name, child in extra.items():
+        gm.add_module(name, child)
+    return integer_model(gm, gm.graph)
+
+
+def _signature(value: object) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return (value.shape, value.stride(), value.dtype, value.device)
+    return (type(value),)
+
+
+def _check(value: object, expected: tuple) -> None:
+    if _signature(value) != expected:
+        raise _Stale
 
 
 def _generic_step(root: nn.Module, node: fx.Node, target: nn.Module | None, inputs: list[fx.Node]) -> Callable:
@@ -138,27 +215,27 @@ def _generic_step(root: nn.Module, node: fx.Node, target: nn.Module | None, inpu
     return step
 
 
-def _compile(steps: list[tuple[Callable, list[fx.Node]]], step_of: dict[fx.Node, int],
-             placeholders: list[fx.Node], out: object) -> Callable:
-    """Straight-line Python calling each step on the values it reads, returning the graph's output."""
+def _compile(steps: list[tuple[Callable, list[fx.Node]]], nodes: list[fx.Node], placeholders: list[fx.Node],
+             out: object, checks: dict[fx.Node, tuple]) -> Callable:
+    """Straight-line Python calling each step on the values it reads and returning the graph's output;
+    values listed in ``checks`` are compared with their recorded signature first (:class:`_Stale` if not)."""
     names = {p: f"x{i}" for i, p in enumerate(placeholders)}
-    names.update({n: f"v{i}" for n, i in step_of.items()})
+    names.update({n: f"v{i}" for i, n in enumerate(nodes)})
     lines = [f"def program({', '.join(names[p] for p in placeholders)}):"]
-    namespace: dict[str, object] = {}
+    namespace: dict[str, object] = {"check": _check}
     for i, (fn, inputs) in enumerate(steps):
         namespace[f"f{i}"] = fn
         lines.append(f"    v{i} = f{i}({', '.join(names[a] for a in inputs)})")
+        if nodes[i] in checks:
+            namespace[f"s{i}"] = checks[nodes[i]]
+            lines.append(f"    check(v{i}, s{i})")
     if isinstance(out, fx.Node):
         lines.append(f"    return {names[out]}")
     else:  # a structure of values
-        nodes = list(dict.fromkeys(n for n in _nodes_in(out)))
-        namespace["build"] = lambda *values: fx.node.map_arg(out, dict(zip(nodes, values, strict=True)).__getitem__)
-        lines.append(f"    return build({', '.join(names[n] for n in nodes)})")
+        found: list[fx.Node] = []
+        fx.node.map_arg(out, found.append)
+        read = list(dict.fromkeys(found))
+        namespace["build"] = lambda *values: fx.node.map_arg(out, dict(zip(read, values, strict=True)).__getitem__)
+        lines.append(f"    return build({', '.join(names[n] for n in read)})")
     exec("\n".join(lines), namespace)  # noqa: S102 - our own generated source, names only
     return namespace["program"]
-
-
-def _nodes_in(arg: object) -> list[fx.Node]:
-    found: list[fx.Node] = []
-    fx.node.map_arg(arg, lambda n: found.append(n) or n)
-    return found

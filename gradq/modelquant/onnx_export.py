@@ -13,6 +13,7 @@ float multiplier, not our fixed-point one, so its codes may differ from gradq's 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -48,6 +49,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     if not isinstance(model, fx.GraphModule) or not converted or any(isinstance(m, ActQuant) for m in model.modules()):
         raise ValueError("export_onnx takes the integer model returned by gradq.convert(prepared)")
     modules = dict(model.named_modules())
+    planes = _global_pool_planes(model, example_input)
     nodes, inits, names = [], [], {}
     codes: dict[str, tuple[str, str]] = {}  # value name -> (scale, zero point) initializer names
     dequantized: set[str] = set()
@@ -136,7 +138,8 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
         elif isinstance(target, IntegerAvgPool):  # on the codes themselves (scale 1): exact in float
             unit = qparams(f"{name}.unit", torch.tensor(1.0), 0, zero_dtypes[codes[src][1]])
             nodes.append(helper.make_node("DequantizeLinear", [src, *unit], [f"{name}.codes"]))
-            nodes += _avg_pool(helper, target.spec, f"{name}.codes", f"{name}.mean", int(target.zero_point), const)
+            nodes += _avg_pool(helper, target.spec, f"{name}.codes", f"{name}.mean", int(target.zero_point), const,
+                               planes.get(target))
             nodes.append(helper.make_node("QuantizeLinear", [f"{name}.mean", *unit], [name]))
             names[node], codes[name] = name, codes[src]
         elif isinstance(target, WeightOnlyLayer):
@@ -171,20 +174,43 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     onnx.save(proto, str(path))
 
 
-def _avg_pool(helper, spec: PoolSpec, codes: str, out: str, zero_point: int, const) -> list:  # noqa: ANN001
-    """Nodes of average pooling on float ``codes`` (the code values, exact in fp32): padding with the code of
-    a real 0, then AveragePool (or GlobalAveragePool). Sums of codes are exact in fp32 and the mean is one
-    division, so the QuantizeLinear at scale 1 that follows rounds the exact mean half to even, as gradq."""
+def _global_pool_planes(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, tuple[int, ...]]:
+    """The spatial shape each global average pooling of ``model`` pools, on ``example_input``."""
+    planes, handles = {}, []
+    for m in model.modules():
+        if isinstance(m, IntegerAvgPool) and m.spec.kernel is None:
+            handles.append(m.register_forward_hook(lambda m, i, o: planes.__setitem__(m, tuple(i[0].shape[2:]))))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return planes
+
+
+def _avg_pool(helper, spec: PoolSpec, codes: str, out: str, zero_point: int, const,  # noqa: ANN001
+              plane: tuple[int, ...] | None) -> list:
+    """Nodes of average pooling on float ``codes`` (the code values, exact in fp32), padding with the code of
+    a real 0: AveragePool's own padding (counted) where that code is 0, else an explicit Pad with it first.
+    A global pooling of a ``plane`` is ReduceSum, then Div by its size. Sums of codes are exact in fp32 and
+    the mean is one correctly rounded division, so the QuantizeLinear at scale 1 that follows rounds the
+    exact mean half to even, as gradq (onnxruntime's fused global pooling multiplies by 1 / size and rounded
+    ties of a 7 x 2 plane the other way)."""
     if spec.kernel is None:
-        return [helper.make_node("GlobalAveragePool", [codes], [out])]
-    nodes = []
-    if any(spec.padding):
-        pads = const(f"{out}.pads", torch.tensor([0, 0, *spec.padding] * 2, dtype=torch.int64))
-        value = const(f"{out}.pad_value", torch.tensor(float(zero_point)))
-        nodes.append(helper.make_node("Pad", [codes, pads, value], [f"{out}.padded"]))
-        codes = f"{out}.padded"
-    return [*nodes, helper.make_node("AveragePool", [codes], [out], kernel_shape=list(spec.kernel),
-                                     strides=list(spec.stride))]
+        axes = const(f"{out}.axes", torch.arange(2, 2 + len(plane), dtype=torch.int64))
+        size = const(f"{out}.size", torch.tensor(float(math.prod(plane))))
+        return [helper.make_node("ReduceSum", [codes, axes], [f"{out}.sum"], keepdims=1),
+                helper.make_node("Div", [f"{out}.sum", size], [out])]
+    pads = [*spec.padding] * 2
+    if zero_point == 0 or not any(spec.padding):  # AveragePool's own zero padding is the code of a real 0
+        return [helper.make_node("AveragePool", [codes], [out], kernel_shape=list(spec.kernel),
+                                 strides=list(spec.stride), pads=pads, count_include_pad=1)]
+    pad = [const(f"{out}.pads", torch.tensor([0, 0, *spec.padding] * 2, dtype=torch.int64)),
+           const(f"{out}.pad_value", torch.tensor(float(zero_point)))]
+    return [helper.make_node("Pad", [codes, *pad], [f"{out}.padded"]),
+            helper.make_node("AveragePool", [f"{out}.padded"], [out], kernel_shape=list(spec.kernel),
+                             strides=list(spec.stride))]
 
 
 def _is_maxpool(node: fx.Node, target: nn.Module | None) -> bool:

@@ -47,7 +47,7 @@ class PreparedInfo(nn.Module):
 class _Tracer(fx.Tracer):
     """Keeps modules left in float as opaque calls (they may hold untraceable Python)."""
 
-    def __init__(self, float_names: set[str]) -> None:
+    def __init__(self, float_names: frozenset[str] = frozenset()) -> None:  # unpickling makes one without
         super().__init__()
         self.float_names = float_names
 
