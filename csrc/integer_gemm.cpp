@@ -843,7 +843,7 @@ torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, con
 
 namespace {
 
-// Direct convolution (groups 1, C_out a multiple of 16) with AVX-512 VNNI, no im2col. The input becomes
+// Direct convolution (groups 1) with AVX-512 VNNI, no im2col. The input becomes
 // uint8 codes (int8 codes plus 128), channels last, padded with the code of a real 0. The patch of an
 // output position is S segments of L contiguous input bytes: with dilation 1 along W, a kernel row's
 // kw * C_in codes (S = kh), else one tap's C_in (S = kh * kw). Each vpdpbusd broadcasts 4 bytes of a segment
@@ -854,9 +854,9 @@ namespace {
 
 struct DirectConv {
   const uint8_t* padded;         // (N, Hp, Wp, C_in) uint8, then 4 spare bytes
-  const int8_t* weights;         // (S, G4, C_out, 4) int8, G4 = ceil(L / 4)
+  const int8_t* weights;         // (S, G4, C16, 4) int8, G4 = ceil(L / 4), C16 = C_out rounded up to 16
   const int64_t* segment;        // (S) bytes from a position's first input byte to each segment
-  int64_t segments, groups4, channels, hp, wp, cin, oh, ow, stride_h, stride_w;
+  int64_t segments, groups4, channels, out_channels, hp, wp, cin, oh, ow, stride_h, stride_w;
 };
 
 inline int32_t load_u32(const uint8_t* p) {
@@ -908,8 +908,9 @@ GRADQ_DIRECT void direct_block(const DirectConv& d, int64_t m, int64_t last, int
     if (m + r > last) break;
 #pragma GCC unroll 4
     for (int b = 0; b < NB; ++b) {
-      const int64_t c = (b0 + b) * 16;
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (m + r) * d.channels + c), requantize16(acc[r][b], v, c, zo, lo, hi));
+      const int64_t c = (b0 + b) * 16;  // the last block of C_out not a multiple of 16: a masked store
+      store_bytes16(out + (m + r) * d.out_channels + c, requantize16(acc[r][b], v, c, zo, lo, hi),
+                    std::min<int64_t>(16, d.out_channels - c));
     }
   }
 }
@@ -962,13 +963,14 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
   const bool rows = dilation[1] == 1;  // a kernel row's taps are contiguous in the padded input
   const int64_t segments = rows ? kernel[0] : kernel[0] * kernel[1], length = rows ? kernel[1] * cin : cin;
   const int64_t groups4 = (length + 3) / 4, channels = weights.size(2);
-  TORCH_CHECK(weights.is_contiguous() && offset.numel() == weights.size(2) && mult.numel() == weights.size(2) &&
-              shift.numel() == weights.size(2), "integer conv2d: direct weights must be contiguous, with one offset, "
-              "multiplier and shift per output channel")
+  const int64_t out_channels = offset.numel();
+  TORCH_CHECK(weights.is_contiguous() && mult.numel() == out_channels && shift.numel() == out_channels &&
+              (out_channels + 15) / 16 * 16 == channels, "integer conv2d: direct weights must be contiguous, with one "
+              "offset, multiplier and shift per output channel and the channels rounded up to 16")
   TORCH_CHECK(weights.dim() == 4 && weights.size(0) == segments && weights.size(1) == groups4 && weights.size(3) == 4 &&
               channels % 16 == 0, "integer conv2d: direct weights of shape ", weights.sizes(), " do not fit a ",
               kernel[0], "x", kernel[1], " kernel over ", cin, " input channels (want (", segments, ", ", groups4,
-              ", C, 4), C a multiple of 16)")
+              ", C16, 4))")
   const int64_t hp = h + 2 * padding[0], wp = wd + 2 * padding[1];
   TORCH_CHECK(hp >= dilation[0] * (kernel[0] - 1) + 1 && wp >= dilation[1] * (kernel[1] - 1) + 1,
               "integer conv2d: the padded input (", hp, " x ", wp, ") is smaller than the dilated kernel; no output position")
@@ -983,10 +985,10 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
     segment[t] = (i * dilation[0] * wp + j * dilation[1]) * cin;
   }
   const DirectConv d{padded.data_ptr<uint8_t>(), weights.data_ptr<int8_t>(), segment.data(), segments, groups4,
-                     channels, hp, wp, cin, oh, ow, stride[0], stride[1]};
+                     channels, out_channels, hp, wp, cin, oh, ow, stride[0], stride[1]};
   const Epilogue e{offset.data_ptr<int64_t>(), mult.data_ptr<int32_t>(), shift.data_ptr<int8_t>(), zo, lo, hi};
-  const VectorEpilogue v = vector_epilogue(e, channels);
-  auto out = torch::empty({n, oh, ow, channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
+  const VectorEpilogue v = vector_epilogue(e, out_channels);
+  auto out = torch::empty({n, oh, ow, out_channels}, x.options().dtype(out_signed ? torch::kInt8 : torch::kUInt8));
   auto* o = static_cast<uint8_t*>(out.data_ptr());
   const int64_t positions = n * oh * ow, last = positions - 1, blocks16 = channels / 16;
   for (int64_t b0 = 0; b0 < blocks16; b0 += 4) {

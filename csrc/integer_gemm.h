@@ -45,9 +45,10 @@ torch::Tensor conv2d_int_mm(const torch::Tensor& x, const torch::Tensor& w8, con
 bool conv2d_direct_available();
 
 // Codes (N, C_in, H, W) -> output codes (N, C, OH, OW), channels-last in memory, of an integer Conv2d with
-// groups = 1 and C a multiple of 16, by a direct VNNI convolution (no im2col): int8 weights (S, G4, C, 4), S
-// segments of L contiguous inputs (dilation 1 along W: S = kh kernel rows of L = kw * C_in; else S = kh * kw
-// taps of L = C_in), G4 = ceil(L / 4), zero past L; the offset for uint8 codes (int8 codes plus 128).
+// groups = 1, by a direct VNNI convolution (no im2col): int8 weights (S, G4, C16, 4) with C16 = C rounded up
+// to 16 (zero past C), S segments of L contiguous inputs (dilation 1 along W: S = kh kernel rows of L = kw *
+// C_in; else S = kh * kw taps of L = C_in), G4 = ceil(L / 4), zero past L; the offset (C) for uint8 codes
+// (int8 codes plus 128).
 torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights, const torch::Tensor& offset,
                             const torch::Tensor& mult, const torch::Tensor& shift, int64_t zo, int64_t lo, int64_t hi,
                             bool out_signed, std::vector<int64_t> kernel, std::vector<int64_t> stride,

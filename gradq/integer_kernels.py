@@ -14,9 +14,9 @@ portable C++, chosen at run time), by Triton on CUDA, or by the pure-PyTorch ref
 use ``torch._int_mm`` (oneDNN; cuBLAS on CUDA) for the products, on an int8 copy of the weights made at
 first use, followed by the same epilogue
 (``engine="int_mm"``); ``engine="auto"`` takes it where it was measured faster: from INT_MM_MIN_ROWS rows.
-Convolutions with a multiple of 16 output channels and per-channel weights run instead as a direct VNNI
-convolution (``engine="direct"``, the default where the CPU has AVX-512 VNNI): no im2col, the products
-accumulated in registers and requantized there.
+Convolutions with per-channel weights run instead as a direct VNNI convolution (``engine="direct"``, the
+default where the CPU has AVX-512 VNNI): no im2col, the products accumulated in registers and
+requantized there.
 :func:`plan_weight_only` and :func:`weight_only_linear` are the weight-only (W4A16) Linear on CUDA.
 """
 
@@ -116,16 +116,17 @@ class IntegerGemm(WeightLayout):
         return self._cache["int8"]
 
     def direct_weights(self, cin: int, kernel: tuple[int, int], dilation_w: int) -> torch.Tensor:
-        """Wi as (S, G4, C, 4) int8 for the direct convolution over ``cin`` input channels: S segments of L
+        """Wi as (S, G4, C16, 4) int8 for the direct convolution over ``cin`` input channels: S segments of L
         contiguous inputs (``dilation_w`` 1: the kh kernel rows, L = kw * cin; else the kh * kw taps, L = cin),
-        G4 = ceil(L / 4), zero past L. Made from :meth:`int8_weights` at the first call."""
+        G4 = ceil(L / 4), C16 = C rounded up to 16, zero past L and C. Made from :meth:`int8_weights` at the
+        first call."""
         key = ("direct", cin, tuple(kernel), dilation_w == 1)
         if key not in self._cache:
             kh, kw = kernel
             segments, length = (kh, kw * cin) if dilation_w == 1 else (kh * kw, cin)
-            g4 = -(-length // 4)
+            g4, c16 = -(-length // 4), -(-self.channels // 16) * 16
             w = self.int8_weights()[: self.k].view(segments, length, self.channels)
-            w = torch.nn.functional.pad(w, (0, 0, 0, 4 * g4 - length)).view(segments, g4, 4, self.channels)
+            w = torch.nn.functional.pad(w, (0, c16 - self.channels, 0, 4 * g4 - length)).view(segments, g4, 4, c16)
             self._cache[key] = w.permute(0, 1, 3, 2).contiguous()
         return self._cache[key]
 
@@ -346,9 +347,9 @@ def integer_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], str
     (N, C_in, H, W) in any memory format: im2col (padding with the code of a real 0, ``zx``) and the GEMM of
     each of ``groups`` groups, on the device the layer was planned on. ``engine`` as for
     :func:`integer_linear` (``int_mm`` for ``groups == 1`` only; its rows are the N * OH * OW positions), or
-    ``direct``: the native direct convolution (no im2col; groups 1, per-channel weights, a multiple of 16
-    output channels, AVX-512 VNNI), which ``auto`` takes wherever it runs: it was measured faster than
-    ``torch._int_mm`` on every convolution of the benchmark models, at batch 1 and 64."""
+    ``direct``: the native direct convolution (no im2col; groups 1, per-channel weights, AVX-512 VNNI),
+    which ``auto`` takes wherever it runs: it was measured faster than ``torch._int_mm`` on every
+    convolution of the benchmark models and on 6-40 output channels, at batch 1 and 64."""
     return plan_conv2d(x, g, kernel, stride, padding, dilation, groups, isa, engine)(x)
 
 
@@ -391,15 +392,13 @@ def plan_conv2d(x: torch.Tensor, g: IntegerGemm, kernel: tuple[int, int], stride
 
 def _direct_reason(g: IntegerGemm, groups: int, module: object) -> str:
     """Why the direct convolution cannot run this layer ("" when it can): it needs the native module on a
-    CPU with AVX-512 VNNI, groups 1, per-channel weights and a multiple of 16 output channels."""
+    CPU with AVX-512 VNNI, groups 1 and per-channel weights."""
     if getattr(module, "__name__", "") != "gradq._C" or not module.conv2d_direct_available():
         return "needs the native kernels on a CPU with AVX-512 VNNI and DQ"
     if groups != 1:
         return "runs convolutions with groups=1 only"
     if not g.fits_int8:
         return "needs per-channel weights (Wi must fit int8)"
-    if g.channels % 16:
-        return f"needs a multiple of 16 output channels, got {g.channels}"
     return ""
 
 

@@ -204,6 +204,9 @@ DIRECT_CASES = [  # (N, C_in, H, W, C_out, kernel, stride, padding, dilation)
     (1, 7, 10, 9, 80, (3, 3), (1, 2), (1, 1), (1, 2)),  # four blocks, then one; dilation along W: tap segments
     (1, 2, 2, 2, 64, (1, 1), (1, 1), (0, 0), (1, 1)),  # 4 positions, fewer than a register block
     (1, 33, 5, 6, 16, (4, 8), (1, 1), (1, 2), (1, 1)),  # rows of 264 inputs
+    (2, 8, 7, 9, 8, (3, 3), (1, 1), (1, 1), (1, 1)),  # 8 channels: one block, stored masked
+    (1, 3, 9, 8, 40, (3, 3), (2, 1), (1, 1), (1, 1)),  # three blocks, the last one half full
+    (1, 5, 6, 7, 84, (3, 1), (1, 1), (1, 0), (2, 1)),  # four blocks, then two, the last with 4 channels
 ]
 DIRECT = native_available() and integer_kernels._direct_reason(_plan(16, 9, 8)[0], 1, integer_kernels._kernels(
     torch.zeros(1), "auto")[0]) == ""
@@ -234,7 +237,7 @@ def test_auto_engine_takes_the_direct_convolution_where_it_runs(monkeypatch):
     direct = native.conv2d_direct
     monkeypatch.setattr(native, "conv2d_direct", lambda *a: calls.append(1) or direct(*a))
     x = _inputs((2, 16, 6, 6), False, seed=1)
-    for cout, group, want in ((32, 0, 1), (20, 0, 0), (32, 16, 0)):  # 20 channels, per-group weights: int_mm/gradq
+    for cout, group, want in ((32, 0, 1), (20, 0, 1), (32, 16, 0)):  # per-group weights: int_mm or gradq
         plan, _ = _plan(cout, 144, 4, group=group, seed=cout, taps=9)
         auto = integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1)
         assert torch.equal(auto, integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), 1, engine="gradq"))
@@ -254,8 +257,7 @@ def test_auto_engine_takes_the_direct_convolution_where_it_runs(monkeypatch):
 
 def test_direct_engine_names_what_it_cannot_run():
     x = _inputs((1, 4, 6, 6), False, seed=0)
-    for cout, group, groups, match in ((20, 0, 1, "multiple of 16 output channels, got 20"),
-                                       (32, 4, 1, "per-channel weights"), (32, 0, 2, "groups=1 only")):
+    for cout, group, groups, match in ((32, 4, 1, "per-channel weights"), (32, 0, 2, "groups=1 only")):
         plan, _ = _plan(cout, 36 // groups, 8, group=group, seed=1, taps=9)
         with pytest.raises(ValueError, match=match):
             integer_conv2d(x, plan, (3, 3), (1, 1), (1, 1), (1, 1), groups, engine="direct")
