@@ -30,9 +30,10 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
         dist.barrier()  # no rank tears the group down while another still uses it
     finally:
         dist.destroy_process_group()
-    # The rank's work is done and saved. Leave without the interpreter's finalization: there, after
-    # destroy_process_group, a Gloo rank aborted about once in 15 runs of a 1-bit Adam test ("terminate
-    # called without an active exception", no Python frame left on the stack), failing a test that passed.
+    # The rank's work is done and saved. Leave without the interpreter's finalization: there a Gloo worker
+    # thread could still be destroying a finished barrier's work, which frees an all_gather_object tensor
+    # and so takes the GIL; the finalizing interpreter makes that thread exit, unwinding through a noexcept
+    # destructor: std::terminate (a core dump's backtrace, about once in 50 runs of a 1-bit Adam test under load).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
