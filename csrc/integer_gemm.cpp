@@ -34,6 +34,7 @@
 
 using gradq_simd::has_avx512_bw;
 using gradq_simd::has_avx512_dq;
+using gradq_simd::has_avx512_vnni;
 using gradq_simd::has_avx512_vnni_dq;
 using gradq_simd::store_bytes16;
 
@@ -361,10 +362,8 @@ Tiles select_tiles(Isa isa, const Weights& w) {
 }
 
 Isa resolve_isa(int64_t requested) {
-  static const bool vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const Isa best = vnni ? kAvx512Vnni : (avx2 ? kAvx2 : kPortable);
+  const Isa best = has_avx512_vnni() ? kAvx512Vnni : (avx2 ? kAvx2 : kPortable);
   if (requested == kAuto) return best;
   TORCH_CHECK(requested >= kPortable && requested <= best, "integer GEMM: instruction set ", requested,
               " is not available on this CPU (best: ", static_cast<int64_t>(best), ")");
@@ -915,11 +914,16 @@ GRADQ_DIRECT void direct_block(const DirectConv& d, int64_t m, int64_t last, int
   }
 }
 
+// Output positions per register block for NB = 1..4 blocks of 16 channels: R x NB accumulators (8 or 24)
+// plus NB weight registers and a broadcast fit the 32 vector registers.
+constexpr int kDirectPositions[5] = {0, 8, 12, 8, 6};
+
 // x (N, C_in, H, W) codes in any strides -> (N, H + 2 ph, W + 2 pw, C_in) uint8 codes (int8 codes XOR 0x80)
-// padded with `pad`, at dst (then 4 spare bytes, zero).
-void pad_channels_last(const torch::Tensor& x, int64_t ph, int64_t pw, uint8_t pad, uint8_t* dst) {
+// padded with the code zx of a real 0, at dst (then 4 spare bytes, zero).
+void pad_channels_last(const torch::Tensor& x, int64_t ph, int64_t pw, int64_t zx, uint8_t* dst) {
   const int64_t n = x.size(0), cin = x.size(1), h = x.size(2), wd = x.size(3), hp = h + 2 * ph, wp = wd + 2 * pw;
   const uint8_t mask = x.scalar_type() == torch::kInt8 ? 0x80 : 0;
+  const auto pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ mask);
   const auto* src = static_cast<const uint8_t*>(x.data_ptr());
   const int64_t sn = x.stride(0), sc = x.stride(1), sh = x.stride(2), sw = x.stride(3);
   const bool dense_rows = (sc == 1 || cin == 1) && sw == cin;  // a row's W x C_in codes lie contiguous
@@ -967,8 +971,8 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
   TORCH_CHECK(weights.is_contiguous() && mult.numel() == out_channels && shift.numel() == out_channels &&
               (out_channels + 15) / 16 * 16 == channels, "integer conv2d: direct weights must be contiguous, with one "
               "offset, multiplier and shift per output channel and the channels rounded up to 16")
-  TORCH_CHECK(weights.dim() == 4 && weights.size(0) == segments && weights.size(1) == groups4 && weights.size(3) == 4 &&
-              channels % 16 == 0, "integer conv2d: direct weights of shape ", weights.sizes(), " do not fit a ",
+  TORCH_CHECK(weights.dim() == 4 && weights.size(0) == segments && weights.size(1) == groups4 && weights.size(3) == 4,
+              "integer conv2d: direct weights of shape ", weights.sizes(), " do not fit a ",
               kernel[0], "x", kernel[1], " kernel over ", cin, " input channels (want (", segments, ", ", groups4,
               ", C16, 4))")
   const int64_t hp = h + 2 * padding[0], wp = wd + 2 * padding[1];
@@ -976,9 +980,8 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
               "integer conv2d: the padded input (", hp, " x ", wp, ") is smaller than the dilated kernel; no output position")
   const int64_t oh = (hp - dilation[0] * (kernel[0] - 1) - 1) / stride[0] + 1;
   const int64_t ow = (wp - dilation[1] * (kernel[1] - 1) - 1) / stride[1] + 1;
-  const uint8_t pad = static_cast<uint8_t>(static_cast<uint8_t>(zx) ^ (x.scalar_type() == torch::kInt8 ? 0x80 : 0));
   auto padded = torch::empty({n * hp * wp * cin + 4}, x.options().dtype(torch::kUInt8));
-  pad_channels_last(x, padding[0], padding[1], pad, padded.data_ptr<uint8_t>());
+  pad_channels_last(x, padding[0], padding[1], zx, padded.data_ptr<uint8_t>());
   std::vector<int64_t> segment(segments);
   for (int64_t t = 0; t < segments; ++t) {
     const int64_t i = rows ? t : t / kernel[1], j = rows ? 0 : t % kernel[1];
@@ -993,14 +996,14 @@ torch::Tensor conv2d_direct(const torch::Tensor& x, const torch::Tensor& weights
   const int64_t positions = n * oh * ow, last = positions - 1, blocks16 = channels / 16;
   for (int64_t b0 = 0; b0 < blocks16; b0 += 4) {
     const int64_t nb = std::min<int64_t>(4, blocks16 - b0);
-    const int64_t r = nb == 1 ? 8 : (nb == 2 ? 12 : (nb == 3 ? 8 : 6));  // positions per block: R x NB accumulators in registers
+    const int64_t r = kDirectPositions[nb];
     at::parallel_for(0, (positions + r - 1) / r, 8, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         switch (nb) {
-          case 1: direct_block<1, 8>(d, blk * r, last, b0, v, e, o); break;
-          case 2: direct_block<2, 12>(d, blk * r, last, b0, v, e, o); break;
-          case 3: direct_block<3, 8>(d, blk * r, last, b0, v, e, o); break;
-          default: direct_block<4, 6>(d, blk * r, last, b0, v, e, o); break;
+          case 1: direct_block<1, kDirectPositions[1]>(d, blk * r, last, b0, v, e, o); break;
+          case 2: direct_block<2, kDirectPositions[2]>(d, blk * r, last, b0, v, e, o); break;
+          case 3: direct_block<3, kDirectPositions[3]>(d, blk * r, last, b0, v, e, o); break;
+          default: direct_block<4, kDirectPositions[4]>(d, blk * r, last, b0, v, e, o); break;
         }
       }
     });

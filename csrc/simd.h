@@ -32,10 +32,12 @@ inline bool has_avx512_dq() {
   return ok;
 }
 
-inline bool has_avx512_vnni_dq() {
-  static const bool ok = has_avx512_dq() && __builtin_cpu_supports("avx512vnni");
+inline bool has_avx512_vnni() {
+  static const bool ok = has_avx512_bw() && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   return ok;
 }
+
+inline bool has_avx512_vnni_dq() { return has_avx512_vnni() && has_avx512_dq(); }
 
 // Stores the first n <= 16 bytes of v at out: a plain store for 16 (masked stores are slow on some cores).
 GRADQ_AVX512_DQ inline void store_bytes16(uint8_t* out, __m128i v, int64_t n) {

@@ -94,7 +94,7 @@ def _outputs_at(path, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
 def test_average_pooling_exports_exactly(tmp_path, config):
     """Average pooling runs on the code values in the exported graph, so onnxruntime's codes equal gradq's
     (padding as the code of a real 0, ties to the even code), where a pooling on dequantized floats rounded
-    about 2% of a residual CNN's outputs the other way."""
+    about 2% of a residual CNN's pooled codes the other way."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.AvgPool2d(3, stride=2, padding=1),
                           nn.AvgPool2d((2, 3), stride=(1, 2), padding=(1, 0)),  # unequal padding along H and W

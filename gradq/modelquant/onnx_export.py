@@ -49,7 +49,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     if not isinstance(model, fx.GraphModule) or not converted or any(isinstance(m, ActQuant) for m in model.modules()):
         raise ValueError("export_onnx takes the integer model returned by gradq.convert(prepared)")
     modules = dict(model.named_modules())
-    planes = _global_pool_planes(model, example_input)
+    planes, example_output = _example_run(model, example_input)
     nodes, inits, names = [], [], {}
     codes: dict[str, tuple[str, str]] = {}  # value name -> (scale, zero point) initializer names
     dequantized: set[str] = set()
@@ -163,8 +163,7 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
         else:
             raise ValueError(f"export_onnx: operation {node.format_node()} has no ONNX export here; supported: "
                              "quantized Linear/Conv, residual add, average and max pooling, ReLU, flatten(x, 1)")
-    with torch.no_grad():
-        out_shape = ["N", *model(example_input).shape[1:]]
+    out_shape = ["N", *example_output.shape[1:]]
     graph = helper.make_graph(
         nodes, "gradq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *example_input.shape[1:]])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)], inits,
@@ -174,19 +173,20 @@ def export_onnx(model: fx.GraphModule, example_input: torch.Tensor, path: str | 
     onnx.save(proto, str(path))
 
 
-def _global_pool_planes(model: nn.Module, example_input: torch.Tensor) -> dict[nn.Module, tuple[int, ...]]:
-    """The spatial shape each global average pooling of ``model`` pools, on ``example_input``."""
+def _example_run(model: nn.Module, example_input: torch.Tensor) -> tuple[dict[nn.Module, tuple[int, ...]], object]:
+    """``model``'s output on ``example_input``, and the spatial shape each of its global average poolings
+    pools on it."""
     planes, handles = {}, []
     for m in model.modules():
         if isinstance(m, IntegerAvgPool) and m.spec.kernel is None:
             handles.append(m.register_forward_hook(lambda m, i, o: planes.__setitem__(m, tuple(i[0].shape[2:]))))
     try:
         with torch.no_grad():
-            model(example_input)
+            output = model(example_input)
     finally:
         for h in handles:
             h.remove()
-    return planes
+    return planes, output
 
 
 def _avg_pool(helper, spec: PoolSpec, codes: str, out: str, zero_point: int, const,  # noqa: ANN001
